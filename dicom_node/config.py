@@ -7,6 +7,7 @@ The object is built once (``load_settings``) and passed down; nothing reads it g
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from enum import StrEnum
 from pathlib import Path
@@ -84,7 +85,9 @@ class Settings(BaseSettings):
     require_called_ae_title: bool = False
     allowed_peers: tuple[AllowedPeer, ...] = ()
     index_batch_size: int = Field(256, ge=1)
-    index_flush_seconds: float = Field(0.05, gt=0)
+    index_flush_seconds: float = Field(0.25, gt=0)
+    receiver_processes: int = Field(0, ge=0, le=64)
+    shutdown_grace_seconds: float = Field(30.0, ge=0)
     assembler_interval_seconds: float = Field(1.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["console", "json"] = "console"
@@ -99,6 +102,11 @@ class Settings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    @property
+    def effective_receiver_processes(self) -> int:
+        """0 means one receiver process per CPU core, at most four."""
+        return self.receiver_processes or max(1, min(os.cpu_count() or 1, 4))
 
     @property
     def effective_database_url(self) -> str:

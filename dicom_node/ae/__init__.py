@@ -1,0 +1,1 @@
+"""pynetdicom application entity: presentation contexts, handlers, the listening server."""

@@ -1,0 +1,243 @@
+"""The `dicom-node` command line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy import func, select
+
+from dicom_node import __version__
+from dicom_node.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    name="dicom-node",
+    help="A DICOM node that receives studies, processes them and sends results to the PACS.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+console = Console()
+errors = Console(stderr=True)
+
+EXIT_CONFIG = 2
+EXIT_FAILED = 1
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help=f"TOML settings file (default: {DEFAULT_CONFIG_PATH} when it exists).",
+        dir_okay=False,
+    ),
+]
+
+
+def settings_from(config: Path | None) -> Settings:
+    """Load settings or exit with code 2 and a message naming the bad key."""
+    if config is None and DEFAULT_CONFIG_PATH.is_file():
+        config = DEFAULT_CONFIG_PATH
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_CONFIG) from exc
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"dicom-node {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """dicom-node command line."""
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the node: receive over DICOM, index, detect complete studies. Stops on SIGTERM/SIGINT."""
+    from dicom_node.logging import configure_logging
+    from dicom_node.node import Node
+
+    settings = settings_from(config)
+    configure_logging(settings.log_level, settings.log_format)
+    node = Node(settings)
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        node.start()
+    except OSError as exc:
+        errors.print(f"[bold red]error:[/] cannot start the node: {exc}", highlight=False)
+        node.stop(grace_seconds=0)
+        raise typer.Exit(EXIT_FAILED) from exc
+    while not stop_requested.wait(0.5):
+        node.check_children()
+    node.stop()
+
+
+@app.command()
+def echo(
+    host: str,
+    port: int,
+    calling_ae: Annotated[str, typer.Option("--aet", help="Our (calling) AE title.")] = "DICOMNODE",
+    called_ae: Annotated[str, typer.Option("--aec", help="The peer's AE title.")] = "ANY-SCP",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 10.0,
+) -> None:
+    """Send a C-ECHO to HOST PORT."""
+    from dicom_node.scu import AssociationFailed
+    from dicom_node.scu import echo as send_echo
+
+    try:
+        status = send_echo(host, port, calling_ae=calling_ae, called_ae=called_ae, timeout=timeout)
+    except AssociationFailed as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_FAILED) from exc
+    if status != 0:
+        errors.print(f"C-ECHO failed: status 0x{status:04X}")
+        raise typer.Exit(EXIT_FAILED)
+    console.print(f"C-ECHO {host}:{port} ({called_ae}): success")
+
+
+def _parse_destination(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise typer.BadParameter(f"expected HOST:PORT, got {value!r}", param_hint="--to")
+    return host.strip("[]"), int(port)
+
+
+@app.command()
+def send(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (recursed).")],
+    to: Annotated[str, typer.Option("--to", help="Destination HOST:PORT.")],
+    calling_ae: Annotated[str, typer.Option("--aet", help="Our (calling) AE title.")] = "DICOMNODE",
+    called_ae: Annotated[str, typer.Option("--aec", help="The peer's AE title.")] = "ANY-SCP",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each response.")] = 60.0,
+) -> None:
+    """C-STORE DICOM files to another node; exits non-zero if any instance fails."""
+    from dicom_node.scu import AssociationFailed, SendFile, scan_files
+    from dicom_node.scu import send as send_files
+
+    host, port = _parse_destination(to)
+    try:
+        files, skipped = scan_files(paths)
+    except FileNotFoundError as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_FAILED) from exc
+    for path, reason in skipped:
+        errors.print(f"skipped {path}: {reason}", highlight=False)
+    if not files:
+        errors.print("[bold red]error:[/] no DICOM instances found to send")
+        raise typer.Exit(EXIT_FAILED)
+    with Progress(
+        TextColumn("sending"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=errors, transient=False,
+    ) as progress:
+        task = progress.add_task("send", total=len(files))
+
+        def advance(_item: SendFile, _status: int | None) -> None:
+            progress.advance(task)
+
+        try:
+            report = send_files(
+                files, host, port, calling_ae=calling_ae, called_ae=called_ae,
+                timeout=timeout, on_progress=advance,
+            )
+        except AssociationFailed as exc:
+            errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(EXIT_FAILED) from exc
+    for path, reason in report.failed:
+        errors.print(f"failed {path}: {reason}", highlight=False)
+    console.print(f"sent {report.sent} of {len(files)} instances to {host}:{port}")
+    if report.failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def study_rows(settings: Settings) -> list[dict[str, Any]]:
+    from db.models import Instance, Series, Study
+    from db.session import make_engine, make_sessionmaker, upgrade
+
+    upgrade(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            query = (
+                select(
+                    Study,
+                    func.count(func.distinct(Series.id)),
+                    func.count(Instance.id),
+                )
+                .outerjoin(Series, Series.study_id == Study.id)
+                .outerjoin(Instance, Instance.series_id == Series.id)
+                .group_by(Study.id)
+                .order_by(Study.first_received_at)
+            )
+            return [
+                {
+                    "study_instance_uid": study.study_instance_uid,
+                    "status": study.status,
+                    "num_series": num_series,
+                    "num_instances": num_instances,
+                    "study_date": study.study_date,
+                    "first_received_at": study.first_received_at.isoformat(),
+                    "last_received_at": study.last_received_at.isoformat(),
+                    "completed_at": study.completed_at.isoformat() if study.completed_at else None,
+                }
+                for study, num_series, num_instances in session.execute(query)
+            ]
+    finally:
+        engine.dispose()
+
+
+@app.command()
+def studies(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List received studies with their instance counts and status."""
+    rows = study_rows(settings_from(config))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("Study Instance UID", "Status", "Series", "Instances", "Last received")
+    for row in rows:
+        table.add_row(
+            row["study_instance_uid"], row["status"], str(row["num_series"]),
+            str(row["num_instances"]), row["last_received_at"],
+        )
+    console.print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Apply all database migrations."""
+    from db.session import upgrade
+
+    settings = settings_from(config)
+    upgrade(settings.effective_database_url)
+    console.print("database is up to date")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,13 @@
+"""C-ECHO (Verification): always success while the node is serving."""
+
+from __future__ import annotations
+
+from pynetdicom.events import Event
+
+from dicom_node.handlers.context import ReceiverContext
+
+SUCCESS = 0x0000
+
+
+def handle_echo(event: Event, context: ReceiverContext) -> int:
+    return SUCCESS

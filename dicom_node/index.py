@@ -1,0 +1,430 @@
+"""The database index of the spool, written in batches off the association threads.
+
+The C-STORE handler only puts a record on a queue after the file is durable; one
+indexer thread turns the queue into batched transactions. A crash can lose queued
+records but never files: ``reconcile`` re-indexes any spooled file the database lacks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import (
+    Association,
+    AssociationStatus,
+    Instance,
+    Series,
+    Study,
+    StudyEvent,
+    StudyStatus,
+)
+from dicom_node.storage import InstanceKey, Spool, is_valid_uid, read_index_fields
+
+log = structlog.get_logger(__name__)
+
+Row = TypeVar("Row")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class AssociationOpened:
+    association_id: str
+    calling_ae_title: str
+    called_ae_title: str
+    peer_address: str
+    peer_port: int
+    accepted: bool
+    reject_reason: str | None
+    started_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class AssociationClosed:
+    association_id: str
+    status: AssociationStatus
+    ended_at: dt.datetime
+    instances_received: int
+    instances_failed: int
+    bytes_received: int
+
+
+@dataclass(frozen=True)
+class InstanceStored:
+    key: InstanceKey
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: Path
+    size_bytes: int
+    received_at: dt.datetime
+    association_id: str | None
+    study_date: str | None = None
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    body_part_examined: str | None = None
+    instance_number: int | None = None
+
+
+IndexRecord = AssociationOpened | AssociationClosed | InstanceStored
+
+
+@dataclass
+class _Flush:
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def clip_text(value: object, length: int) -> str | None:
+    if value is None or value == "":
+        return None
+    return str(value)[:length]
+
+
+def as_int(value: object) -> int | None:
+    try:
+        return int(str(value)) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def write_batch(session: Session, records: Sequence[IndexRecord]) -> list[Path]:
+    """Apply records in order inside the caller's transaction.
+
+    Returns spool files made obsolete (an instance re-sent under another study or
+    series); the caller deletes them once the transaction has committed.
+    """
+    stored = [record for record in records if isinstance(record, InstanceStored)]
+    studies = _load_by_uid(
+        session, Study, Study.study_instance_uid, {r.key.study_instance_uid for r in stored}
+    )
+    series_rows = _load_by_uid(
+        session, Series, Series.series_instance_uid, {r.key.series_instance_uid for r in stored}
+    )
+    instances = _load_by_uid(
+        session, Instance, Instance.sop_instance_uid, {r.key.sop_instance_uid for r in stored}
+    )
+    obsolete: list[Path] = []
+    for record in records:
+        if isinstance(record, AssociationOpened):
+            session.add(
+                Association(
+                    id=record.association_id,
+                    calling_ae_title=record.calling_ae_title,
+                    called_ae_title=record.called_ae_title,
+                    peer_address=record.peer_address,
+                    peer_port=record.peer_port,
+                    accepted=record.accepted,
+                    reject_reason=record.reject_reason,
+                    status=(
+                        AssociationStatus.OPEN if record.accepted else AssociationStatus.REJECTED
+                    ).value,
+                    started_at=record.started_at,
+                    ended_at=None if record.accepted else record.started_at,
+                    instances_received=0,
+                    instances_failed=0,
+                    bytes_received=0,
+                )
+            )
+            session.flush()
+        elif isinstance(record, AssociationClosed):
+            association = session.get(Association, record.association_id)
+            if association is None:
+                continue
+            association.status = record.status.value
+            association.ended_at = record.ended_at
+            association.instances_received = record.instances_received
+            association.instances_failed = record.instances_failed
+            association.bytes_received = record.bytes_received
+        else:
+            study = _upsert_study(session, studies, record)
+            series = _upsert_series(session, series_rows, study, record)
+            old_path = _upsert_instance(session, instances, series, record)
+            if old_path is not None:
+                obsolete.append(old_path)
+    return obsolete
+
+
+def _load_by_uid(
+    session: Session, model: type[Row], column: Any, uids: set[str]
+) -> dict[str, Row]:
+    if not uids:
+        return {}
+    rows = session.scalars(select(model).where(column.in_(sorted(uids))))
+    return {getattr(row, column.key): row for row in rows}
+
+
+def _upsert_study(session: Session, studies: dict[str, Study], record: InstanceStored) -> Study:
+    uid = record.key.study_instance_uid
+    study = studies.get(uid)
+    if study is None:
+        study = Study(
+            study_instance_uid=uid,
+            status=StudyStatus.RECEIVING.value,
+            study_date=clip_text(record.study_date, 8),
+            first_received_at=record.received_at,
+            last_received_at=record.received_at,
+        )
+        session.add(study)
+        session.flush()
+        studies[uid] = study
+        return study
+    if as_utc(study.last_received_at) < record.received_at:
+        study.last_received_at = record.received_at
+    if study.status == StudyStatus.COMPLETE.value:
+        study.status = StudyStatus.RECEIVING.value
+        study.completed_at = None
+        session.add(
+            StudyEvent(study_id=study.id, event="reopened", at=record.received_at, num_instances=0)
+        )
+        log.info("study reopened", study_id=study.id)
+    return study
+
+
+def _upsert_series(
+    session: Session, series_rows: dict[str, Series], study: Study, record: InstanceStored
+) -> Series:
+    uid = record.key.series_instance_uid
+    series = series_rows.get(uid)
+    if series is None:
+        series = Series(
+            series_instance_uid=uid,
+            study_id=study.id,
+            modality=clip_text(record.modality, 16),
+            series_number=record.series_number,
+            series_description=clip_text(record.series_description, 64),
+            body_part_examined=clip_text(record.body_part_examined, 16),
+        )
+        session.add(series)
+        session.flush()
+        series_rows[uid] = series
+    elif series.study_id != study.id:
+        log.warning("series moved to another study", series_id=series.id, study_id=study.id)
+        series.study_id = study.id
+    return series
+
+
+def _upsert_instance(
+    session: Session, instances: dict[str, Instance], series: Series, record: InstanceStored
+) -> Path | None:
+    uid = record.key.sop_instance_uid
+    instance = instances.get(uid)
+    if instance is None:
+        instance = Instance(
+            sop_instance_uid=uid,
+            sop_class_uid=record.sop_class_uid,
+            transfer_syntax_uid=record.transfer_syntax_uid,
+            series_id=series.id,
+            instance_number=record.instance_number,
+            path=str(record.path),
+            size_bytes=record.size_bytes,
+            received_at=record.received_at,
+            association_id=record.association_id,
+        )
+        session.add(instance)
+        instances[uid] = instance
+        return None
+    old_path = Path(instance.path)
+    instance.sop_class_uid = record.sop_class_uid
+    instance.transfer_syntax_uid = record.transfer_syntax_uid
+    instance.series_id = series.id
+    instance.instance_number = record.instance_number
+    instance.path = str(record.path)
+    instance.size_bytes = record.size_bytes
+    instance.received_at = record.received_at
+    instance.association_id = record.association_id
+    return old_path if old_path != record.path else None
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+class Indexer:
+    """One thread that drains the record queue into batched transactions."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        batch_size: int = 256,
+        flush_seconds: float = 0.05,
+        idle_callback: Callable[[], None] | None = None,
+        idle_interval: float = 1.0,
+    ) -> None:
+        self._sessions = sessions
+        self._batch_size = batch_size
+        self._flush_seconds = flush_seconds
+        self._idle_callback = idle_callback
+        self._idle_interval = idle_interval
+        self._queue: queue.Queue[IndexRecord | _Flush | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="indexer", daemon=True)
+        self._next_idle = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, record: IndexRecord) -> None:
+        self._queue.put(record)
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Block until everything queued before this call is committed."""
+        marker = _Flush()
+        self._queue.put(marker)
+        return marker.done.wait(timeout)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            timeout = max(0.0, self._next_idle - time.monotonic())
+            try:
+                first = self._queue.get(timeout=timeout if self._idle_callback else None)
+            except queue.Empty:
+                self._run_idle()
+                continue
+            batch: list[IndexRecord] = []
+            markers: list[_Flush] = []
+            stop = False
+            item: IndexRecord | _Flush | None = first
+            deadline = time.monotonic() + self._flush_seconds
+            while True:
+                if item is None:
+                    stop = True
+                elif isinstance(item, _Flush):
+                    markers.append(item)
+                else:
+                    batch.append(item)
+                if stop or len(batch) >= self._batch_size or markers:
+                    break
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+            if batch:
+                self._commit(batch)
+            for marker in markers:
+                marker.done.set()
+            if time.monotonic() >= self._next_idle:
+                self._run_idle()
+            if stop:
+                return
+
+    def _run_idle(self) -> None:
+        self._next_idle = time.monotonic() + self._idle_interval
+        if self._idle_callback is None:
+            return
+        try:
+            self._idle_callback()
+        except Exception:
+            log.exception("periodic task failed")
+
+    def _commit(self, batch: list[IndexRecord]) -> None:
+        for attempt in range(1, 6):
+            try:
+                with self._sessions.begin() as session:
+                    obsolete = write_batch(session, batch)
+            except (IntegrityError, OperationalError) as exc:
+                # Another node inserted the same study/series, or the database was busy.
+                log.warning("index batch retried", attempt=attempt, error=type(exc).__name__)
+                threading.Event().wait(0.05 * attempt)
+                continue
+            except Exception:
+                log.exception("index batch failed; files stay in the spool", size=len(batch))
+                return
+            for path in obsolete:
+                path.unlink(missing_ok=True)
+                log.info("replaced instance moved; old file removed")
+            return
+        log.error("index batch gave up; reconcile on restart will index it", size=len(batch))
+
+
+def stored_record_from_file(
+    path: Path, received_at: dt.datetime | None = None, association_id: str | None = None
+) -> InstanceStored:
+    fields = read_index_fields(path)
+    key = InstanceKey.checked(
+        fields["StudyInstanceUID"], fields["SeriesInstanceUID"], fields["SOPInstanceUID"]
+    )
+    sop_class = fields["SOPClassUID"]
+    if not is_valid_uid(sop_class):
+        raise ValueError("SOPClassUID is not a valid UID")
+    return InstanceStored(
+        key=key,
+        sop_class_uid=str(sop_class),
+        transfer_syntax_uid=str(fields["TransferSyntaxUID"]),
+        path=path,
+        size_bytes=path.stat().st_size,
+        received_at=received_at
+        or dt.datetime.fromtimestamp(path.stat().st_mtime, tz=dt.UTC),
+        association_id=association_id,
+        study_date=clip_text(fields["StudyDate"], 8),
+        modality=clip_text(fields["Modality"], 16),
+        series_number=as_int(fields["SeriesNumber"]),
+        series_description=clip_text(fields["SeriesDescription"], 64),
+        body_part_examined=clip_text(fields["BodyPartExamined"], 16),
+        instance_number=as_int(fields["InstanceNumber"]),
+    )
+
+
+def reconcile(spool: Spool, sessions: sessionmaker[Session], batch_size: int = 500) -> int:
+    """Index every spooled file the database does not know. Returns how many were added."""
+    removed = spool.remove_stale_temp_files()
+    if removed:
+        log.info("removed interrupted writes", count=removed)
+    with sessions() as session:
+        rows = session.execute(select(Instance.sop_instance_uid, Instance.path))
+        indexed = {str(uid): str(path) for uid, path in rows}
+    known_paths = set(indexed.values())
+    missing = [path for path in spool.iter_files() if str(path) not in known_paths]
+    added = 0
+    for start in range(0, len(missing), batch_size):
+        records = [
+            record
+            for record in _records_for(missing[start : start + batch_size])
+            if _newer_than_indexed(record, indexed)
+        ]
+        with sessions.begin() as session:
+            for old in write_batch(session, records):
+                old.unlink(missing_ok=True)
+        added += len(records)
+    if missing:
+        log.info("re-indexed spooled files", count=added)
+    return added
+
+
+def _newer_than_indexed(record: InstanceStored, indexed: dict[str, str]) -> bool:
+    """A file re-sent under another study/series: the newer copy wins, as on the wire."""
+    other = indexed.get(record.key.sop_instance_uid)
+    if other is None or not Path(other).exists():
+        return True
+    if Path(other).stat().st_mtime <= record.received_at.timestamp():
+        return True
+    log.warning("older duplicate of an indexed instance left unindexed", path=str(record.path))
+    return False
+
+
+def _records_for(paths: Iterable[Path]) -> list[InstanceStored]:
+    records: list[InstanceStored] = []
+    for path in paths:
+        try:
+            records.append(stored_record_from_file(path))
+        except Exception as exc:
+            log.error("spooled file cannot be indexed", path=str(path), error=str(exc))
+    return records

@@ -1,0 +1,253 @@
+"""The running node: database, spool, study assembler, and one or more receiver processes.
+
+Receiving is CPU-bound Python (PDU decoding, dataset headers), so one process cannot use
+more than one core. The node opens the listening socket once and runs
+``receiver_processes`` receivers that all accept on it (pre-fork style); a receiver that
+is busy with associations waits a little before accepting, so new associations go to the
+idle ones. SO_REUSEPORT was tried first: its hash put 3 or 4 of 4 concurrent senders on
+one process about half the time. Each receiver has its own indexer thread; the first
+process also runs the start-up reconcile and the assembler.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import multiprocessing.synchronize
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import pydicom.config
+import structlog
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.session import make_engine, make_sessionmaker, upgrade
+from dicom_node.ae.server import build_ae, event_handlers
+from dicom_node.assembler import StudyAssembler
+from dicom_node.config import Settings
+from dicom_node.handlers.context import ReceiverContext
+from dicom_node.index import Indexer, reconcile
+from dicom_node.logging import configure_logging
+from dicom_node.storage import Spool
+
+log = structlog.get_logger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+ACCEPT_BACKOFF_PER_ASSOCIATION = 0.003
+
+
+def open_listener(host: str, port: int) -> socket.socket:
+    listener = socket.create_server((host, port), backlog=128)
+    listener.setblocking(False)
+    return listener
+
+
+def shared_listener_server(listener: socket.socket) -> type[ThreadedAssociationServer]:
+    """pynetdicom's server class, accepting on a socket other processes accept on too."""
+
+    class SharedListenerServer(ThreadedAssociationServer):  # type: ignore[misc]
+        def server_bind(self) -> None:
+            self.socket.close()
+            self.socket = listener
+            self.server_address = listener.getsockname()
+
+        def server_activate(self) -> None:
+            pass
+
+        def get_request(self) -> tuple[socket.socket, Any]:
+            busy = sum(1 for assoc in self.ae.active_associations if assoc.is_acceptor)
+            if busy:
+                time.sleep(min(ACCEPT_BACKOFF_PER_ASSOCIATION * busy, 0.02))
+            # Non-blocking: another receiver may have taken it (OSError is ignored).
+            connection, address = self.socket.accept()
+            connection.setblocking(True)
+            return connection, address
+
+    return SharedListenerServer
+
+
+def relax_dataset_validation() -> None:
+    """Store what the modality sent: value checks cost a third of a C-STORE and fix nothing."""
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+
+
+class Receiver:
+    """One process's DICOM server and the indexer that records what it stored."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        listener: socket.socket,
+        *,
+        idle_callback: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.listener = listener
+        self.indexer = Indexer(
+            sessions,
+            batch_size=settings.index_batch_size,
+            flush_seconds=settings.index_flush_seconds,
+            idle_callback=idle_callback,
+            idle_interval=settings.assembler_interval_seconds,
+        )
+        self._ae: Any = None
+        self._server: Any = None
+
+    def start(self) -> None:
+        settings = self.settings
+        self.indexer.start()
+        context = ReceiverContext(
+            settings=settings, spool=Spool(settings.spool_dir, fsync=settings.fsync),
+            indexer=self.indexer,
+        )
+        self._ae = build_ae(settings)
+        self._server = self._ae.make_server(
+            (settings.host, settings.port),
+            evt_handlers=event_handlers(context),
+            server_class=shared_listener_server(self.listener),
+        )
+        self._ae._servers.append(self._server)
+        threading.Thread(
+            target=self._server.serve_forever, name="dicom-acceptor", daemon=True
+        ).start()
+
+    def stop(self, grace_seconds: float) -> None:
+        """Stop accepting, let open associations finish, then flush the index."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        if self._ae is not None:
+            deadline = time.monotonic() + grace_seconds
+            while self._ae.active_associations and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self._ae.active_associations:
+                log.warning("aborting associations still open after the grace period")
+            self._ae.shutdown()
+            self._ae = None
+        self.indexer.stop()
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        log.warning("cannot tie the receiver's life to the node's on this platform")
+
+
+def _receiver_process(
+    settings: Settings,
+    listener: socket.socket,
+    stop: multiprocessing.synchronize.Event,
+    parent_pid: int,
+) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    configure_logging(settings.log_level, settings.log_format)
+    relax_dataset_validation()
+    engine = make_engine(settings.effective_database_url)
+    receiver = Receiver(settings, make_sessionmaker(engine), listener)
+    receiver.start()
+    while not stop.wait(0.5):
+        if os.getppid() != parent_pid:
+            break
+    receiver.stop(settings.shutdown_grace_seconds)
+    engine.dispose()
+
+
+class Node:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.sessions: sessionmaker[Session] | None = None
+        self.assembler: StudyAssembler | None = None
+        self._receiver: Receiver | None = None
+        self._listener: socket.socket | None = None
+        self._children: list[multiprocessing.process.BaseProcess] = []
+        self._stop_children = multiprocessing.get_context("spawn").Event()
+        self._stopped = threading.Event()
+
+    @property
+    def indexer(self) -> Indexer | None:
+        return self._receiver.indexer if self._receiver else None
+
+    def start(self) -> None:
+        settings = self.settings
+        relax_dataset_validation()
+        settings.spool_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.effective_database_url)
+        self.engine = make_engine(settings.effective_database_url)
+        self.sessions = make_sessionmaker(self.engine)
+        reconcile(Spool(settings.spool_dir, fsync=settings.fsync), self.sessions)
+        self.assembler = StudyAssembler(self.sessions, settings.study_quiet_seconds)
+        self.assembler.check()
+        self._listener = open_listener(settings.host, settings.port)
+        self._receiver = Receiver(
+            settings, self.sessions, self._listener, idle_callback=self.assembler.check
+        )
+        self._receiver.start()
+        spawn = multiprocessing.get_context("spawn")
+        for index in range(settings.effective_receiver_processes - 1):
+            child = spawn.Process(
+                target=_receiver_process,
+                args=(settings, self._listener, self._stop_children, os.getpid()),
+                name=f"receiver-{index + 1}",
+                daemon=False,
+            )
+            child.start()
+            self._children.append(child)
+        log.info(
+            "node listening",
+            ae_title=settings.ae_title,
+            host=settings.host,
+            port=settings.port,
+            receiver_processes=settings.effective_receiver_processes,
+            data_dir=str(settings.data_dir),
+        )
+
+    def check_children(self) -> None:
+        """Replace a receiver process that died (its acknowledged files are on disk)."""
+        spawn = multiprocessing.get_context("spawn")
+        for position, child in enumerate(self._children):
+            if child.is_alive() or self._stop_children.is_set():
+                continue
+            log.error("receiver process died; starting another", exitcode=child.exitcode)
+            replacement = spawn.Process(
+                target=_receiver_process,
+                args=(self.settings, self._listener, self._stop_children, os.getpid()),
+                name=child.name,
+            )
+            replacement.start()
+            self._children[position] = replacement
+
+    def stop(self, grace_seconds: float | None = None) -> None:
+        if self._stopped.is_set():
+            return
+        grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        self._stop_children.set()
+        if self._receiver is not None:
+            self._receiver.stop(grace)
+        for child in self._children:
+            child.join(grace + 10)
+            if child.is_alive():
+                child.kill()
+        if self._listener is not None:
+            self._listener.close()
+        if self.engine is not None:
+            self.engine.dispose()
+        self._stopped.set()
+        log.info("node stopped")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)

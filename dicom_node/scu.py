@@ -1,0 +1,175 @@
+"""The node as a client: C-ECHO and C-STORE to another AE (the `echo` and `send` commands)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+MAX_CONTEXTS_PER_ASSOCIATION = 128
+
+
+class AssociationFailed(Exception):
+    """The peer could not be reached, or it rejected or aborted the association."""
+
+
+@dataclass(frozen=True)
+class SendFile:
+    path: Path
+    sop_class_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass
+class SendReport:
+    sent: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def echo(host: str, port: int, *, calling_ae: str, called_ae: str, timeout: float = 10.0) -> int:
+    """Return the C-ECHO status; raise ``AssociationFailed`` if no association."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise AssociationFailed(_why(assoc, host, port))
+    try:
+        status = assoc.send_c_echo()
+        if not status:
+            raise AssociationFailed("no C-ECHO response (timeout or abort)")
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def _why(assoc: object, host: str, port: int) -> str:
+    if getattr(assoc, "is_rejected", False):
+        return f"association rejected by {host}:{port}"
+    if getattr(assoc, "is_aborted", False):
+        return f"association aborted by {host}:{port}"
+    return f"cannot connect to {host}:{port}"
+
+
+def iter_candidate_files(paths: Iterable[Path]) -> Iterator[Path]:
+    """Files under the given paths (folders recursed), whatever their names."""
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            yield path
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+
+
+def _transfer_syntax_of(dataset: Dataset) -> str:
+    meta = getattr(dataset, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return str(meta.TransferSyntaxUID)
+    implicit, little_endian = dataset.original_encoding
+    if implicit:
+        return str(ImplicitVRLittleEndian)
+    return str(ExplicitVRLittleEndian if little_endian else ExplicitVRBigEndian)
+
+
+def scan_files(paths: Iterable[Path]) -> tuple[list[SendFile], list[tuple[Path, str]]]:
+    """Read each file's header; DICOM files without a preamble or a .dcm name are kept."""
+    found: list[SendFile] = []
+    skipped: list[tuple[Path, str]] = []
+    for path in iter_candidate_files(paths):
+        try:
+            header = dcmread(path, stop_before_pixels=True, force=True)
+            sop_class = header.get("SOPClassUID")
+            if not sop_class or "SOPInstanceUID" not in header:
+                skipped.append((path, "not a DICOM instance (no SOP Class/Instance UID)"))
+                continue
+            found.append(SendFile(path, str(sop_class), _transfer_syntax_of(header)))
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            skipped.append((path, f"not readable as DICOM: {exc}"))
+    return found, skipped
+
+
+def _load_for_sending(item: SendFile) -> Dataset:
+    dataset = dcmread(item.path, force=True)
+    if "TransferSyntaxUID" not in getattr(dataset, "file_meta", {}):
+        meta = FileMetaDataset()
+        meta.TransferSyntaxUID = UID(item.transfer_syntax_uid)
+        meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        dataset.file_meta = meta
+    return dataset
+
+
+def _context_batches(files: list[SendFile]) -> Iterator[list[SendFile]]:
+    """Split the files so each association requests at most 128 presentation contexts."""
+    batch: list[SendFile] = []
+    contexts: set[tuple[str, str]] = set()
+    for item in sorted(files, key=lambda f: (f.sop_class_uid, f.transfer_syntax_uid)):
+        pair = (item.sop_class_uid, item.transfer_syntax_uid)
+        if pair not in contexts and len(contexts) == MAX_CONTEXTS_PER_ASSOCIATION:
+            yield batch
+            batch, contexts = [], set()
+        contexts.add(pair)
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def send(
+    files: list[SendFile],
+    host: str,
+    port: int,
+    *,
+    calling_ae: str,
+    called_ae: str,
+    timeout: float = 60.0,
+    on_progress: Callable[[SendFile, int | None], None] | None = None,
+) -> SendReport:
+    """C-STORE every file; a failure status is recorded per file, never raised."""
+    report = SendReport()
+    for batch in _context_batches(files):
+        ae = AE(ae_title=calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        ae.maximum_pdu_size = 0
+        pairs = sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in batch})
+        ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in pairs]
+        assoc = ae.associate(host, port, ae_title=called_ae)
+        if not assoc.is_established:
+            raise AssociationFailed(_why(assoc, host, port))
+        try:
+            for item in batch:
+                status = _store_one(assoc, item, report)
+                if on_progress is not None:
+                    on_progress(item, status)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    return report
+
+
+def _store_one(assoc: object, item: SendFile, report: SendReport) -> int | None:
+    try:
+        dataset = _load_for_sending(item)
+        response = assoc.send_c_store(dataset)  # type: ignore[attr-defined]
+    except Exception as exc:
+        report.failed.append((item.path, str(exc)))
+        return None
+    if not response or "Status" not in response:
+        report.failed.append((item.path, "no response (timeout, abort or no accepted context)"))
+        return None
+    status = int(response.Status)
+    if status in (0x0000, 0xB000, 0xB007, 0xB006):
+        report.sent += 1
+    else:
+        comment = response.get("ErrorComment", "")
+        report.failed.append((item.path, f"status 0x{status:04X} {comment}".strip()))
+    return status

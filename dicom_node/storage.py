@@ -1,0 +1,203 @@
+"""The spool: received instances as DICOM files, written atomically and durably.
+
+Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. Only
+valid DICOM UIDs ever become path components, so a dataset cannot steer a write
+outside the spool.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.filereader import dcmread
+from pydicom.tag import Tag
+
+SPOOL_SUFFIX = ".dcm"
+_UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# Tags needed to index an instance; reading stops before anything larger.
+INDEX_TAGS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "StudyDate",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "InstanceNumber",
+)
+_INDEX_TAG_VALUES = [Tag(keyword) for keyword in INDEX_TAGS]
+
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1433.1"
+IMPLEMENTATION_VERSION_NAME = "DICOMNODE_01"
+PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+class InvalidUIDError(ValueError):
+    """A UID that is missing or not a valid DICOM UID."""
+
+
+def is_valid_uid(value: object) -> bool:
+    """PS3.5 9.1: dot-separated decimal components, no leading zeros, at most 64 chars."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_PATTERN.match(value))
+
+
+def require_uid(name: str, value: object) -> str:
+    if not is_valid_uid(value):
+        shown = repr(value)[:80]
+        raise InvalidUIDError(f"{name} is not a valid DICOM UID: {shown}")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class InstanceKey:
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+
+    @classmethod
+    def checked(cls, study: object, series: object, sop_instance: object) -> InstanceKey:
+        return cls(
+            require_uid("StudyInstanceUID", study),
+            require_uid("SeriesInstanceUID", series),
+            require_uid("SOPInstanceUID", sop_instance),
+        )
+
+
+class Spool:
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root
+        self.fsync = fsync
+        self._known_dirs: set[Path] = set()
+
+    def path_for(self, key: InstanceKey) -> Path:
+        return (
+            self.root
+            / key.study_instance_uid
+            / key.series_instance_uid
+            / f"{key.sop_instance_uid}{SPOOL_SUFFIX}"
+        )
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        created = []
+        for parent in (directory.parent, directory):
+            if not parent.exists():
+                parent.mkdir(parents=True, exist_ok=True)
+                created.append(parent)
+        if self.fsync:
+            for parent in created:
+                _fsync_directory(parent.parent)
+        self._known_dirs.add(directory)
+
+    def write(self, key: InstanceKey, chunks: list[bytes]) -> tuple[Path, int]:
+        """Write a file atomically: temp file, fsync, rename, fsync the directory.
+
+        Returns the final path and its size. When this returns, the file survives a crash.
+        """
+        final = self.path_for(key)
+        directory = final.parent
+        self._ensure_dir(directory)
+        handle, temp_name = tempfile.mkstemp(prefix=".incoming-", dir=directory)
+        size = 0
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                for chunk in chunks:
+                    stream.write(chunk)
+                    size += len(chunk)
+                stream.flush()
+                if self.fsync:
+                    os.fsync(stream.fileno())
+            os.replace(temp_name, final)
+        except BaseException:
+            Path(temp_name).unlink(missing_ok=True)
+            raise
+        if self.fsync:
+            _fsync_directory(directory)
+        return final, size
+
+    def exists(self, key: InstanceKey) -> bool:
+        return self.path_for(key).exists()
+
+    def iter_files(self) -> Iterator[Path]:
+        """Every complete spooled file (temp files from interrupted writes are skipped)."""
+        if not self.root.exists():
+            return
+        for study_dir in sorted(self.root.iterdir()):
+            if not study_dir.is_dir():
+                continue
+            for series_dir in sorted(study_dir.iterdir()):
+                if not series_dir.is_dir():
+                    continue
+                for path in sorted(series_dir.iterdir()):
+                    if path.suffix == SPOOL_SUFFIX and not path.name.startswith("."):
+                        yield path
+
+    def remove_stale_temp_files(self) -> int:
+        removed = 0
+        if not self.root.exists():
+            return removed
+        for path in self.root.glob("*/*/.incoming-*"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_index_fields(path: Path) -> dict[str, object]:
+    """The header fields the index needs, read without the pixel data."""
+    dataset = dcmread(path, stop_before_pixels=True, specific_tags=_INDEX_TAG_VALUES)
+    fields: dict[str, object] = {keyword: dataset.get(keyword) for keyword in INDEX_TAGS}
+    fields["TransferSyntaxUID"] = str(dataset.file_meta.TransferSyntaxUID)
+    return fields
+
+
+def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", group, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def encode_file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str
+) -> bytes:
+    """The File Meta Information group (PS3.10 7.1), preamble and prefix included.
+
+    Written by hand because pydicom's general encoder costs more than the rest of a
+    C-STORE on the receive path; ``tests/dicom_node/test_storage.py`` checks it against
+    pydicom.
+    """
+    body = b"".join(
+        (
+            _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, 0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
+            _element(0x0002, 0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
+            _element(0x0002, 0x0010, b"UI", _padded(transfer_syntax_uid, b"\x00")),
+            _element(0x0002, 0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00")),
+            _element(0x0002, 0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
+            _element(0x0002, 0x0016, b"AE", _padded(source_ae_title.strip() or "UNKNOWN", b" ")),
+        )
+    )
+    group_length = _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(body)))
+    return PREAMBLE + group_length + body

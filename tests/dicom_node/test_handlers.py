@@ -1,0 +1,233 @@
+"""The SCP in-process: statuses for good and bad input, real files of many SOP classes and
+transfer syntaxes, duplicates, and the allow-list."""
+
+from __future__ import annotations
+
+import copy
+import time
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE, build_context
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from sqlalchemy import func, select
+
+from db.models import Association, Instance
+from dicom_node.config import DuplicatePolicy, Settings
+from dicom_node.node import Node
+from dicom_node.scu import echo, scan_files, send
+from dicom_node.synthetic import SyntheticSeries
+
+ACCEPTED_REAL_FILES = [
+    "CT_small.dcm",  # CT, explicit VR little endian
+    "MR_small_implicit.dcm",  # implicit VR
+    "MR_small_bigendian.dcm",  # explicit VR big endian (retired, still sent)
+    "MR_small_RLE.dcm",  # RLE lossless
+    "MR_small_jp2klossless.dcm",  # JPEG 2000 lossless
+    "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS lossless
+    "JPEG-lossy.dcm",  # JPEG baseline 8-bit... extended process 2/4
+    "SC_rgb_jpeg_dcmtk.dcm",  # JPEG baseline
+    "JPEG-LL.dcm",  # JPEG lossless process 14 SV1
+    "image_dfl.dcm",  # deflated explicit VR little endian
+    "rtdose.dcm",
+    "rtplan.dcm",
+    "rtstruct.dcm",
+    "test-SR.dcm",
+    "waveform_ecg.dcm",
+    "US1_J2KR.dcm",  # multi-frame ultrasound, JPEG 2000
+    "eCT_Supplemental.dcm",  # enhanced CT, multi-frame
+    "emri_small_jpeg_ls_lossless.dcm",  # enhanced MR
+    "liver.dcm",  # segmentation
+    "examples_palette.dcm",
+    "ExplVR_BigEndNoMeta.dcm",  # no preamble, no file meta, big endian
+]
+# Anonymised without Study/Series Instance UIDs: refused, never filed under a made-up path.
+REFUSED_REAL_FILES = ["JPEGLSNearLossless_16.dcm", "SC_rgb_jls_lossy_line.dcm"]
+
+
+def send_paths(node: Node, paths: list[Path], calling_ae: str = "TESTSCU"):  # type: ignore[no-untyped-def]
+    files, skipped = scan_files(paths)
+    assert not skipped
+    return send(files, "127.0.0.1", node.settings.port, calling_ae=calling_ae, called_ae="DICOMNODE")
+
+
+def count_instances(node: Node) -> int:
+    assert node.indexer is not None and node.sessions is not None
+    assert node.indexer.flush()
+    with node.sessions() as session:
+        return session.scalar(select(func.count(Instance.id))) or 0
+
+
+def test_echo(node: Node) -> None:
+    assert echo("127.0.0.1", node.settings.port, calling_ae="T", called_ae="DICOMNODE") == 0
+
+
+def test_store_keeps_dataset_as_received(node: Node, small_ct: SyntheticSeries, tmp_path: Path) -> None:
+    paths = small_ct.write(tmp_path / "in")
+    report = send_paths(node, paths)
+    assert report.sent == len(paths) and not report.failed
+    assert count_instances(node) == len(paths)
+    for path, dataset in zip(paths, small_ct.datasets, strict=True):
+        stored = node.settings.spool_dir / dataset.StudyInstanceUID / dataset.SeriesInstanceUID
+        received = dcmread(stored / f"{dataset.SOPInstanceUID}.dcm")
+        original = dcmread(path)
+        assert received == original  # every element, pixel data included
+        assert received.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+        assert received.file_meta.SourceApplicationEntityTitle == "TESTSCU"
+
+
+@pytest.mark.parametrize("name", ACCEPTED_REAL_FILES)
+def test_real_files_of_many_sop_classes_and_transfer_syntaxes(node: Node, name: str) -> None:
+    source = Path(get_testdata_file(name))  # type: ignore[arg-type]
+    report = send_paths(node, [source])
+    assert report.sent == 1, report.failed
+    assert count_instances(node) == 1
+    with node.sessions() as session:  # type: ignore[misc]
+        instance = session.scalars(select(Instance)).one()
+    original = dcmread(source, force=True)
+    received = dcmread(instance.path)
+    assert received.SOPInstanceUID == original.SOPInstanceUID
+    assert received.PixelData == original.PixelData if "PixelData" in original else True
+    assert received.file_meta.TransferSyntaxUID == instance.transfer_syntax_uid
+    if "TransferSyntaxUID" in getattr(original, "file_meta", {}):
+        assert instance.transfer_syntax_uid == original.file_meta.TransferSyntaxUID
+
+
+@pytest.mark.parametrize("name", REFUSED_REAL_FILES)
+def test_real_files_without_study_uid_are_refused(node: Node, name: str) -> None:
+    report = send_paths(node, [Path(get_testdata_file(name))])  # type: ignore[arg-type]
+    assert report.sent == 0
+    assert "0xC000" in report.failed[0][1]
+    assert count_instances(node) == 0
+    assert list(node.settings.spool_dir.iterdir()) == []
+
+
+def _raw_store(port: int, dataset, affected_sop_class: str, affected_sop_instance: str) -> int:  # type: ignore[no-untyped-def]
+    """A C-STORE whose request and dataset may disagree (no well-behaved SCU sends this)."""
+    ae = AE(ae_title="RAWSCU")
+    ae.requested_contexts = [build_context(affected_sop_class, [ExplicitVRLittleEndian])]
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        request = C_STORE()
+        request.MessageID = 1
+        request.AffectedSOPClassUID = affected_sop_class
+        request.AffectedSOPInstanceUID = affected_sop_instance
+        request.Priority = 2
+        if isinstance(dataset, bytes):
+            request.DataSet = BytesIO(dataset)
+        else:
+            request.DataSet = BytesIO(encode(dataset, False, True))
+        context = assoc.accepted_contexts[0]
+        # Pause the association's reactor as pynetdicom's own send_c_* methods do.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        try:
+            assoc.dimse.send_msg(request, context.context_id)
+            _, response = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+        return int(response.Status)
+    finally:
+        assoc.release()
+
+
+def test_dataset_not_matching_request_sop_class(node: Node, small_ct: SyntheticSeries) -> None:
+    dataset = small_ct.datasets[0]
+    status = _raw_store(node.settings.port, dataset, MRImageStorage, dataset.SOPInstanceUID)
+    assert status == 0xA900
+    status = _raw_store(node.settings.port, dataset, CTImageStorage, "1.2.3.4.999")
+    assert status == 0xA900
+    assert count_instances(node) == 0
+
+
+def test_unparseable_dataset_then_node_still_serves(node: Node, small_ct: SyntheticSeries) -> None:
+    garbage = b"\x08\x00\x16\x00ZZ\x04\x00abcd"  # a VR that does not exist
+    assert _raw_store(node.settings.port, garbage, CTImageStorage, "1.2.3") == 0xC000
+    assert echo("127.0.0.1", node.settings.port, calling_ae="T", called_ae="X") == 0
+
+
+def test_invalid_uid_refused_and_never_a_path(node: Node, small_ct: SyntheticSeries) -> None:
+    dataset = copy.deepcopy(small_ct.datasets[0])
+    dataset.StudyInstanceUID = "../../../escape"
+    status = _raw_store(node.settings.port, dataset, CTImageStorage, dataset.SOPInstanceUID)
+    assert status == 0xC000
+    data_dir = node.settings.data_dir
+    assert not any("escape" in str(p) for p in data_dir.parent.rglob("*"))
+    assert list(node.settings.spool_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected_status", "kept"),
+    [
+        (DuplicatePolicy.OVERWRITE, 0x0000, "second"),
+        (DuplicatePolicy.KEEP_FIRST, 0x0000, "first"),
+        (DuplicatePolicy.REJECT, 0xC000, "first"),
+    ],
+)
+def test_duplicate_policies(
+    tmp_path: Path, small_ct: SyntheticSeries, policy: DuplicatePolicy, expected_status: int, kept: str
+) -> None:
+    from conftest import make_settings
+
+    running = Node(make_settings(tmp_path, duplicate_policy=policy))
+    running.start()
+    try:
+        dataset = copy.deepcopy(small_ct.datasets[0])
+        dataset.SeriesDescription = "first"
+        assert _raw_store(running.settings.port, dataset, CTImageStorage, dataset.SOPInstanceUID) == 0
+        dataset.SeriesDescription = "second"
+        status = _raw_store(running.settings.port, dataset, CTImageStorage, dataset.SOPInstanceUID)
+        assert status == expected_status
+        assert count_instances(running) == 1
+        with running.sessions() as session:  # type: ignore[misc]
+            path = session.scalars(select(Instance.path)).one()
+        assert dcmread(path).SeriesDescription == kept
+    finally:
+        running.stop(1)
+
+
+def test_allow_list_rejects_unknown_calling_ae(tmp_path: Path, small_ct: SyntheticSeries) -> None:
+    from conftest import make_settings
+
+    from dicom_node.scu import AssociationFailed
+
+    settings: Settings = make_settings(
+        tmp_path, allowed_peers=[{"ae_title": "CT_SCANNER", "host": "127.0.0.1"}]
+    )
+    running = Node(settings)
+    running.start()
+    try:
+        assert echo("127.0.0.1", settings.port, calling_ae="CT_SCANNER", called_ae="X") == 0
+        with pytest.raises(AssociationFailed, match="rejected"):
+            echo("127.0.0.1", settings.port, calling_ae="INTRUDER", called_ae="X")
+        assert running.indexer is not None and running.indexer.flush()
+        with running.sessions() as session:  # type: ignore[misc]
+            rows = {a.calling_ae_title: a for a in session.scalars(select(Association))}
+        assert rows["CT_SCANNER"].accepted and rows["CT_SCANNER"].status == "released"
+        assert not rows["INTRUDER"].accepted
+        assert rows["INTRUDER"].reject_reason == "calling AE title or address not in the allow-list"
+    finally:
+        running.stop(1)
+
+
+def test_called_ae_title_check(tmp_path: Path) -> None:
+    from conftest import make_settings
+
+    from dicom_node.scu import AssociationFailed
+
+    settings = make_settings(tmp_path, require_called_ae_title=True)
+    running = Node(settings)
+    running.start()
+    try:
+        assert echo("127.0.0.1", settings.port, calling_ae="A", called_ae="DICOMNODE") == 0
+        with pytest.raises(AssociationFailed, match="rejected"):
+            echo("127.0.0.1", settings.port, calling_ae="A", called_ae="WRONG")
+    finally:
+        running.stop(1)

@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Association, Instance, Series, Study, StudyEvent
+from db.session import make_engine, make_sessionmaker, upgrade
+from dicom_node.index import (
+    AssociationClosed,
+    AssociationOpened,
+    Indexer,
+    InstanceStored,
+    reconcile,
+    stored_record_from_file,
+    write_batch,
+)
+from db.models import AssociationStatus
+from dicom_node.storage import InstanceKey, Spool
+
+
+def sessions_for(tmp_path: Path) -> sessionmaker[Session]:
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    upgrade(url)
+    return make_sessionmaker(make_engine(url))
+
+
+def record(study: str, series: str, sop: str, path: Path, at: dt.datetime) -> InstanceStored:
+    return InstanceStored(
+        key=InstanceKey.checked(study, series, sop),
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=path,
+        size_bytes=10,
+        received_at=at,
+        association_id=None,
+        modality="CT",
+    )
+
+
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def test_batch_creates_study_series_instances(tmp_path: Path) -> None:
+    sessions = sessions_for(tmp_path)
+    records = [record("1.1", "1.1.1", f"1.1.1.{i}", tmp_path / f"{i}", NOW) for i in range(5)]
+    records.append(record("1.1", "1.1.2", "1.1.2.1", tmp_path / "x", NOW))
+    with sessions.begin() as session:
+        write_batch(session, records)
+    with sessions() as session:
+        assert session.scalar(select(func.count(Study.id))) == 1
+        assert session.scalar(select(func.count(Series.id))) == 2
+        assert session.scalar(select(func.count(Instance.id))) == 6
+
+
+def test_association_rows_and_counts(tmp_path: Path) -> None:
+    sessions = sessions_for(tmp_path)
+    opened = AssociationOpened("a-1", "CT1", "DICOMNODE", "127.0.0.1", 5000, True, None, NOW)
+    stored = record("1.1", "1.1.1", "1.1.1.1", tmp_path / "f", NOW)
+    stored = InstanceStored(**{**stored.__dict__, "association_id": "a-1"})
+    closed = AssociationClosed("a-1", AssociationStatus.RELEASED, NOW, 1, 0, 10)
+    with sessions.begin() as session:
+        write_batch(session, [opened, stored, closed])
+    with sessions() as session:
+        association = session.get(Association, "a-1")
+        assert association is not None
+        assert (association.status, association.instances_received) == ("released", 1)
+        instance = session.scalars(select(Instance)).one()
+        assert instance.association_id == "a-1"
+
+
+def test_resent_instance_in_other_series_moves_and_old_file_is_reported(tmp_path: Path) -> None:
+    sessions = sessions_for(tmp_path)
+    with sessions.begin() as session:
+        write_batch(session, [record("1.1", "1.1.1", "1.1.1.1", tmp_path / "old", NOW)])
+    with sessions.begin() as session:
+        obsolete = write_batch(session, [record("1.1", "1.1.9", "1.1.1.1", tmp_path / "new", NOW)])
+    assert obsolete == [tmp_path / "old"]
+    with sessions() as session:
+        instance = session.scalars(select(Instance)).one()
+        assert instance.path == str(tmp_path / "new")
+        assert session.get(Series, instance.series_id).series_instance_uid == "1.1.9"  # type: ignore[union-attr]
+
+
+def test_instance_after_completion_reopens_study(tmp_path: Path) -> None:
+    from dicom_node.assembler import complete_quiet_studies
+
+    sessions = sessions_for(tmp_path)
+    with sessions.begin() as session:
+        write_batch(session, [record("1.1", "1.1.1", "1.1.1.1", tmp_path / "a", NOW)])
+    with sessions.begin() as session:
+        assert len(complete_quiet_studies(session, 10, NOW + dt.timedelta(seconds=11))) == 1
+    later = NOW + dt.timedelta(seconds=20)
+    with sessions.begin() as session:
+        write_batch(session, [record("1.1", "1.1.1", "1.1.1.2", tmp_path / "b", later)])
+    with sessions() as session:
+        study = session.scalars(select(Study)).one()
+        assert study.status == "receiving" and study.completed_at is None
+        events = [e.event for e in session.scalars(select(StudyEvent).order_by(StudyEvent.id))]
+        assert events == ["complete", "reopened"]
+
+
+def test_indexer_thread_batches_and_flushes(tmp_path: Path) -> None:
+    sessions = sessions_for(tmp_path)
+    indexer = Indexer(sessions, batch_size=7, flush_seconds=0.01)
+    indexer.start()
+    for i in range(50):
+        indexer.put(record("1.1", "1.1.1", f"1.1.1.{i}", tmp_path / f"{i}", NOW))
+    assert indexer.flush(10)
+    with sessions() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 50
+    indexer.stop()
+
+
+def test_reconcile_indexes_spooled_files_the_database_lacks(tmp_path: Path, small_ct) -> None:  # type: ignore[no-untyped-def]
+    sessions = sessions_for(tmp_path)
+    spool = Spool(tmp_path / "spool")
+    for dataset in small_ct.datasets:
+        key = InstanceKey.checked(
+            dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
+        )
+        from io import BytesIO
+
+        buffer = BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        spool.write(key, [buffer.getvalue()])
+    # one file already indexed, one garbage file, one interrupted write
+    first = next(spool.iter_files())
+    with sessions.begin() as session:
+        write_batch(session, [stored_record_from_file(first)])
+    garbage = first.parent / "9.9.9.dcm"
+    garbage.write_bytes(b"not dicom")
+    (first.parent / ".incoming-xyz").write_bytes(b"half")
+
+    added = reconcile(spool, sessions)
+
+    assert added == len(small_ct.datasets) - 1
+    with sessions() as session:
+        assert session.scalar(select(func.count(Instance.id))) == len(small_ct.datasets)
+    assert garbage.exists(), "a file that cannot be indexed is kept for a person to look at"
+    assert not (first.parent / ".incoming-xyz").exists()
+    assert reconcile(spool, sessions) == 0

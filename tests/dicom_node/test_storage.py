@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from dicom_node.storage import (
+    InstanceKey,
+    InvalidUIDError,
+    Spool,
+    encode_file_meta,
+    is_valid_uid,
+    read_index_fields,
+)
+
+
+@pytest.mark.parametrize(
+    "uid", ["1.2.840.10008.1.2", "0.1", "2.25.329800735698586629295641978511506172918", "1.2.0.3"]
+)
+def test_valid_uids(uid: str) -> None:
+    assert is_valid_uid(uid)
+
+
+@pytest.mark.parametrize(
+    "uid",
+    ["", "1.02.3", "1..2", ".1.2", "1.2.", "1.2.a", "../../etc/passwd", "1.2/3", "1.2 ", None, 12,
+     "1." + "2" * 63],
+)
+def test_invalid_uids(uid: object) -> None:
+    assert not is_valid_uid(uid)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10**12), min_size=1, max_size=8))
+def test_generated_uids_are_valid_and_path_safe(components: list[int]) -> None:
+    uid = ".".join(map(str, components))
+    if len(uid) <= 64:
+        assert is_valid_uid(uid)
+        assert "/" not in uid and ".." not in uid
+
+
+@given(st.text(max_size=70))
+def test_anything_accepted_is_path_safe(text: str) -> None:
+    if is_valid_uid(text):
+        assert set(text) <= set("0123456789.")
+        assert ".." not in text and not text.startswith(".")
+
+
+def test_key_refuses_invalid_uid() -> None:
+    with pytest.raises(InvalidUIDError, match="StudyInstanceUID"):
+        InstanceKey.checked("1.2/../3", "1.2.3", "1.2.4")
+
+
+def test_atomic_write_and_layout(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    key = InstanceKey.checked("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    path, size = spool.write(key, [b"abc", b"def"])
+    assert path == tmp_path / "spool" / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
+    assert path.read_bytes() == b"abcdef" and size == 6
+    assert spool.exists(key)
+    assert list(spool.iter_files()) == [path]
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    key = InstanceKey.checked("1.2.3", "1.2.3.4", "1.2.3.4.5")
+
+    class Exploding(bytes):
+        def __len__(self) -> int:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        spool.write(key, [b"partial", Exploding(b"x")])
+    assert not spool.exists(key)
+    assert list(spool.path_for(key).parent.iterdir()) == []
+
+
+def test_stale_temp_files_are_removed_and_not_listed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    key = InstanceKey.checked("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    spool.write(key, [b"x"])
+    stale = spool.path_for(key).parent / ".incoming-abc"
+    stale.write_bytes(b"half")
+    assert list(spool.iter_files()) == [spool.path_for(key)]
+    assert spool.remove_stale_temp_files() == 1
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize("ae_title", ["STORESCU", "ODD", ""])
+def test_file_meta_encoding_matches_pydicom(small_ct, ae_title: str) -> None:  # type: ignore[no-untyped-def]
+    dataset = small_ct.datasets[0]
+    sop_instance = str(generate_uid())
+    meta = encode_file_meta(str(dataset.SOPClassUID), sop_instance, "1.2.840.10008.1.2.1", ae_title)
+    buffer = BytesIO()
+    dataset.save_as(buffer, implicit_vr=False, little_endian=True)
+    body = buffer.getvalue()
+    parsed = dcmread(BytesIO(meta + body[body.index(b"\x08\x00") :]), force=True)
+    file_meta = parsed.file_meta
+    assert file_meta.MediaStorageSOPClassUID == dataset.SOPClassUID
+    assert file_meta.MediaStorageSOPInstanceUID == sop_instance
+    assert file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert file_meta.FileMetaInformationVersion == b"\x00\x01"
+    assert file_meta.SourceApplicationEntityTitle == (ae_title or "UNKNOWN")
+    assert file_meta.FileMetaInformationGroupLength == len(meta) - 132 - 12
+
+
+def test_read_index_fields(tmp_path: Path, small_ct) -> None:  # type: ignore[no-untyped-def]
+    path = small_ct.write(tmp_path)[0]
+    fields = read_index_fields(path)
+    assert fields["SOPInstanceUID"] == small_ct.datasets[0].SOPInstanceUID
+    assert fields["Modality"] == "CT"
+    assert fields["TransferSyntaxUID"] == "1.2.840.10008.1.2.1"
