@@ -144,16 +144,14 @@ def main() -> None:
             elapsed = timed_concurrent(concurrent, node.port, "DICOMNODE")
             wait_indexed(node.database_url, sent + sum(len(c) for c in concurrent))
             concurrent_rate = sum(len(c) for c in concurrent) / elapsed
-            print(
-                f"{f'dicom-node, {args.concurrency} storescu at once':<34} {concurrent_rate:8.1f} inst/s"
-            )
+            label = f"dicom-node, {args.concurrency} storescu at once"
+            print(f"{label:<34} {concurrent_rate:8.1f} inst/s")
 
         print()
         print(f"node / storescp            {node_rate / scp_rate:5.2f}x   (target >= 0.5)")
         print(f"node / Orthanc             {node_rate / orthanc_rate:5.2f}x   (target >= 2)")
-        print(
-            f"node {args.concurrency} senders / 1 sender   {concurrent_rate / node_rate:5.2f}x   (target >= 1.7)"
-        )
+        scaling = concurrent_rate / node_rate
+        print(f"node {args.concurrency} senders / 1 sender   {scaling:5.2f}x   (target >= 1.7)")
 
 
 if __name__ == "__main__":

@@ -115,9 +115,7 @@ class Instance(Base):
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-    association_id: Mapped[str | None] = mapped_column(
-        ForeignKey("associations.id"), index=True
-    )
+    association_id: Mapped[str | None] = mapped_column(ForeignKey("associations.id"), index=True)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 

@@ -32,9 +32,12 @@ StudyListener = Callable[[StudyCompleted], None]
 
 
 def count_instances(session: Session, study_id: int) -> int:
-    return session.scalar(
-        select(func.count(Instance.id)).join(Series).where(Series.study_id == study_id)
-    ) or 0
+    return (
+        session.scalar(
+            select(func.count(Instance.id)).join(Series).where(Series.study_id == study_id)
+        )
+        or 0
+    )
 
 
 def complete_quiet_studies(
@@ -81,9 +84,7 @@ class StudyAssembler:
         with self._sessions.begin() as session:
             completed = complete_quiet_studies(session, self._quiet_seconds, now)
         for event in completed:
-            log.info(
-                "study complete", study_id=event.study_id, num_instances=event.num_instances
-            )
+            log.info("study complete", study_id=event.study_id, num_instances=event.num_instances)
             for listener in self._listeners:
                 listener(event)
         return completed

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
+import time
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from sqlalchemy import func, select
 
 from dicom_node import __version__
@@ -74,25 +72,22 @@ def main(
 def serve(config: ConfigOption = None) -> None:
     """Run the node: receive over DICOM, index, detect complete studies. Stops on SIGTERM/SIGINT."""
     from dicom_node.logging import configure_logging
-    from dicom_node.node import Node
+    from dicom_node.node import Node, StopFlag
 
     settings = settings_from(config)
     configure_logging(settings.log_level, settings.log_format)
     node = Node(settings)
-    stop_requested = threading.Event()
-
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        stop_requested.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = StopFlag()
+    signal.signal(signal.SIGTERM, stop.handler)
+    signal.signal(signal.SIGINT, stop.handler)
     try:
         node.start()
     except OSError as exc:
         errors.print(f"[bold red]error:[/] cannot start the node: {exc}", highlight=False)
         node.stop(grace_seconds=0)
         raise typer.Exit(EXIT_FAILED) from exc
-    while not stop_requested.wait(0.5):
+    while not stop.requested:
+        time.sleep(0.2)
         node.check_children()
     node.stop()
 
@@ -106,12 +101,12 @@ def echo(
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 10.0,
 ) -> None:
     """Send a C-ECHO to HOST PORT."""
-    from dicom_node.scu import AssociationFailed
+    from dicom_node.scu import AssociationFailedError
     from dicom_node.scu import echo as send_echo
 
     try:
         status = send_echo(host, port, calling_ae=calling_ae, called_ae=called_ae, timeout=timeout)
-    except AssociationFailed as exc:
+    except AssociationFailedError as exc:
         errors.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(EXIT_FAILED) from exc
     if status != 0:
@@ -136,7 +131,7 @@ def send(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each response.")] = 60.0,
 ) -> None:
     """C-STORE DICOM files to another node; exits non-zero if any instance fails."""
-    from dicom_node.scu import AssociationFailed, SendFile, scan_files
+    from dicom_node.scu import AssociationFailedError, SendFile, scan_files
     from dicom_node.scu import send as send_files
 
     host, port = _parse_destination(to)
@@ -151,8 +146,12 @@ def send(
         errors.print("[bold red]error:[/] no DICOM instances found to send")
         raise typer.Exit(EXIT_FAILED)
     with Progress(
-        TextColumn("sending"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=errors, transient=False,
+        TextColumn("sending"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=errors,
+        transient=False,
     ) as progress:
         task = progress.add_task("send", total=len(files))
 
@@ -161,10 +160,15 @@ def send(
 
         try:
             report = send_files(
-                files, host, port, calling_ae=calling_ae, called_ae=called_ae,
-                timeout=timeout, on_progress=advance,
+                files,
+                host,
+                port,
+                calling_ae=calling_ae,
+                called_ae=called_ae,
+                timeout=timeout,
+                on_progress=advance,
             )
-        except AssociationFailed as exc:
+        except AssociationFailedError as exc:
             errors.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(EXIT_FAILED) from exc
     for path, reason in report.failed:
@@ -177,6 +181,7 @@ def send(
 def study_rows(settings: Settings) -> list[dict[str, Any]]:
     from db.models import Instance, Series, Study
     from db.session import make_engine, make_sessionmaker, upgrade
+    from dicom_node.index import as_utc
 
     upgrade(settings.effective_database_url)
     engine = make_engine(settings.effective_database_url)
@@ -200,9 +205,11 @@ def study_rows(settings: Settings) -> list[dict[str, Any]]:
                     "num_series": num_series,
                     "num_instances": num_instances,
                     "study_date": study.study_date,
-                    "first_received_at": study.first_received_at.isoformat(),
-                    "last_received_at": study.last_received_at.isoformat(),
-                    "completed_at": study.completed_at.isoformat() if study.completed_at else None,
+                    "first_received_at": as_utc(study.first_received_at).isoformat(),
+                    "last_received_at": as_utc(study.last_received_at).isoformat(),
+                    "completed_at": (
+                        as_utc(study.completed_at).isoformat() if study.completed_at else None
+                    ),
                 }
                 for study, num_series, num_instances in session.execute(query)
             ]
@@ -220,13 +227,36 @@ def studies(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("Study Instance UID", "Status", "Series", "Instances", "Last received")
+    if not rows:
+        console.print("no studies received yet")
+        return
+    console.print(
+        f"{'STATUS':<10} {'SERIES':>6} {'INSTANCES':>9}  {'LAST RECEIVED (UTC)':<19}  STUDY"
+    )
     for row in rows:
-        table.add_row(
-            row["study_instance_uid"], row["status"], str(row["num_series"]),
-            str(row["num_instances"]), row["last_received_at"],
+        console.print(
+            f"{row['status']:<10} {row['num_series']:>6} {row['num_instances']:>9}  "
+            f"{row['last_received_at'][:19]:<19}  {row['study_instance_uid']}",
+            highlight=False,
+            soft_wrap=True,
         )
-    console.print(table)
+
+
+@app.command()
+def generate(
+    output: Annotated[Path, typer.Argument(help="Folder to write the series into.")],
+    modality: Annotated[str, typer.Option(help="CT or MR.")] = "CT",
+    slices: Annotated[int, typer.Option(min=1, max=2000)] = 40,
+    size: Annotated[int, typer.Option(help="Rows and columns.", min=16, max=2048)] = 512,
+) -> None:
+    """Write a synthetic phantom series (known anatomy, valid UIDs) for testing a connection."""
+    from dicom_node.synthetic import generate_series
+
+    if modality not in ("CT", "MR"):
+        raise typer.BadParameter("CT or MR", param_hint="--modality")
+    series = generate_series(modality=modality, num_slices=slices, rows=size, columns=size)
+    paths = series.write(output)
+    console.print(f"wrote {len(paths)} {modality} slices to {output}")
 
 
 @db_app.command("upgrade")

@@ -158,9 +158,7 @@ def write_batch(session: Session, records: Sequence[IndexRecord]) -> list[Path]:
     return obsolete
 
 
-def _load_by_uid(
-    session: Session, model: type[Row], column: Any, uids: set[str]
-) -> dict[str, Row]:
+def _load_by_uid(session: Session, model: type[Row], column: Any, uids: set[str]) -> dict[str, Row]:
     if not uids:
         return {}
     rows = session.scalars(select(model).where(column.in_(sorted(uids))))
@@ -371,8 +369,7 @@ def stored_record_from_file(
         transfer_syntax_uid=str(fields["TransferSyntaxUID"]),
         path=path,
         size_bytes=path.stat().st_size,
-        received_at=received_at
-        or dt.datetime.fromtimestamp(path.stat().st_mtime, tz=dt.UTC),
+        received_at=received_at or dt.datetime.fromtimestamp(path.stat().st_mtime, tz=dt.UTC),
         association_id=association_id,
         study_date=clip_text(fields["StudyDate"], 8),
         modality=clip_text(fields["Modality"], 16),

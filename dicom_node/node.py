@@ -12,6 +12,7 @@ process also runs the start-up reconcile and the assembler.
 from __future__ import annotations
 
 import ctypes
+import errno
 import multiprocessing
 import multiprocessing.synchronize
 import os
@@ -44,18 +45,28 @@ _PR_SET_PDEATHSIG = 1
 ACCEPT_BACKOFF_PER_ASSOCIATION = 0.003
 
 
-def open_listener(host: str, port: int) -> socket.socket:
-    listener = socket.create_server((host, port), backlog=128)
-    listener.setblocking(False)
-    return listener
+def open_listener(host: str, port: int, retry_seconds: float = 10.0) -> socket.socket:
+    """Bind the DICOM port; after a crash, a dying receiver may hold it for a moment."""
+    deadline = time.monotonic() + retry_seconds
+    while True:
+        try:
+            listener = socket.create_server((host, port), backlog=128)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            continue
+        listener.setblocking(False)
+        return listener
 
 
 def shared_listener_server(listener: socket.socket) -> type[ThreadedAssociationServer]:
     """pynetdicom's server class, accepting on a socket other processes accept on too."""
 
-    class SharedListenerServer(ThreadedAssociationServer):  # type: ignore[misc]
+    class SharedListenerServer(ThreadedAssociationServer):
         def server_bind(self) -> None:
-            self.socket.close()
+            if self.socket is not None:
+                self.socket.close()
             self.socket = listener
             self.server_address = listener.getsockname()
 
@@ -67,7 +78,7 @@ def shared_listener_server(listener: socket.socket) -> type[ThreadedAssociationS
             if busy:
                 time.sleep(min(ACCEPT_BACKOFF_PER_ASSOCIATION * busy, 0.02))
             # Non-blocking: another receiver may have taken it (OSError is ignored).
-            connection, address = self.socket.accept()
+            connection, address = listener.accept()
             connection.setblocking(True)
             return connection, address
 
@@ -107,7 +118,8 @@ class Receiver:
         settings = self.settings
         self.indexer.start()
         context = ReceiverContext(
-            settings=settings, spool=Spool(settings.spool_dir, fsync=settings.fsync),
+            settings=settings,
+            spool=Spool(settings.spool_dir, fsync=settings.fsync),
             indexer=self.indexer,
         )
         self._ae = build_ae(settings)
@@ -137,6 +149,16 @@ class Receiver:
         self.indexer.stop()
 
 
+class StopFlag:
+    """Set from a signal handler; polled by the main loop (no locks in the handler)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def handler(self, _signum: int, _frame: object) -> None:
+        self.requested = True
+
+
 def _die_with_parent() -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -149,17 +171,24 @@ def _receiver_process(
     settings: Settings,
     listener: socket.socket,
     stop: multiprocessing.synchronize.Event,
+    ready: multiprocessing.synchronize.Event,
     parent_pid: int,
 ) -> None:
     _die_with_parent()
+    if os.getppid() != parent_pid:  # the node died before the death signal was armed
+        listener.close()
+        return
+    # A handler must not touch `stop`: it may interrupt stop.wait() holding the same lock.
+    terminated = StopFlag()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, terminated.handler)
     configure_logging(settings.log_level, settings.log_format)
     relax_dataset_validation()
     engine = make_engine(settings.effective_database_url)
     receiver = Receiver(settings, make_sessionmaker(engine), listener)
     receiver.start()
-    while not stop.wait(0.5):
+    ready.set()
+    while not terminated.requested and not stop.wait(0.5):
         if os.getppid() != parent_pid:
             break
     receiver.stop(settings.shutdown_grace_seconds)
@@ -197,15 +226,13 @@ class Node:
             settings, self.sessions, self._listener, idle_callback=self.assembler.check
         )
         self._receiver.start()
-        spawn = multiprocessing.get_context("spawn")
-        for index in range(settings.effective_receiver_processes - 1):
-            child = spawn.Process(
-                target=_receiver_process,
-                args=(settings, self._listener, self._stop_children, os.getpid()),
-                name=f"receiver-{index + 1}",
-                daemon=False,
-            )
-            child.start()
+        started = [
+            self._spawn_receiver(f"receiver-{index + 1}")
+            for index in range(settings.effective_receiver_processes - 1)
+        ]
+        for child, ready in started:
+            if not ready.wait(settings.acse_timeout + 60):
+                log.error("receiver process did not start", name=child.name)
             self._children.append(child)
         log.info(
             "node listening",
@@ -216,20 +243,26 @@ class Node:
             data_dir=str(settings.data_dir),
         )
 
+    def _spawn_receiver(
+        self, name: str
+    ) -> tuple[multiprocessing.process.BaseProcess, multiprocessing.synchronize.Event]:
+        spawn = multiprocessing.get_context("spawn")
+        ready = spawn.Event()
+        child = spawn.Process(
+            target=_receiver_process,
+            args=(self.settings, self._listener, self._stop_children, ready, os.getpid()),
+            name=name,
+        )
+        child.start()
+        return child, ready
+
     def check_children(self) -> None:
         """Replace a receiver process that died (its acknowledged files are on disk)."""
-        spawn = multiprocessing.get_context("spawn")
         for position, child in enumerate(self._children):
             if child.is_alive() or self._stop_children.is_set():
                 continue
             log.error("receiver process died; starting another", exitcode=child.exitcode)
-            replacement = spawn.Process(
-                target=_receiver_process,
-                args=(self.settings, self._listener, self._stop_children, os.getpid()),
-                name=child.name,
-            )
-            replacement.start()
-            self._children[position] = replacement
+            self._children[position], _ = self._spawn_receiver(child.name)
 
     def stop(self, grace_seconds: float | None = None) -> None:
         if self._stopped.is_set():

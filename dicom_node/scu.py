@@ -17,7 +17,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 MAX_CONTEXTS_PER_ASSOCIATION = 128
 
 
-class AssociationFailed(Exception):
+class AssociationFailedError(Exception):
     """The peer could not be reached, or it rejected or aborted the association."""
 
 
@@ -36,17 +36,17 @@ class SendReport:
 
 
 def echo(host: str, port: int, *, calling_ae: str, called_ae: str, timeout: float = 10.0) -> int:
-    """Return the C-ECHO status; raise ``AssociationFailed`` if no association."""
+    """Return the C-ECHO status; raise ``AssociationFailedError`` if no association."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
     assoc = ae.associate(host, port, ae_title=called_ae)
     if not assoc.is_established:
-        raise AssociationFailed(_why(assoc, host, port))
+        raise AssociationFailedError(_why(assoc, host, port))
     try:
         status = assoc.send_c_echo()
         if not status:
-            raise AssociationFailed("no C-ECHO response (timeout or abort)")
+            raise AssociationFailedError("no C-ECHO response (timeout or abort)")
         return int(status.Status)
     finally:
         assoc.release()
@@ -55,9 +55,8 @@ def echo(host: str, port: int, *, calling_ae: str, called_ae: str, timeout: floa
 def _why(assoc: object, host: str, port: int) -> str:
     if getattr(assoc, "is_rejected", False):
         return f"association rejected by {host}:{port}"
-    if getattr(assoc, "is_aborted", False):
-        return f"association aborted by {host}:{port}"
-    return f"cannot connect to {host}:{port}"
+    # pynetdicom reports a refused TCP connection as an aborted association.
+    return f"no association with {host}:{port} (connection refused or aborted)"
 
 
 def iter_candidate_files(paths: Iterable[Path]) -> Iterator[Path]:
@@ -144,7 +143,7 @@ def send(
         ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in pairs]
         assoc = ae.associate(host, port, ae_title=called_ae)
         if not assoc.is_established:
-            raise AssociationFailed(_why(assoc, host, port))
+            raise AssociationFailedError(_why(assoc, host, port))
         try:
             for item in batch:
                 status = _store_one(assoc, item, report)

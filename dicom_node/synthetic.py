@@ -14,10 +14,10 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
-    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 
@@ -68,7 +68,7 @@ def make_phantom(
     noise_sigma: float = 12.0,
     seed: int = 0,
 ) -> Phantom:
-    """Build the phantom in Hounsfield units on a grid of ``shape`` with ``spacing`` (z, y, x) mm."""
+    """The phantom in Hounsfield units on a ``shape`` grid with ``spacing`` (z, y, x) in mm."""
     nz, ny, nx = shape
     sz, sy, sx = spacing
     z = (np.arange(nz, dtype=np.float32) - (nz - 1) / 2) * sz
@@ -89,10 +89,9 @@ def make_phantom(
         (xx**2 + (yy - 0.65 * half_depth) ** 2) <= (0.12 * half_depth) ** 2, shape
     )
     center_mm = (0.0, -0.2 * half_depth, 0.0)
-    lesion = (
-        (zz - center_mm[0]) ** 2 + (yy - center_mm[1]) ** 2 + (xx - center_mm[2]) ** 2
-        <= lesion_radius_mm**2
-    )
+    lesion = (zz - center_mm[0]) ** 2 + (yy - center_mm[1]) ** 2 + (
+        xx - center_mm[2]
+    ) ** 2 <= lesion_radius_mm**2
 
     values = np.full(shape, HU_AIR, dtype=np.float32)
     values[body] = HU_SOFT_TISSUE
@@ -171,7 +170,10 @@ def _file_meta(dataset: Dataset) -> FileMetaDataset:
 
 
 def _slice_geometry(
-    orientation: tuple[float, ...], index: int, slice_spacing: float, origin: npt.NDArray[np.float64]
+    orientation: tuple[float, ...],
+    index: int,
+    slice_spacing: float,
+    origin: npt.NDArray[np.float64],
 ) -> list[float]:
     row = np.array(orientation[:3])
     column = np.array(orientation[3:])
@@ -219,7 +221,8 @@ def generate_series(
         sop_class = CTImageStorage
     else:
         mr_values = np.interp(
-            phantom.values, [HU_AIR, HU_LUNG, HU_SOFT_TISSUE, HU_LESION, HU_BONE],
+            phantom.values,
+            [HU_AIR, HU_LUNG, HU_SOFT_TISSUE, HU_LESION, HU_BONE],
             [0.0, 60.0, 600.0, 900.0, 300.0],
         )
         stored = np.clip(np.rint(mr_values), 0, 4095).astype(np.uint16)

@@ -17,6 +17,10 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dicom_node.config import Settings
 
 DCMTK_ENV = {"TCP_NODELAY": "1"}  # without it Nagle's algorithm slows DCMTK tools tenfold
 
@@ -26,7 +30,9 @@ class ToolMissingError(RuntimeError):
 
 
 def require_tool(name: str) -> str:
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+    path = shutil.which(name) or (
+        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
+    )
     if path is None:
         raise ToolMissingError(
             f"{name} is not installed; run `make deps` (apt-get install dcmtk orthanc dicom3tools)"
@@ -40,7 +46,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -79,7 +87,10 @@ class NodeProcess:
 
     @property
     def database_url(self) -> str:
-        return self.env.get("DICOM_NODE_DATABASE_URL") or f"sqlite:///{self.data_dir / 'dicom-node.db'}"
+        return (
+            self.env.get("DICOM_NODE_DATABASE_URL")
+            or f"sqlite:///{self.data_dir / 'dicom-node.db'}"
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -93,9 +104,7 @@ class NodeProcess:
 
 
 def node_env(data_dir: Path, port: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {
-        key: value for key, value in os.environ.items() if not key.startswith("DICOM_NODE_")
-    }
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DICOM_NODE_")}
     env.update(
         {
             "DICOM_NODE_DATA_DIR": str(data_dir),
@@ -121,6 +130,7 @@ def start_node(
     data_dir.mkdir(parents=True, exist_ok=True)
     full_env = node_env(data_dir, port, env)
     log_path = data_dir.parent / f"node-{port}.log"
+    log_offset = log_path.stat().st_size if log_path.exists() else 0
     command = [sys.executable, "-m", "dicom_node.cli", "serve"]
     if config is not None:
         command += ["--config", str(config)]
@@ -128,12 +138,21 @@ def start_node(
         process = subprocess.Popen(
             command, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, cwd=data_dir.parent
         )
-    node = NodeProcess(process, port, data_dir, full_env.get("DICOM_NODE_AE_TITLE", "DICOMNODE"), log_path, full_env)
-    try:
-        wait_for_port(port, timeout, process)
-    except Exception:
-        node.kill()
-        raise RuntimeError(f"node did not start:\n{node.log()}") from None
+    node = NodeProcess(
+        process,
+        port,
+        data_dir,
+        full_env.get("DICOM_NODE_AE_TITLE", "DICOMNODE"),
+        log_path,
+        full_env,
+    )
+    deadline = time.monotonic() + timeout
+    while "node listening" not in node.log()[log_offset:]:
+        if process.poll() is not None or time.monotonic() > deadline:
+            node.kill()
+            raise RuntimeError(f"node did not start:\n{node.log()[log_offset:]}")
+        time.sleep(0.05)
+    wait_for_port(port, timeout, process)
     return node
 
 
@@ -154,7 +173,9 @@ def running_storescp(output_dir: Path, port: int | None = None) -> Iterator[int]
     output_dir.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         [require_tool("storescp"), "-od", str(output_dir), "--accept-all", str(port)],
-        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_port(port, 10, process)
@@ -177,7 +198,8 @@ class OrthancProcess:
     def get_json(self, path: str) -> object:
         import urllib.request
 
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as response:
+        # Only ever our own loopback Orthanc over http.
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as response:  # noqa: S310
             return json.loads(response.read())
 
 
@@ -227,14 +249,50 @@ def storescu(
     timeout: float = 300.0,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [require_tool("storescu"), "-aet", calling_ae, "-aec", called_ae, *(extra_args or []),
-         "127.0.0.1", str(port), *map(str, files)],
-        env=dcmtk_env(), capture_output=True, text=True, timeout=timeout, check=False,
+        [
+            require_tool("storescu"),
+            "-aet",
+            calling_ae,
+            "-aec",
+            called_ae,
+            *(extra_args or []),
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
-def echoscu(port: int, *, called_ae: str = "ANY-SCP", calling_ae: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
+def echoscu(
+    port: int, *, called_ae: str = "ANY-SCP", calling_ae: str = "ECHOSCU"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [require_tool("echoscu"), "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port)],
-        env=dcmtk_env(), capture_output=True, text=True, timeout=60, check=False,
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
+
+
+def local_settings(root: Path, **overrides: object) -> Settings:
+    """Settings for a node under ``root`` on a free loopback port, quick to start and stop."""
+    from dicom_node.config import load_settings
+
+    values: dict[str, object] = {
+        "data_dir": root / "data",
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "receiver_processes": 1,
+        "study_quiet_seconds": 3600,
+        "index_flush_seconds": 0.02,
+        "shutdown_grace_seconds": 5,
+    }
+    values.update(overrides)
+    return load_settings(None, **values)

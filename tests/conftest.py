@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.config import Settings, load_settings
+from dicom_node.config import Settings
 from dicom_node.node import Node
 from dicom_node.synthetic import SyntheticSeries, generate_series
-from dicom_node.testing import free_port
+from dicom_node.testing import local_settings
 
 
 @pytest.fixture(autouse=True)
@@ -23,23 +23,9 @@ def _no_node_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
 
 
-def make_settings(tmp_path: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "data_dir": tmp_path / "data",
-        "host": "127.0.0.1",
-        "port": free_port(),
-        "receiver_processes": 1,
-        "study_quiet_seconds": 3600,
-        "index_flush_seconds": 0.02,
-        "shutdown_grace_seconds": 5,
-    }
-    values.update(overrides)
-    return load_settings(None, **values)
-
-
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return make_settings(tmp_path)
+    return local_settings(tmp_path)
 
 
 @pytest.fixture

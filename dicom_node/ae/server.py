@@ -27,6 +27,7 @@ def build_ae(settings: Settings) -> AE:
     ae.network_timeout = settings.network_timeout
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
     return ae
 

@@ -30,9 +30,9 @@ def _peer(assoc: Any) -> tuple[str, str, str, int]:
     )
 
 
-def rejection_reason(context: ReceiverContext, calling: str, called: str, address: str) -> (
-    tuple[str, tuple[int, int, int]] | None
-):
+def rejection_reason(
+    context: ReceiverContext, calling: str, called: str, address: str
+) -> tuple[str, tuple[int, int, int]] | None:
     settings = context.settings
     if settings.allowed_peers and not any(
         peer.admits(calling, address) for peer in settings.allowed_peers

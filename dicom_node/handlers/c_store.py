@@ -36,7 +36,7 @@ _LAST_INDEXED_TAG = 0x00200013  # InstanceNumber: every tag the index needs come
 
 
 def _past_index_tags(tag: BaseTag, _vr: str | None, _length: int) -> bool:
-    return tag > _LAST_INDEXED_TAG
+    return bool(tag > _LAST_INDEXED_TAG)
 
 
 def failure(status: int, comment: str) -> Dataset:
@@ -94,7 +94,9 @@ def handle_store(event: Event, context: ReceiverContext) -> int | Dataset:
     if duplicate and policy is not DuplicatePolicy.OVERWRITE:
         if policy is DuplicatePolicy.REJECT:
             state.instances_failed += 1
-            log.info("C-STORE refused: duplicate SOP instance", sop_instance_uid=key.sop_instance_uid)
+            log.info(
+                "C-STORE refused: duplicate SOP instance", sop_instance_uid=key.sop_instance_uid
+            )
             return failure(CANNOT_UNDERSTAND, "Duplicate SOP Instance refused")
         log.info("duplicate SOP instance ignored", sop_instance_uid=key.sop_instance_uid)
         state.instances_received += 1

@@ -22,6 +22,7 @@ from dicom_node.config import DuplicatePolicy, Settings
 from dicom_node.node import Node
 from dicom_node.scu import echo, scan_files, send
 from dicom_node.synthetic import SyntheticSeries
+from dicom_node.testing import local_settings
 
 ACCEPTED_REAL_FILES = [
     "CT_small.dcm",  # CT, explicit VR little endian
@@ -53,7 +54,9 @@ REFUSED_REAL_FILES = ["JPEGLSNearLossless_16.dcm", "SC_rgb_jls_lossy_line.dcm"]
 def send_paths(node: Node, paths: list[Path], calling_ae: str = "TESTSCU"):  # type: ignore[no-untyped-def]
     files, skipped = scan_files(paths)
     assert not skipped
-    return send(files, "127.0.0.1", node.settings.port, calling_ae=calling_ae, called_ae="DICOMNODE")
+    return send(
+        files, "127.0.0.1", node.settings.port, calling_ae=calling_ae, called_ae="DICOMNODE"
+    )
 
 
 def count_instances(node: Node) -> int:
@@ -67,7 +70,9 @@ def test_echo(node: Node) -> None:
     assert echo("127.0.0.1", node.settings.port, calling_ae="T", called_ae="DICOMNODE") == 0
 
 
-def test_store_keeps_dataset_as_received(node: Node, small_ct: SyntheticSeries, tmp_path: Path) -> None:
+def test_store_keeps_dataset_as_received(
+    node: Node, small_ct: SyntheticSeries, tmp_path: Path
+) -> None:
     paths = small_ct.write(tmp_path / "in")
     report = send_paths(node, paths)
     assert report.sent == len(paths) and not report.failed
@@ -172,16 +177,20 @@ def test_invalid_uid_refused_and_never_a_path(node: Node, small_ct: SyntheticSer
     ],
 )
 def test_duplicate_policies(
-    tmp_path: Path, small_ct: SyntheticSeries, policy: DuplicatePolicy, expected_status: int, kept: str
+    tmp_path: Path,
+    small_ct: SyntheticSeries,
+    policy: DuplicatePolicy,
+    expected_status: int,
+    kept: str,
 ) -> None:
-    from conftest import make_settings
-
-    running = Node(make_settings(tmp_path, duplicate_policy=policy))
+    running = Node(local_settings(tmp_path, duplicate_policy=policy))
     running.start()
     try:
         dataset = copy.deepcopy(small_ct.datasets[0])
         dataset.SeriesDescription = "first"
-        assert _raw_store(running.settings.port, dataset, CTImageStorage, dataset.SOPInstanceUID) == 0
+        assert (
+            _raw_store(running.settings.port, dataset, CTImageStorage, dataset.SOPInstanceUID) == 0
+        )
         dataset.SeriesDescription = "second"
         status = _raw_store(running.settings.port, dataset, CTImageStorage, dataset.SOPInstanceUID)
         assert status == expected_status
@@ -194,18 +203,16 @@ def test_duplicate_policies(
 
 
 def test_allow_list_rejects_unknown_calling_ae(tmp_path: Path, small_ct: SyntheticSeries) -> None:
-    from conftest import make_settings
+    from dicom_node.scu import AssociationFailedError
 
-    from dicom_node.scu import AssociationFailed
-
-    settings: Settings = make_settings(
+    settings: Settings = local_settings(
         tmp_path, allowed_peers=[{"ae_title": "CT_SCANNER", "host": "127.0.0.1"}]
     )
     running = Node(settings)
     running.start()
     try:
         assert echo("127.0.0.1", settings.port, calling_ae="CT_SCANNER", called_ae="X") == 0
-        with pytest.raises(AssociationFailed, match="rejected"):
+        with pytest.raises(AssociationFailedError, match="rejected"):
             echo("127.0.0.1", settings.port, calling_ae="INTRUDER", called_ae="X")
         assert running.indexer is not None and running.indexer.flush()
         with running.sessions() as session:  # type: ignore[misc]
@@ -218,16 +225,14 @@ def test_allow_list_rejects_unknown_calling_ae(tmp_path: Path, small_ct: Synthet
 
 
 def test_called_ae_title_check(tmp_path: Path) -> None:
-    from conftest import make_settings
+    from dicom_node.scu import AssociationFailedError
 
-    from dicom_node.scu import AssociationFailed
-
-    settings = make_settings(tmp_path, require_called_ae_title=True)
+    settings = local_settings(tmp_path, require_called_ae_title=True)
     running = Node(settings)
     running.start()
     try:
         assert echo("127.0.0.1", settings.port, calling_ae="A", called_ae="DICOMNODE") == 0
-        with pytest.raises(AssociationFailed, match="rejected"):
+        with pytest.raises(AssociationFailedError, match="rejected"):
             echo("127.0.0.1", settings.port, calling_ae="A", called_ae="WRONG")
     finally:
         running.stop(1)

@@ -6,7 +6,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Association, Instance, Series, Study, StudyEvent
+from db.models import Association, AssociationStatus, Instance, Series, Study, StudyEvent
 from db.session import make_engine, make_sessionmaker, upgrade
 from dicom_node.index import (
     AssociationClosed,
@@ -17,7 +17,6 @@ from dicom_node.index import (
     stored_record_from_file,
     write_batch,
 )
-from db.models import AssociationStatus
 from dicom_node.storage import InstanceKey, Spool
 
 

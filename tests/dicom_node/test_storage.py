@@ -28,8 +28,20 @@ def test_valid_uids(uid: str) -> None:
 
 @pytest.mark.parametrize(
     "uid",
-    ["", "1.02.3", "1..2", ".1.2", "1.2.", "1.2.a", "../../etc/passwd", "1.2/3", "1.2 ", None, 12,
-     "1." + "2" * 63],
+    [
+        "",
+        "1.02.3",
+        "1..2",
+        ".1.2",
+        "1.2.",
+        "1.2.a",
+        "../../etc/passwd",
+        "1.2/3",
+        "1.2 ",
+        None,
+        12,
+        "1." + "2" * 63,
+    ],
 )
 def test_invalid_uids(uid: object) -> None:
     assert not is_valid_uid(uid)

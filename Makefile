@@ -1,0 +1,50 @@
+# dicom-node: `make demo` runs the node on its embedded defaults, `make test` runs the tests.
+# Both install what they need: Debian packages (as root) and a local virtual environment.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := dcmtk orthanc dicom3tools postgresql
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test deps venv lint typecheck bench-ingest clean
+
+demo: deps $(STAMP)
+	bash scripts/demo.sh
+
+test: deps $(STAMP)
+	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
+
+deps:
+	@missing=""; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	{ command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc; } || missing="$$missing orthanc"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v stdbuf >/dev/null || missing="$$missing coreutils"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		if [ "$$(id -u)" != 0 ]; then echo "run as root, or: sudo apt-get install$$missing" >&2; exit 1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check dicom_node processors db tests bench
+	$(BIN)/ruff format --check dicom_node processors db tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+bench-ingest: deps $(STAMP)
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,104 @@
+"""A throw-away PostgreSQL server (Debian's `postgresql` package) for tests and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from dicom_node.testing import ToolMissingError, free_port, wait_for_port
+
+
+def postgres_bin_dir() -> Path:
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
+    if not candidates:
+        raise ToolMissingError(
+            "PostgreSQL is not installed; run `make deps` (apt-get install postgresql)"
+        )
+    return Path(candidates[0]).parent
+
+
+def _as_postgres_user() -> list[str]:
+    """initdb and postgres refuse to run as root: drop to the `postgres` system user."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("runuser") is None:
+        raise ToolMissingError("runuser is needed to start PostgreSQL as root")
+    return ["runuser", "-u", "postgres", "--"]
+
+
+@contextlib.contextmanager
+def running_postgres() -> Iterator[str]:
+    """Start a private server on a free loopback port; yield a SQLAlchemy URL."""
+    bin_dir = postgres_bin_dir()
+    prefix = _as_postgres_user()
+    root = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
+    data = root / "data"
+    if prefix:
+        shutil.chown(root, "postgres", "postgres")
+        root.chmod(0o700)
+    port = free_port()
+    subprocess.run(
+        [
+            *prefix,
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server = subprocess.Popen(
+        [
+            *prefix,
+            str(bin_dir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+            "-k",
+            str(root),
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=50",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, 60, server)
+        subprocess.run(
+            [
+                str(bin_dir / "psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "postgres",
+                "-c",
+                "CREATE DATABASE dicomnode",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/dicomnode"
+    finally:
+        server.terminate()
+        server.wait(30)
+        shutil.rmtree(root, ignore_errors=True)

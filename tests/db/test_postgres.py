@@ -1,0 +1,94 @@
+"""The same code on a real PostgreSQL server: migrations, indexing, assembler, two nodes."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import create_engine, func, inspect, select
+
+from db.models import Instance, Series, Study, StudyEvent
+from db.session import make_engine, make_sessionmaker, upgrade
+from dicom_node.assembler import StudyAssembler
+from dicom_node.node import Node
+from dicom_node.scu import scan_files, send
+from dicom_node.synthetic import SyntheticSeries
+from dicom_node.testing import local_settings
+from dicom_node.testing_postgres import running_postgres
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    with running_postgres() as url:
+        upgrade(url)
+        yield url
+
+
+def test_migration_creates_every_table(postgres_url: str) -> None:
+    engine = create_engine(postgres_url)
+    tables = set(inspect(engine).get_table_names())
+    engine.dispose()
+    assert {
+        "associations",
+        "studies",
+        "series",
+        "instances",
+        "study_events",
+        "plugin_state",
+        "alembic_version",
+    } <= tables
+    upgrade(postgres_url)  # idempotent
+
+
+def test_two_nodes_share_one_database(
+    postgres_url: str, tmp_path: Path, small_ct: SyntheticSeries
+) -> None:
+    study_uid, series_uid = str(generate_uid()), str(generate_uid())
+    halves = [tmp_path / "a", tmp_path / "b"]
+    for index, dataset in enumerate(small_ct.datasets):
+        fresh = copy.deepcopy(dataset)
+        fresh.StudyInstanceUID, fresh.SeriesInstanceUID = study_uid, series_uid
+        fresh.SOPInstanceUID = fresh.file_meta.MediaStorageSOPInstanceUID = str(generate_uid())
+        halves[index % 2].mkdir(exist_ok=True)
+        fresh.save_as(halves[index % 2] / f"{index}.dcm", enforce_file_format=True)
+
+    nodes = [
+        Node(local_settings(tmp_path / name, database_url=postgres_url, study_quiet_seconds=1))
+        for name in ("node1", "node2")
+    ]
+    for node in nodes:
+        node.start()
+    try:
+        for node, half in zip(nodes, halves, strict=True):
+            files, _ = scan_files([half])
+            report = send(files, "127.0.0.1", node.settings.port, calling_ae="T", called_ae="N")
+            assert report.sent == len(files)
+        for node in nodes:
+            assert node.indexer is not None and node.indexer.flush()
+    finally:
+        for node in nodes:
+            node.stop(1)
+
+    sessions = make_sessionmaker(make_engine(postgres_url))
+    with sessions() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one()
+        assert session.scalar(select(func.count(Series.id)).where(Series.study_id == study.id)) == 1
+        assert session.scalar(
+            select(func.count(Instance.id)).join(Series).where(Series.study_id == study.id)
+        ) == len(small_ct.datasets)
+
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
+    first, second = StudyAssembler(sessions, 1), StudyAssembler(sessions, 1)
+    completed = first.check(later) + second.check(later)
+    assert [c.study_instance_uid for c in completed].count(study_uid) == 1
+    with sessions() as session:
+        events = session.scalars(select(StudyEvent).where(StudyEvent.study_id == study.id)).all()
+        assert [(e.event, e.num_instances) for e in events] == [
+            ("complete", len(small_ct.datasets))
+        ]
