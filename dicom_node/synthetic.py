@@ -235,7 +235,8 @@ def generate_series(
         )
         ds.SOPInstanceUID = _uid(uid_seed, "instance", series_uid, index)
         ds.InstanceNumber = index + 1
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL" if orientation == AXIAL else "OTHER"]
+        axial = modality == "CT" and orientation == AXIAL
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL" if axial else "OTHER"]
         ds.AcquisitionNumber = 1
         ds.ImagePositionPatient = _slice_geometry(orientation, index, slice_thickness, origin)
         ds.ImageOrientationPatient = list(orientation)
