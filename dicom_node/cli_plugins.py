@@ -1,0 +1,154 @@
+"""``dicom-node plugins``: list, show, enable, disable, pin and unpin processor plugins.
+
+The admin's choices are stored in the database table ``plugin_state``; the database URL
+comes from the settings (``--config``, default ``config/node.toml`` when it exists, and
+``DICOM_NODE_*`` variables).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.orm import Session
+
+from dicom_node.config import DEFAULT_CONFIG_PATH, ConfigError, load_settings
+
+plugins_app = typer.Typer(
+    name="plugins",
+    help="Processor plugins: list, inspect, enable, disable, pin.",
+    no_args_is_help=True,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="settings file (default: config/node.toml when it exists)",
+        dir_okay=False,
+    ),
+]
+
+
+def _config_path(config: Path | None) -> Path | None:
+    if config is not None:
+        return config
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+
+
+@contextmanager
+def _session(config: Path | None) -> Iterator[Session]:
+    from db.session import make_engine, make_sessionmaker, upgrade
+
+    try:
+        settings = load_settings(_config_path(config))
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    url = settings.effective_database_url
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+def _plugins(session: Session) -> list[Any]:
+    from processors.registry import list_plugins
+
+    return list_plugins(session)
+
+
+def _find(plugins: list[Any], name: str) -> Any:
+    from processors.registry import UnknownProcessorError, find
+
+    try:
+        return find(name, plugins)
+    except UnknownProcessorError as exc:
+        known = ", ".join(sorted({p.name for p in plugins})) or "none"
+        typer.echo(f"error: no plugin named {name!r} (known: {known})", err=True)
+        raise typer.Exit(1) from exc
+
+
+@plugins_app.command("list")
+def list_command(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON array of objects")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Every discovered plugin: version, family, availability (with reason), enabled."""
+    with _session(config) as session:
+        plugins = _plugins(session)
+    if as_json:
+        typer.echo(json.dumps([p.as_dict() for p in plugins], indent=2))
+        return
+    table = Table("name", "version", "family", "available", "enabled", "pinned", "reason")
+    for p in plugins:
+        table.add_row(
+            p.name,
+            p.version or "-",
+            p.family or "-",
+            "yes" if p.available else "no",
+            "yes" if p.enabled else "no",
+            p.pinned_version or "-",
+            p.reason,
+        )
+    Console(width=200).print(table)
+
+
+@plugins_app.command("show")
+def show_command(name: str, config: ConfigOption = None) -> None:
+    """One plugin's details and its parameters' JSON schema."""
+    with _session(config) as session:
+        info = _find(_plugins(session), name)
+    document = info.as_dict()
+    document["params_schema"] = info.params_schema()
+    typer.echo(json.dumps(document, indent=2))
+
+
+def _set(name: str, config: Path | None, **changes: Any) -> Any:
+    from processors.registry import set_state
+
+    with _session(config) as session:
+        info = _find(_plugins(session), name)
+        set_state(session, info.name, **changes)
+        session.commit()
+        return _find(_plugins(session), name)
+
+
+@plugins_app.command("enable")
+def enable_command(name: str, config: ConfigOption = None) -> None:
+    """Let routing rules use the plugin."""
+    info = _set(name, config, enabled=True)
+    suffix = "" if info.available else f" (but unavailable: {info.reason})"
+    typer.echo(f"enabled {info.name}{suffix}")
+
+
+@plugins_app.command("disable")
+def disable_command(name: str, config: ConfigOption = None) -> None:
+    """Stop routing rules from using the plugin."""
+    info = _set(name, config, enabled=False)
+    typer.echo(f"disabled {info.name}")
+
+
+@plugins_app.command("pin")
+def pin_command(name: str, version: str, config: ConfigOption = None) -> None:
+    """Only run the plugin while its installed version is VERSION."""
+    info = _set(name, config, pinned_version=version)
+    suffix = "" if info.available else f" (now unavailable: {info.reason})"
+    typer.echo(f"pinned {info.name} to {version}{suffix}")
+
+
+@plugins_app.command("unpin")
+def unpin_command(name: str, config: ConfigOption = None) -> None:
+    """Remove the version pin."""
+    info = _set(name, config, unpin=True)
+    typer.echo(f"unpinned {info.name}")

@@ -1,0 +1,1 @@
+"""Shipped demo models (``*.skops``) and the script that trains them."""
