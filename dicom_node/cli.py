@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sqlalchemy import func, select
 
 from dicom_node import __version__
+from dicom_node.cli_plugins import plugins_app
 from dicom_node.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(plugins_app, name="plugins", help="Processor plugins: list, show, enable, pin.")
 
 console = Console()
 errors = Console(stderr=True)
