@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -118,6 +118,7 @@ def write_batch(session: Session, records: Sequence[IndexRecord]) -> list[Path]:
         session, Instance, Instance.sop_instance_uid, {r.key.sop_instance_uid for r in stored}
     )
     obsolete: list[Path] = []
+    new_instances: dict[str, dict[str, object]] = {}
     for record in records:
         if isinstance(record, AssociationOpened):
             session.add(
@@ -152,9 +153,15 @@ def write_batch(session: Session, records: Sequence[IndexRecord]) -> list[Path]:
         else:
             study = _upsert_study(session, studies, record)
             series = _upsert_series(session, series_rows, study, record)
-            old_path = _upsert_instance(session, instances, series, record)
-            if old_path is not None:
-                obsolete.append(old_path)
+            if record.key.sop_instance_uid in instances:
+                old_path = _update_instance(instances[record.key.sop_instance_uid], series, record)
+                if old_path is not None:
+                    obsolete.append(old_path)
+            else:
+                new_instances[record.key.sop_instance_uid] = _instance_row(series, record)
+    if new_instances:
+        # One executemany instead of an ORM object per instance: the indexer's main cost.
+        session.execute(insert(Instance), list(new_instances.values()))
     return obsolete
 
 
@@ -215,35 +222,25 @@ def _upsert_series(
     return series
 
 
-def _upsert_instance(
-    session: Session, instances: dict[str, Instance], series: Series, record: InstanceStored
-) -> Path | None:
-    uid = record.key.sop_instance_uid
-    instance = instances.get(uid)
-    if instance is None:
-        instance = Instance(
-            sop_instance_uid=uid,
-            sop_class_uid=record.sop_class_uid,
-            transfer_syntax_uid=record.transfer_syntax_uid,
-            series_id=series.id,
-            instance_number=record.instance_number,
-            path=str(record.path),
-            size_bytes=record.size_bytes,
-            received_at=record.received_at,
-            association_id=record.association_id,
-        )
-        session.add(instance)
-        instances[uid] = instance
-        return None
+def _instance_row(series: Series, record: InstanceStored) -> dict[str, object]:
+    return {
+        "sop_instance_uid": record.key.sop_instance_uid,
+        "sop_class_uid": record.sop_class_uid,
+        "transfer_syntax_uid": record.transfer_syntax_uid,
+        "series_id": series.id,
+        "instance_number": record.instance_number,
+        "path": str(record.path),
+        "size_bytes": record.size_bytes,
+        "received_at": record.received_at,
+        "association_id": record.association_id,
+    }
+
+
+def _update_instance(instance: Instance, series: Series, record: InstanceStored) -> Path | None:
+    """Point an indexed instance at its new copy; return the old file if it moved."""
     old_path = Path(instance.path)
-    instance.sop_class_uid = record.sop_class_uid
-    instance.transfer_syntax_uid = record.transfer_syntax_uid
-    instance.series_id = series.id
-    instance.instance_number = record.instance_number
-    instance.path = str(record.path)
-    instance.size_bytes = record.size_bytes
-    instance.received_at = record.received_at
-    instance.association_id = record.association_id
+    for column, value in _instance_row(series, record).items():
+        setattr(instance, column, value)
     return old_path if old_path != record.path else None
 
 

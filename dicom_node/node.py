@@ -133,6 +133,9 @@ class Receiver:
             target=self._server.serve_forever, name="dicom-acceptor", daemon=True
         ).start()
 
+    def _established(self) -> list[Any]:
+        return [assoc for assoc in self._ae.active_associations if assoc.is_established]
+
     def stop(self, grace_seconds: float) -> None:
         """Stop accepting, let open associations finish, then flush the index."""
         if self._server is not None:
@@ -140,10 +143,11 @@ class Receiver:
             self._server = None
         if self._ae is not None:
             deadline = time.monotonic() + grace_seconds
-            while self._ae.active_associations and time.monotonic() < deadline:
+            while self._established() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if self._ae.active_associations:
+            if self._established():
                 log.warning("aborting associations still open after the grace period")
+            # Connections that never sent an A-ASSOCIATE-RQ (port probes) are just dropped.
             self._ae.shutdown()
             self._ae = None
         self.indexer.stop()

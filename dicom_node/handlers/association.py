@@ -50,9 +50,12 @@ def handle_requested(event: Event, context: ReceiverContext) -> None:
         return
     reason, (result, source, diagnostic) = verdict
     log.warning("association rejected", calling_ae=calling, peer=address, reason=reason)
+    # Forgotten first, so the connection closing below does not record it as aborted.
+    state = context.association_state(event.assoc)
+    context.forget_association(event.assoc)
     context.indexer.put(
         AssociationOpened(
-            association_id=context.association_state(event.assoc).association_id,
+            association_id=state.association_id,
             calling_ae_title=calling,
             called_ae_title=called,
             peer_address=address,
@@ -65,7 +68,6 @@ def handle_requested(event: Event, context: ReceiverContext) -> None:
     event.assoc.acse.send_reject(result, source, diagnostic)
     # As pynetdicom's own rejections do: wait until the A-ASSOCIATE-RJ is on the wire.
     event.assoc.kill()
-    context.forget_association(event.assoc)
 
 
 def handle_established(event: Event, context: ReceiverContext) -> None:

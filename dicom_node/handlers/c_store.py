@@ -23,7 +23,7 @@ from pynetdicom.events import Event
 from dicom_node.config import DuplicatePolicy
 from dicom_node.handlers.context import ReceiverContext
 from dicom_node.index import InstanceStored, as_int, clip_text
-from dicom_node.storage import InstanceKey, InvalidUIDError, encode_file_meta
+from dicom_node.storage import InstanceKey, InvalidUIDError, encode_file_meta, is_valid_uid
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +37,25 @@ _LAST_INDEXED_TAG = 0x00200013  # InstanceNumber: every tag the index needs come
 
 def _past_index_tags(tag: BaseTag, _vr: str | None, _length: int) -> bool:
     return bool(tag > _LAST_INDEXED_TAG)
+
+
+def header_text(header: Dataset, keyword: str) -> str | None:
+    """A header value as text, straight from the raw bytes.
+
+    pydicom's ``Dataset.get`` converts and validates each element, which cost more than
+    writing the file; the index only needs short ASCII strings (UIDs, codes, numbers).
+    """
+    element = header.get_item(keyword)
+    if element is None:
+        return None
+    value = element.value
+    if isinstance(value, bytes):
+        text = value.decode("latin-1").strip(" \x00")
+    elif value is None:
+        return None
+    else:
+        text = str(value).strip()
+    return text or None
 
 
 def failure(status: int, comment: str) -> Dataset:
@@ -65,13 +84,17 @@ def handle_store(event: Event, context: ReceiverContext) -> int | Dataset:
     transfer_syntax = UID(event.context.transfer_syntax)
     try:
         header = read_header(encoded, transfer_syntax)
-        sop_class_uid = header.get("SOPClassUID")
-        sop_instance_uid = header.get("SOPInstanceUID")
+        sop_class_uid = header_text(header, "SOPClassUID")
+        sop_instance_uid = header_text(header, "SOPInstanceUID")
     except Exception as exc:
         state.instances_failed += 1
         log.warning("C-STORE refused: header not parseable", error=str(exc)[:200])
         return failure(CANNOT_UNDERSTAND, "Cannot parse the data set")
 
+    if not is_valid_uid(sop_class_uid):
+        state.instances_failed += 1
+        log.warning("C-STORE refused: SOP Class UID missing or invalid")
+        return failure(CANNOT_UNDERSTAND, "SOP Class UID missing or invalid")
     if sop_class_uid != request.AffectedSOPClassUID:
         state.instances_failed += 1
         log.warning("C-STORE refused: SOP class differs from the request")
@@ -82,7 +105,9 @@ def handle_store(event: Event, context: ReceiverContext) -> int | Dataset:
         return failure(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from request")
     try:
         key = InstanceKey.checked(
-            header.get("StudyInstanceUID"), header.get("SeriesInstanceUID"), sop_instance_uid
+            header_text(header, "StudyInstanceUID"),
+            header_text(header, "SeriesInstanceUID"),
+            sop_instance_uid,
         )
     except InvalidUIDError as exc:
         state.instances_failed += 1
@@ -125,12 +150,12 @@ def handle_store(event: Event, context: ReceiverContext) -> int | Dataset:
             size_bytes=size,
             received_at=dt.datetime.now(dt.UTC),
             association_id=state.association_id,
-            study_date=clip_text(header.get("StudyDate"), 8),
-            modality=clip_text(header.get("Modality"), 16),
-            series_number=as_int(header.get("SeriesNumber")),
-            series_description=clip_text(header.get("SeriesDescription"), 64),
-            body_part_examined=clip_text(header.get("BodyPartExamined"), 16),
-            instance_number=as_int(header.get("InstanceNumber")),
+            study_date=clip_text(header_text(header, "StudyDate"), 8),
+            modality=clip_text(header_text(header, "Modality"), 16),
+            series_number=as_int(header_text(header, "SeriesNumber")),
+            series_description=clip_text(header_text(header, "SeriesDescription"), 64),
+            body_part_examined=clip_text(header_text(header, "BodyPartExamined"), 16),
+            instance_number=as_int(header_text(header, "InstanceNumber")),
         )
     )
     return SUCCESS

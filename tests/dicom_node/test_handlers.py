@@ -218,7 +218,7 @@ def test_allow_list_rejects_unknown_calling_ae(tmp_path: Path, small_ct: Synthet
         with running.sessions() as session:  # type: ignore[misc]
             rows = {a.calling_ae_title: a for a in session.scalars(select(Association))}
         assert rows["CT_SCANNER"].accepted and rows["CT_SCANNER"].status == "released"
-        assert not rows["INTRUDER"].accepted
+        assert not rows["INTRUDER"].accepted and rows["INTRUDER"].status == "rejected"
         assert rows["INTRUDER"].reject_reason == "calling AE title or address not in the allow-list"
     finally:
         running.stop(1)
