@@ -129,7 +129,7 @@ def main() -> None:
                 orthanc_rounds,
                 lambda files: timed_send(files, orthanc.dicom_port, "ORTHANC"),
             )
-        with running_node(root / "node" / "data", env={"DICOM_NODE_LOG_LEVEL": "WARNING"}) as node:
+        with running_node(root / "node" / "data") as node:
             sent = 0
 
             def send_to_node(files: list[Path]) -> float:

@@ -125,7 +125,8 @@ def start_node(
     env: Mapping[str, str] | None = None,
     timeout: float = 60.0,
 ) -> NodeProcess:
-    """Start ``dicom-node serve`` as a subprocess and wait until it listens."""
+    """Start ``dicom-node serve`` as a subprocess and wait until it logs that it listens
+    (so keep ``log_level`` at INFO or lower)."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     full_env = node_env(data_dir, port, env)
