@@ -10,7 +10,7 @@ import structlog
 from pynetdicom.events import Event
 
 from db.models import AssociationStatus
-from dicom_node.handlers.context import ReceiverContext
+from dicom_node.handlers.context import AssociationState, ReceiverContext
 from dicom_node.index import AssociationClosed, AssociationOpened
 
 log = structlog.get_logger(__name__)
@@ -18,6 +18,22 @@ log = structlog.get_logger(__name__)
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
 REJECT_CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE_NOT_RECOGNISED = (0x01, 0x01, 0x07)
+
+
+def _opened(
+    association_id: str, assoc: Any, accepted: bool, reason: str | None = None
+) -> AssociationOpened:
+    calling, called, address, port = _peer(assoc)
+    return AssociationOpened(
+        association_id=association_id,
+        calling_ae_title=calling,
+        called_ae_title=called,
+        peer_address=address,
+        peer_port=port,
+        accepted=accepted,
+        reject_reason=reason,
+        started_at=dt.datetime.now(dt.UTC),
+    )
 
 
 def _peer(assoc: Any) -> tuple[str, str, str, int]:
@@ -44,49 +60,25 @@ def rejection_reason(
 
 
 def handle_requested(event: Event, context: ReceiverContext) -> None:
-    calling, called, address, port = _peer(event.assoc)
+    calling, called, address, _ = _peer(event.assoc)
     verdict = rejection_reason(context, calling, called, address)
     if verdict is None:
         return
     reason, (result, source, diagnostic) = verdict
     log.warning("association rejected", calling_ae=calling, peer=address, reason=reason)
-    # Forgotten first, so the connection closing below does not record it as aborted.
-    state = context.association_state(event.assoc)
-    context.forget_association(event.assoc)
-    context.indexer.put(
-        AssociationOpened(
-            association_id=state.association_id,
-            calling_ae_title=calling,
-            called_ae_title=called,
-            peer_address=address,
-            peer_port=port,
-            accepted=False,
-            reject_reason=reason,
-            started_at=dt.datetime.now(dt.UTC),
-        )
-    )
+    # Never registered with the context: its connection closing is not an "ended" association.
+    context.indexer.put(_opened(AssociationState().association_id, event.assoc, False, reason))
     event.assoc.acse.send_reject(result, source, diagnostic)
     # As pynetdicom's own rejections do: wait until the A-ASSOCIATE-RJ is on the wire.
     event.assoc.kill()
 
 
 def handle_established(event: Event, context: ReceiverContext) -> None:
-    calling, called, address, port = _peer(event.assoc)
+    calling, _, address, _ = _peer(event.assoc)
     state = context.association_state(event.assoc)
     state.calling_ae_title = calling
     log.info("association accepted", calling_ae=calling, peer=address, pid=os.getpid())
-    context.indexer.put(
-        AssociationOpened(
-            association_id=state.association_id,
-            calling_ae_title=calling,
-            called_ae_title=called,
-            peer_address=address,
-            peer_port=port,
-            accepted=True,
-            reject_reason=None,
-            started_at=dt.datetime.now(dt.UTC),
-        )
-    )
+    context.indexer.put(_opened(state.association_id, event.assoc, True))
 
 
 def handle_closed(event: Event, context: ReceiverContext) -> None:
