@@ -277,8 +277,6 @@ def _unit(name: str, intensity: Code) -> Code:
         return intensity
     if name == "SIFT keypoints":
         return Units.COUNT
-    if name.startswith("SIFT") and "sigma" in name:
-        return Units.NO_UNITS
     return Units.NO_UNITS
 
 
