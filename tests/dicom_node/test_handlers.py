@@ -236,3 +236,21 @@ def test_called_ae_title_check(tmp_path: Path) -> None:
             echo("127.0.0.1", settings.port, calling_ae="A", called_ae="WRONG")
     finally:
         running.stop(1)
+
+
+def test_spool_write_failure_is_out_of_resources(
+    node: Node, small_ct: SyntheticSeries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from dicom_node.storage import Spool
+
+    def disk_full(self: Spool, key: object, chunks: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Spool, "write", disk_full)
+    dataset = small_ct.datasets[0]
+    assert _raw_store(node.settings.port, dataset, CTImageStorage, dataset.SOPInstanceUID) == 0xA700
+    monkeypatch.undo()
+    assert _raw_store(node.settings.port, dataset, CTImageStorage, dataset.SOPInstanceUID) == 0
+    assert count_instances(node) == 1
