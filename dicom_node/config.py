@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     study_quiet_seconds: float = Field(60.0, gt=0)
     fsync: bool = True
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.OVERWRITE
+    accept_unknown_sop_classes: bool = False
     max_pdu_size: int = Field(0, ge=0)
     max_associations: int = Field(32, ge=1)
     acse_timeout: float = Field(30.0, gt=0)

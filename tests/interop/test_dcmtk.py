@@ -18,6 +18,21 @@ from dicom_node.testing import NodeProcess, echoscu, start_node, storescu
 pytestmark = pytest.mark.interop
 
 
+PRIVATE_SOP_CLASS_PROFILE = """\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LittleEndianExplicit
+
+[[PresentationContexts]]
+[Private]
+PresentationContext1 = {sop_class}\\Uncompressed
+
+[[Profiles]]
+[Private]
+PresentationContexts = Private
+"""
+
+
 def spooled(node: NodeProcess, dataset) -> Path:  # type: ignore[no-untyped-def]
     return (
         node.data_dir
@@ -152,3 +167,31 @@ def test_unknown_sop_class_is_not_accepted(
     assert result.returncode != 0
     assert "no presentation context" in (result.stdout + result.stderr).lower()
     assert echoscu(node_process.port).returncode == 0
+
+
+def test_unknown_sop_class_accepted_when_configured(
+    small_ct: SyntheticSeries, tmp_path: Path
+) -> None:
+    import copy
+
+    dataset = copy.deepcopy(small_ct.datasets[0])
+    siemens_csa_non_image = "1.3.12.2.1107.5.9.1"
+    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = siemens_csa_non_image
+    private = with_new_uids(dataset, tmp_path / "csa.dcm")
+    node = start_node(tmp_path / "data", env={"DICOM_NODE_ACCEPT_UNKNOWN_SOP_CLASSES": "true"})
+    try:
+        # storescu proposes SOP classes it does not know only from a negotiation profile
+        profile = tmp_path / "private.cfg"
+        profile.write_text(PRIVATE_SOP_CLASS_PROFILE.format(sop_class=siemens_csa_non_image))
+        result = storescu(
+            [private],
+            node.port,
+            called_ae="DICOMNODE",
+            extra_args=["-xf", str(profile), "Private"],
+        )
+        assert result.returncode == 0, result.stderr
+        sent = dcmread(private)
+        assert dcmread(spooled(node, sent)) == sent
+        wait_for_study(node, sent.StudyInstanceUID, 1)
+    finally:
+        node.stop()
