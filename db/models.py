@@ -142,3 +142,27 @@ class PluginState(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     pinned_version: Mapped[str | None] = mapped_column(String(64))
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class OutputKind(StrEnum):
+    SEG = "seg"
+    SR = "sr"
+    DERIVED = "derived"
+
+
+class Output(Base):
+    """A DICOM object the node produced from a source series (SEG, SR, derived image)."""
+
+    __tablename__ = "outputs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    kind: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(Text)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    source_series_uid: Mapped[str] = mapped_column(UID, index=True)
+    processor_name: Mapped[str] = mapped_column(String(128))
+    processor_version: Mapped[str] = mapped_column(String(64))
+    params: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

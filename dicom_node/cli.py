@@ -261,6 +261,90 @@ def generate(
     console.print(f"wrote {len(paths)} {modality} slices to {output}")
 
 
+@app.command()
+def process(
+    input_dir: Annotated[
+        Path, typer.Argument(help="Folder of DICOM files (recursed).", file_okay=False)
+    ],
+    pipeline: Annotated[
+        str, typer.Option("--pipeline", "-p", help="Processor names, comma-separated.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the outputs.")],
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param", help="PROCESSOR.KEY=VALUE (VALUE as JSON, else a string); repeatable."
+        ),
+    ] = None,
+    uid_root: Annotated[
+        str | None, typer.Option(help="UID root for the outputs (default: 2.25 derivation).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, auto or cuda:N.")] = "cpu",
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Settings file: record the outputs in its database.",
+            dir_okay=False,
+        ),
+    ] = None,
+) -> None:
+    """Run a pipeline on a folder of DICOM files, offline; write SEG / SR / derived series.
+
+    The database is written only with --config (the outputs table); without it, no database.
+    """
+    from dicom_node.encode.uids import UIDRootError
+    from dicom_node.process import (
+        ProcessError,
+        parse_params,
+        parse_pipeline,
+        process_directory,
+        record_outputs,
+    )
+
+    settings = settings_from(config) if config is not None else None
+    try:
+        names = parse_pipeline(pipeline)
+        params = parse_params(param or [])
+        with Progress(
+            TextColumn("processing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=errors,
+            transient=False,
+        ) as progress:
+            task = progress.add_task("process", total=None)
+
+            def advance(_series: str, done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            report = process_directory(
+                input_dir,
+                output,
+                names,
+                params=params,
+                uid_root=uid_root,
+                device=device,
+                on_series=advance,
+            )
+    except (ProcessError, UIDRootError) as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_FAILED) from exc
+    for what, reason in report.skipped:
+        errors.print(f"skipped {what}: {reason}", highlight=False, soft_wrap=True)
+    if settings is not None:
+        record_outputs(settings.effective_database_url, report.outputs)
+    kinds = sorted({record.kind for record in report.outputs})
+    console.print(
+        f"processed {len(report.processed)} series: {len(report.outputs)} instances "
+        f"({', '.join(kinds) or 'none'}) in {output}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption = None) -> None:
     """Apply all database migrations."""

@@ -1,0 +1,72 @@
+"""What the encoders share: errors, codes, source ordering, series numbers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.dataset import Dataset
+
+from processors.base import Code, Volume
+
+#: The node's private coding scheme (``processors.base.Codes.local``).
+PRIVATE_SCHEME = "99DCMNODE"
+
+#: Series numbers of the outputs: SEG 9100+, derived 9200+, SR 9300+ (index added).
+SERIES_NUMBER = {"seg": 9100, "derived": 9200, "sr": 9300}
+
+
+class EncodeError(ValueError):
+    """A result cannot be written as DICOM against these sources; the message says why."""
+
+
+def coded(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning[:64])
+
+
+def coding_schemes(codes: Sequence[Code]) -> list[CodingSchemeIdentificationItem]:
+    """The identification item for our private scheme when any code uses it."""
+    if not any(code.scheme == PRIVATE_SCHEME for code in codes):
+        return []
+    return [
+        CodingSchemeIdentificationItem(
+            designator=PRIVATE_SCHEME,
+            name="dicom-node local concepts",
+            responsible_organization="dicom-node",
+        )
+    ]
+
+
+def long_string(text: str) -> str:
+    """A value that fits LO (64 characters, no backslash)."""
+    return text.replace("\\", "/")[:64]
+
+
+def ordered_sources(geometry: Volume, sources: Sequence[Dataset]) -> list[Dataset]:
+    """The source datasets in the volume's slice order (one per slice, or the multi-frame).
+
+    Raises ``EncodeError`` when an instance of the volume is not among ``sources``.
+    """
+    if not geometry.sop_instance_uids:
+        raise EncodeError("the result's volume has no source instance UIDs (not from DICOM)")
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    missing = [uid for uid in dict.fromkeys(geometry.sop_instance_uids) if uid not in by_uid]
+    if missing:
+        raise EncodeError(
+            f"{len(missing)} source instance(s) of the result are not among the given "
+            f"datasets, e.g. {missing[0]}"
+        )
+    if geometry.source_frame_numbers:
+        return [by_uid[uid] for uid in dict.fromkeys(geometry.sop_instance_uids)]
+    return [by_uid[uid] for uid in geometry.sop_instance_uids]
+
+
+def source_series_uid(geometry: Volume | None, sources: Sequence[Dataset]) -> str:
+    """The source series' UID, from the volume or else from the datasets."""
+    uid = (geometry.series_instance_uid if geometry is not None else None) or (
+        str(sources[0].SeriesInstanceUID) if sources else None
+    )
+    if not uid:
+        raise EncodeError("no source Series Instance UID to derive output UIDs from")
+    return uid

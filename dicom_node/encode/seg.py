@@ -1,0 +1,180 @@
+"""``LabelResult`` -> DICOM Segmentation (highdicom), BINARY or FRACTIONAL.
+
+One segment per ``SegmentDescription`` with its coded category and type, the algorithm
+identification (processor name, version, family and parameters) on every segment, empty
+frames omitted, references to the source instances, the source study, and deterministic
+Series/SOP Instance UIDs (``dicom_node.encode.uids``).
+
+BINARY, not LABELMAP: the Label Map Segmentation SOP class is not read by most PACS and
+viewers yet, nor by the ``dciodvfy`` Debian ships (see DESIGN.md). A label map whose
+values are floats in 0..1 with exactly one segment is a probability map: FRACTIONAL.
+The transfer syntax is Explicit VR Little Endian: BINARY frames are 1 bit per pixel, so
+they are already 8x smaller than bytes, and every PACS and validator reads it.
+
+Segment numbers in a SEG run 1..N; labels that skip values (a k-means class that came
+out empty) are renumbered in label order, and ``SegEncoding.segment_numbers`` maps each
+label to its segment number for the SR that references them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_node.encode.common import (
+    SERIES_NUMBER,
+    EncodeError,
+    coded,
+    coding_schemes,
+    long_string,
+    ordered_sources,
+    source_series_uid,
+)
+from dicom_node.encode.uids import MANUFACTURER, Provenance
+from processors.base import LabelResult
+
+#: processors.base family -> CID 7162 (Surface Processing Algorithm Families) code.
+FAMILY_CODES: dict[str, Any] = {
+    "segment": codes.cid7162.MorphologicalOperations,
+    "cluster": codes.cid7162.ClusterAnalysis,
+    "model": codes.cid7162.ArtificialIntelligence,
+    "predict": codes.cid7162.ArtificialIntelligence,
+    "denoise": codes.cid7162.AdaptiveFiltering,
+    "enhance": codes.cid7162.HistogramAnalysis,
+    "features": codes.cid7162.NeighborhoodAnalysis,
+}
+
+
+def algorithm_identification(provenance: Provenance) -> hd.AlgorithmIdentificationSequence:
+    family = FAMILY_CODES.get(provenance.family, codes.cid7162.ArtificialIntelligence)
+    parameters = provenance.parameters_text()
+    return hd.AlgorithmIdentificationSequence(
+        name=long_string(provenance.processor),
+        family=family,
+        version=long_string(provenance.version),
+        source=MANUFACTURER,
+        parameters=parameters or None,
+    )
+
+
+@dataclass(frozen=True)
+class SegEncoding:
+    """The SEG and which segment number each label became."""
+
+    dataset: hd.seg.Segmentation
+    segment_numbers: dict[int, int]
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.dataset.SOPInstanceUID)
+
+
+def _frame_order(labels: npt.NDArray[Any], frame_numbers: Sequence[int]) -> npt.NDArray[Any]:
+    """Slices (in position order) rearranged into the source's frame order."""
+    out = np.empty_like(labels)
+    out[np.asarray(frame_numbers, dtype=np.intp) - 1] = labels
+    return out
+
+
+def _binary_array(result: LabelResult) -> tuple[npt.NDArray[Any], dict[int, int]]:
+    """The label map with values = segment numbers 1..N (other values become 0)."""
+    labels = np.asarray(result.labels)
+    if labels.dtype.kind not in "iub":
+        raise EncodeError(f"a label map holds integers, not {labels.dtype}")
+    values = sorted(s.label for s in result.segments)
+    numbers = {label: number for number, label in enumerate(values, start=1)}
+    dtype = np.uint8 if len(values) < 256 else np.uint16
+    if values == list(range(1, len(values) + 1)) and labels.size:
+        low, high = int(labels.min()), int(labels.max())
+        if low >= 0 and high <= len(values):
+            return labels.astype(dtype, copy=False), numbers
+    top = max(int(labels.max()) if labels.size else 0, values[-1])
+    if int(labels.min() if labels.size else 0) < 0:
+        raise EncodeError("a label map has no negative values")
+    table = np.zeros(top + 1, dtype=dtype)
+    for label, number in numbers.items():
+        table[label] = number
+    return table[labels], numbers
+
+
+def encode_seg(
+    result: LabelResult,
+    sources: Sequence[Dataset],
+    provenance: Provenance,
+    *,
+    index: int = 0,
+    workers: int = 0,
+) -> SegEncoding:
+    """The DICOM SEG of ``result`` over the source series ``sources`` (any order).
+
+    ``index`` tells apart several SEGs from one processor run (it enters the UIDs).
+    """
+    if not result.segments:
+        raise EncodeError("a segmentation without segments has nothing to encode")
+    geometry = result.geometry
+    ordered = ordered_sources(geometry, sources)
+    series_uid = source_series_uid(geometry, sources)
+    labels = np.asarray(result.labels)
+    if labels.dtype.kind == "f":
+        if len(result.segments) != 1:
+            raise EncodeError("a probability map (float labels) describes exactly one segment")
+        if labels.size and (float(labels.min()) < 0.0 or float(labels.max()) > 1.0):
+            raise EncodeError("a probability map holds values within 0..1")
+        array: npt.NDArray[Any] = labels.astype(np.float32, copy=False)
+        numbers = {result.segments[0].label: 1}
+        seg_type = hd.seg.SegmentationTypeValues.FRACTIONAL
+    else:
+        array, numbers = _binary_array(result)
+        seg_type = hd.seg.SegmentationTypeValues.BINARY
+    if geometry.source_frame_numbers:
+        array = _frame_order(array, geometry.source_frame_numbers)
+
+    algorithm = algorithm_identification(provenance)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=numbers[segment.label],
+            segment_label=long_string(segment.name),
+            segmented_property_category=coded(segment.category),
+            segmented_property_type=coded(segment.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues(segment.algorithm_type.value),
+            algorithm_identification=algorithm,
+            tracking_uid=provenance.instance_uid(series_uid, "seg-segment", index, segment.label),
+            tracking_id=long_string(f"{provenance.processor} {segment.name}"),
+        )
+        for segment in sorted(result.segments, key=lambda s: s.label)
+    ]
+    used = [c for s in result.segments for c in (s.category, s.type)]
+    description = result.description or f"{provenance.processor} segmentation"
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=ordered,
+            pixel_array=array,
+            segmentation_type=seg_type,
+            segment_descriptions=descriptions,
+            series_instance_uid=provenance.series_uid(series_uid, "seg", index),
+            series_number=SERIES_NUMBER["seg"] + index,
+            sop_instance_uid=provenance.instance_uid(series_uid, "seg", index),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=long_string(provenance.processor),
+            software_versions=provenance.software_versions,
+            device_serial_number=provenance.device_version,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            omit_empty_frames=True,
+            content_description=long_string(description),
+            content_label="SEGMENTATION",
+            series_description=long_string(f"SEG {description}"),
+            coding_schemes=coding_schemes(used) or None,
+            workers=workers,
+        )
+    except (ValueError, TypeError) as exc:
+        raise EncodeError(f"highdicom refused the segmentation: {exc}") from exc
+    return SegEncoding(seg, numbers)

@@ -1,0 +1,349 @@
+"""Offline processing: a folder of DICOM files -> pipeline -> SEG / SR / derived series.
+
+``process_directory`` reads the folder (recursively), groups the image instances by
+series, and for one series at a time: loads its ``Volume``, runs the pipeline's steps
+(each step's first ``ImageResult`` feeds the next, as in ``processors.api.run_pipeline``),
+encodes every result (``dicom_node.encode``) with deterministic UIDs and writes it under
+``OUTPUT/<source series UID>/<step>-<processor>-<kind>-<n>/``. Series that cannot be
+loaded are skipped with their reason; a folder with no usable series raises
+``NoUsableSeriesError``. No network; the database is written only when the caller asks
+(``record_outputs``; the CLI does so only when given ``--config``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydantic import ValidationError
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from dicom_node.encode.common import EncodeError
+from dicom_node.encode.derived import encode_derived
+from dicom_node.encode.seg import SegEncoding, encode_seg
+from dicom_node.encode.sr import encode_sr
+from dicom_node.encode.uids import Provenance, check_root
+from dicom_node.volume import SeriesError, datasets_to_volume
+from processors.api import result_to_host, run_on_backend, volume_to
+from processors.backend import resolve
+from processors.base import (
+    ImageResult,
+    LabelResult,
+    MeasurementResult,
+    ProcessorError,
+    Result,
+    Volume,
+)
+from processors.registry import PluginInfo, discover, get_processor
+
+
+class ProcessError(RuntimeError):
+    """The command cannot run at all (bad pipeline, no usable series)."""
+
+
+class NoUsableSeriesError(ProcessError):
+    """No series in the folder could be loaded as an image volume."""
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """One written DICOM instance."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    kind: str  # seg, sr or derived
+    path: Path
+    source_series_uid: str
+    processor_name: str
+    processor_version: str
+    params: str
+
+
+@dataclass
+class ProcessReport:
+    outputs: list[OutputRecord] = field(default_factory=list)
+    processed: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (series or path, reason)
+
+
+def parse_pipeline(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ProcessError("the pipeline names no processor")
+    return names
+
+
+def parse_params(values: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``NAME.KEY=VALUE`` options -> {processor: {key: value}}; values are JSON or strings."""
+    out: dict[str, dict[str, Any]] = {}
+    for text in values:
+        target, sep, raw = text.partition("=")
+        name, dot, key = target.partition(".")
+        if not sep or not dot or not name or not key:
+            raise ProcessError(f"--param {text!r}: expected PROCESSOR.KEY=VALUE")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(name.strip(), {})[key.strip()] = value
+    return out
+
+
+def scan_series(
+    directory: Path,
+) -> tuple[dict[str, list[Path]], list[tuple[str, str]]]:
+    """Image files grouped by SeriesInstanceUID, and the files skipped with why."""
+    if not directory.is_dir():
+        raise ProcessError(f"{directory} is not a folder")
+    groups: dict[str, list[Path]] = {}
+    skipped: list[tuple[str, str]] = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            skipped.append((str(path), f"not DICOM: {exc}"))
+            continue
+        except Exception as exc:  # a corrupt header can raise almost anything
+            skipped.append((str(path), f"unreadable: {exc}"))
+            continue
+        if "Rows" not in ds or "SeriesInstanceUID" not in ds:
+            skipped.append((str(path), "not an image"))
+            continue
+        if str(ds.get("Modality", "")) == "SEG":
+            skipped.append((str(path), "a segmentation, not an image"))
+            continue
+        groups.setdefault(str(ds.SeriesInstanceUID), []).append(path)
+    return groups, skipped
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    processor: Any
+    params: Any
+    provenance: Provenance
+
+
+def build_steps(
+    names: Sequence[str],
+    *,
+    params: dict[str, dict[str, Any]] | None = None,
+    uid_root: str | None = None,
+    plugins: Sequence[PluginInfo] | None = None,
+) -> list[Step]:
+    """Resolve the processors, validate their parameters, and each step's provenance.
+
+    ``params`` maps a processor name to its parameters (defaults for the rest).
+    """
+    check_root(uid_root)
+    params = params or {}
+    strays = sorted(set(params) - set(names))
+    if strays:
+        raise ProcessError(f"parameters for {', '.join(strays)}, which is not in the pipeline")
+    infos = discover() if plugins is None else plugins
+    steps: list[Step] = []
+    upstream: list[str] = []
+    for name in names:
+        try:
+            processor = get_processor(name, infos)
+        except (LookupError, RuntimeError) as exc:
+            raise ProcessError(str(exc)) from exc
+        try:
+            validated = processor.Params(**params.get(name, {}))
+        except ValidationError as exc:
+            raise ProcessError(f"{name}: invalid parameters: {exc}") from exc
+        provenance = Provenance(
+            processor=processor.name,
+            version=processor.version,
+            family=processor.family,
+            params=validated.model_dump(mode="json"),
+            upstream=tuple(upstream),
+            uid_root=uid_root,
+        )
+        steps.append(Step(name, processor, validated, provenance))
+        upstream.append(f"{processor.name}@{processor.version}:{provenance.params_json}")
+    return steps
+
+
+def _write(ds: Dataset, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def encode_results(
+    results: Sequence[Result],
+    sources: Sequence[Dataset],
+    volume: Volume,
+    step: Step,
+    folder: Path,
+    problems: list[str] | None = None,
+) -> list[OutputRecord]:
+    """Encode one step's results and write them under ``folder``.
+
+    A derived series that cannot be encoded (say, from a multi-frame source) is left out
+    with its reason in ``problems``; the step's SEG and SR are still written.
+    """
+    provenance = step.provenance
+    series_uid = volume.series_instance_uid or str(sources[0].SeriesInstanceUID)
+    written: list[tuple[str, Dataset, Path]] = []
+    counters = {"seg": 0, "sr": 0, "derived": 0}
+    segs: list[tuple[SegEncoding, LabelResult]] = []
+    # A segmentation that found nothing, or a report with nothing in it, is no object.
+    results = [
+        r
+        for r in results
+        if not (isinstance(r, LabelResult) and not r.segments)
+        and not (isinstance(r, MeasurementResult) and not (r.measurements or r.classifications))
+    ]
+    for result in results:
+        if isinstance(result, LabelResult):
+            n = counters["seg"]
+            encoding = encode_seg(result, sources, provenance, index=n)
+            segs.append((encoding, result))
+            written.append(("seg", encoding.dataset, folder / f"seg-{n}" / "0001.dcm"))
+            counters["seg"] += 1
+        elif isinstance(result, ImageResult):
+            n = counters["derived"]
+            try:
+                derived = encode_derived(result, sources, provenance, index=n)
+            except EncodeError as exc:
+                if problems is None:
+                    raise
+                problems.append(f"{provenance.processor}: no derived series: {exc}")
+                continue
+            for z, ds in enumerate(derived):
+                written.append(("derived", ds, folder / f"derived-{n}" / f"{z + 1:04d}.dcm"))
+            counters["derived"] += 1
+    for result in results:
+        if isinstance(result, MeasurementResult):
+            n = counters["sr"]
+            seg, labels = segs[0] if len(segs) == 1 else (None, None)
+            report = encode_sr(
+                result, sources, provenance, geometry=volume, seg=seg, labels=labels, index=n
+            )
+            written.append(("sr", report, folder / f"sr-{n}" / "0001.dcm"))
+            counters["sr"] += 1
+    records = []
+    for kind, ds, path in written:
+        _write(ds, path)
+        records.append(
+            OutputRecord(
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                kind=kind,
+                path=path,
+                source_series_uid=series_uid,
+                processor_name=provenance.processor,
+                processor_version=provenance.version,
+                params=provenance.params_json,
+            )
+        )
+    return records
+
+
+def process_series(
+    paths: Iterable[Path],
+    steps: Sequence[Step],
+    output: Path,
+    device: str = "cpu",
+    problems: list[str] | None = None,
+) -> list[OutputRecord]:
+    """Run the pipeline on one series' files and write every output."""
+    datasets = [pydicom.dcmread(path) for path in paths]
+    volume = datasets_to_volume(datasets)
+    backend = resolve(device)
+    current = volume_to(volume, backend)
+    series_uid = volume.series_instance_uid or "unknown"
+    records: list[OutputRecord] = []
+    for number, step in enumerate(steps, start=1):
+        results = run_on_backend(step.processor, current, step.params, backend)
+        host = [result_to_host(r) for r in results]
+        folder = output / series_uid / f"{number:02d}-{step.provenance.processor}"
+        records += encode_results(host, datasets, volume, step, folder, problems)
+        images = [r for r in results if isinstance(r, ImageResult)]
+        if images:
+            current = images[0].volume
+    return records
+
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+def process_directory(
+    input_dir: Path,
+    output_dir: Path,
+    pipeline: Sequence[str],
+    *,
+    params: dict[str, dict[str, Any]] | None = None,
+    uid_root: str | None = None,
+    device: str = "cpu",
+    plugins: Sequence[PluginInfo] | None = None,
+    on_series: ProgressCallback | None = None,
+) -> ProcessReport:
+    """Process every image series under ``input_dir`` into ``output_dir``.
+
+    ``on_series(series_uid, done, total)`` is called after each series (for a progress
+    bar). Raises ``NoUsableSeriesError`` when not one series could be processed.
+    """
+    steps = build_steps(pipeline, params=params, uid_root=uid_root, plugins=plugins)
+    groups, skipped_files = scan_series(input_dir)
+    report = ProcessReport(skipped=list(skipped_files))
+    if not groups:
+        raise NoUsableSeriesError(
+            f"{input_dir}: no DICOM image series found ({len(skipped_files)} file(s) skipped)"
+        )
+    for done, (series_uid, paths) in enumerate(sorted(groups.items()), start=1):
+        problems: list[str] = []
+        try:
+            report.outputs += process_series(paths, steps, output_dir, device, problems)
+            report.processed.append(series_uid)
+            report.skipped += [(series_uid, problem) for problem in problems]
+        except (SeriesError, EncodeError, ProcessorError) as exc:
+            report.skipped.append((series_uid, str(exc)))
+        if on_series is not None:
+            on_series(series_uid, done, len(groups))
+    if not report.processed:
+        reasons = "; ".join(f"{uid}: {why}" for uid, why in report.skipped if uid in groups)
+        raise NoUsableSeriesError(f"{input_dir}: no usable series ({reasons})")
+    return report
+
+
+def record_outputs(database_url: str, records: Sequence[OutputRecord]) -> int:
+    """Insert (or refresh, for a reprocessed input) one ``outputs`` row per record."""
+    from sqlalchemy import select
+
+    from db.models import Output
+    from db.session import make_engine, make_sessionmaker, upgrade
+
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    try:
+        with make_sessionmaker(engine)() as session, session.begin():
+            for record in records:
+                row = session.scalars(
+                    select(Output).where(Output.sop_instance_uid == record.sop_instance_uid)
+                ).one_or_none()
+                if row is None:
+                    row = Output(sop_instance_uid=record.sop_instance_uid)
+                    session.add(row)
+                row.sop_class_uid = record.sop_class_uid
+                row.series_instance_uid = record.series_instance_uid
+                row.kind = record.kind
+                row.path = str(record.path.resolve())
+                row.source_series_uid = record.source_series_uid
+                row.processor_name = record.processor_name
+                row.processor_version = record.processor_version
+                row.params = record.params
+                row.created_at = dt.datetime.now(dt.UTC)
+    finally:
+        engine.dispose()
+    return len(records)

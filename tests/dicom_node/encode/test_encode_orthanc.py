@@ -1,0 +1,39 @@
+"""Orthanc (Debian package) stores every output kind and files it under the source study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+from dicom_node.process import process_directory
+from dicom_node.scu import scan_files, send
+from dicom_node.synthetic import generate_series
+from dicom_node.testing import running_orthanc
+
+
+def test_orthanc_accepts_seg_sr_and_derived(tmp_path: Path) -> None:
+    series = generate_series(num_slices=4, rows=64, columns=64, uid_seed="orthanc")
+    series.write(tmp_path / "in")
+    report = process_directory(
+        tmp_path / "in", tmp_path / "out", ["gaussian", "threshold_segment", "predict"]
+    )
+    assert {r.kind for r in report.outputs} == {"seg", "sr", "derived"}
+    files, skipped = scan_files([tmp_path / "in", tmp_path / "out"])
+    assert skipped == [] and len(files) == 4 + len(report.outputs)
+    with running_orthanc(tmp_path / "orthanc") as orthanc:
+        sent = send(
+            files, "127.0.0.1", orthanc.dicom_port, calling_ae="DICOMNODE", called_ae="ORTHANC"
+        )
+        assert sent.failed == [] and sent.sent == len(files)
+        studies = cast(list[str], orthanc.get_json("/studies"))
+        assert len(studies) == 1  # the outputs joined the source study
+        study = cast(dict[str, Any], orthanc.get_json(f"/studies/{studies[0]}"))
+        assert study["MainDicomTags"]["StudyInstanceUID"] == series.study_instance_uid
+        modalities = sorted(
+            cast(dict[str, Any], orthanc.get_json(f"/series/{s}"))["MainDicomTags"]["Modality"]
+            for s in study["Series"]
+        )
+        # source CT, derived CT, SEG, and one SR per measurement result (statistics, prediction)
+        assert modalities == ["CT", "CT", "SEG", "SR", "SR"]
+        stats = cast(dict[str, Any], orthanc.get_json("/statistics"))
+        assert stats["CountInstances"] == len(files)
