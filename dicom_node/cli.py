@@ -55,6 +55,18 @@ def settings_from(config: Path | None) -> Settings:
         raise typer.Exit(EXIT_CONFIG) from exc
 
 
+def progress_bar(label: str) -> Progress:
+    """A bar on stderr, so stdout stays for results."""
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=errors,
+        transient=False,
+    )
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"dicom-node {__version__}")
@@ -147,14 +159,7 @@ def send(
     if not files:
         errors.print("[bold red]error:[/] no DICOM instances found to send")
         raise typer.Exit(EXIT_FAILED)
-    with Progress(
-        TextColumn("sending"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=errors,
-        transient=False,
-    ) as progress:
+    with progress_bar("sending") as progress:
         task = progress.add_task("send", total=len(files))
 
         def advance(_item: SendFile, _status: int | None) -> None:
@@ -307,14 +312,7 @@ def process(
     try:
         names = parse_pipeline(pipeline)
         params = parse_params(param or [])
-        with Progress(
-            TextColumn("processing"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=errors,
-            transient=False,
-        ) as progress:
+        with progress_bar("processing") as progress:
             task = progress.add_task("process", total=None)
 
             def advance(_series: str, done: int, total: int) -> None:
