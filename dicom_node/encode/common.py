@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 
 from processors.base import Code, Volume
+
+if TYPE_CHECKING:
+    from dicom_node.encode.uids import Provenance
 
 #: The node's private coding scheme (``processors.base.Codes.local``).
 PRIVATE_SCHEME = "99DCMNODE"
@@ -70,3 +74,22 @@ def source_series_uid(geometry: Volume | None, sources: Sequence[Dataset]) -> st
     if not uid:
         raise EncodeError("no source Series Instance UID to derive output UIDs from")
     return uid
+
+
+def output_identity(
+    provenance: Provenance, kind: str, series_uid: str, index: int
+) -> dict[str, Any]:
+    """The highdicom constructor arguments every output shares: its deterministic UIDs,
+    series number, and the node and processor as equipment."""
+    from dicom_node.encode.uids import MANUFACTURER
+
+    return {
+        "series_instance_uid": provenance.series_uid(series_uid, kind, index),
+        "series_number": SERIES_NUMBER[kind] + index,
+        "sop_instance_uid": provenance.instance_uid(series_uid, kind, index),
+        "instance_number": 1,
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": long_string(provenance.processor),
+        "software_versions": provenance.software_versions,
+        "device_serial_number": provenance.device_version,
+    }

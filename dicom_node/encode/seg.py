@@ -30,12 +30,12 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.encode.common import (
-    SERIES_NUMBER,
     EncodeError,
     coded,
     coding_schemes,
     long_string,
     ordered_sources,
+    output_identity,
     source_series_uid,
 )
 from dicom_node.encode.uids import MANUFACTURER, Provenance
@@ -159,14 +159,7 @@ def encode_seg(
             pixel_array=array,
             segmentation_type=seg_type,
             segment_descriptions=descriptions,
-            series_instance_uid=provenance.series_uid(series_uid, "seg", index),
-            series_number=SERIES_NUMBER["seg"] + index,
-            sop_instance_uid=provenance.instance_uid(series_uid, "seg", index),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=long_string(provenance.processor),
-            software_versions=provenance.software_versions,
-            device_serial_number=provenance.device_version,
+            **output_identity(provenance, "seg", series_uid, index),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             omit_empty_frames=True,
             content_description=long_string(description),

@@ -22,11 +22,11 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_node.encode.common import (
-    SERIES_NUMBER,
     EncodeError,
     coded,
     coding_schemes,
     long_string,
+    output_identity,
     source_series_uid,
 )
 from dicom_node.encode.seg import SegEncoding
@@ -199,16 +199,9 @@ def encode_sr(
         return hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,
-            series_instance_uid=provenance.series_uid(series_uid, "sr", index),
-            series_number=SERIES_NUMBER["sr"] + index,
-            sop_instance_uid=provenance.instance_uid(series_uid, "sr", index),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
+            **output_identity(provenance, "sr", series_uid, index),
             is_complete=True,
             series_description=long_string(f"SR {description}"),
-            manufacturer_model_name=long_string(provenance.processor),
-            software_versions=provenance.software_versions,
-            device_serial_number=provenance.device_version,
             coding_schemes=coding_schemes(used) or None,
         )
     except (ValueError, TypeError) as exc:
