@@ -254,3 +254,19 @@ def test_spool_write_failure_is_out_of_resources(
     monkeypatch.undo()
     assert _raw_store(node.settings.port, dataset, CTImageStorage, dataset.SOPInstanceUID) == 0
     assert count_instances(node) == 1
+
+
+def test_cheap_context_copies_are_independent() -> None:
+    import copy as copy_module
+
+    from dicom_node.ae.server import build_ae
+    from dicom_node.node import CheapCopyContext
+
+    original = build_ae(local_settings(Path("/nonexistent"))).supported_contexts[5]
+    cheap = CheapCopyContext.copy_of(original)
+    clone = copy_module.deepcopy(cheap)
+    clone.transfer_syntax.clear()
+    clone.context_id = 7
+    assert cheap.transfer_syntax == original.transfer_syntax != []
+    assert cheap.abstract_syntax == clone.abstract_syntax == original.abstract_syntax
+    assert cheap.context_id is None
