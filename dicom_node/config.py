@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "DICOM_NODE_"
@@ -64,6 +74,201 @@ class AllowedPeer(BaseModel):
         return ipaddress.ip_address(address) in ipaddress.ip_network(self.host, strict=False)
 
 
+# -- routing: destinations and rules -------------------------------------------------------
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# Values of these VRs are not text or numbers: a rule cannot match on them.
+UNMATCHABLE_VRS = frozenset({"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
+
+class Destination(BaseModel):
+    """A DICOM node the outputs are sent to with C-STORE."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    ae_title: str
+    # The calling AE title we use towards it; None = the node's own ae_title.
+    calling_ae_title: str | None = None
+    max_attempts: int = Field(10, ge=1)
+    # Seconds for association, DIMSE and network timeouts towards it.
+    timeout: float = Field(60.0, gt=0)
+
+    _check_ae_title = field_validator("ae_title")(validate_ae_title)
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _check_calling_ae_title(cls, value: str | None) -> str | None:
+        return None if value is None else validate_ae_title(value)
+
+
+class Orientation(StrEnum):
+    AXIAL = "axial"
+    CORONAL = "coronal"
+    SAGITTAL = "sagittal"
+    ANY = "any"
+
+
+class RegexMatch(BaseModel):
+    """``{ regex = "..." }``: the value contains a match (``re.search``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    regex: str
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile(self.regex)
+
+
+class RangeMatch(BaseModel):
+    """``{ min = .., max = .. }``: the value is a number within the bounds (inclusive)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min: float | None = None
+    max: float | None = None
+
+
+# An exact value (string or number), a list of exact values (any of), a regex or a range.
+MatchCondition = str | float | tuple[str | float, ...] | RegexMatch | RangeMatch
+
+
+def _rule_label(name: object) -> str:
+    return f"rule {name!r}" if isinstance(name, str) else "rule (without a name)"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_match_keyword(keyword: str) -> str | None:
+    """Why ``keyword`` cannot be matched on, or None when it can."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    tag = tag_for_keyword(keyword) if isinstance(keyword, str) else None
+    if tag is None:
+        return f"unknown DICOM keyword {keyword!r} in match"
+    vr = dictionary_VR(tag)
+    if vr in UNMATCHABLE_VRS:
+        return f"{keyword} (VR {vr}) cannot be matched on: only text and number values can"
+    return None
+
+
+def check_match_condition(keyword: str, condition: object) -> str | None:
+    """Why ``condition`` is not a valid condition for ``keyword``, or None when it is."""
+    if isinstance(condition, str) or _is_number(condition):
+        return None
+    if isinstance(condition, list | tuple):
+        if not condition:
+            return f"{keyword}: an empty list matches nothing"
+        if not all(isinstance(item, str) or _is_number(item) for item in condition):
+            return f"{keyword}: a list holds only strings or numbers"
+        return None
+    if isinstance(condition, dict):
+        keys = set(condition)
+        if "regex" in keys:
+            pattern = condition["regex"]
+            if keys != {"regex"} or not isinstance(pattern, str):
+                return f'{keyword}: write a regex as {{ regex = "..." }} and nothing else'
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                return f"{keyword}: invalid regex {pattern!r}: {exc}"
+            return None
+        if keys and keys <= {"min", "max"}:
+            low, high = condition.get("min"), condition.get("max")
+            if not all(bound is None or _is_number(bound) for bound in (low, high)):
+                return f"{keyword}: min and max are numbers"
+            if low is not None and high is not None and low > high:
+                return f"{keyword}: min {low} is greater than max {high}"
+            return None
+        return (
+            f'{keyword}: a condition table is {{ regex = "..." }} or {{ min = .., max = .. }},'
+            f" not {sorted(keys)}"
+        )
+    return (
+        f"{keyword}: a condition is a string, a number, a list, {{ regex = .. }}"
+        " or { min = .., max = .. }"
+    )
+
+
+class Rule(BaseModel):
+    """Which series go through which pipeline, and where the outputs go.
+
+    Every condition in ``match`` must hold (AND); see ``docs/routing.md``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    enabled: bool = True
+    priority: int = 0
+    match: dict[str, MatchCondition] = Field(default_factory=dict)
+    # Calling AE titles the series must have come from; None = any sender.
+    calling_ae_titles: tuple[str, ...] | None = None
+    orientation: Orientation = Orientation.ANY
+    min_instances: int = Field(1, ge=1)
+    # Overrides study_quiet_seconds for the studies this rule routes.
+    quiet_seconds: float | None = Field(None, gt=0)
+    pipeline: tuple[str, ...] = Field(min_length=1)
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    destinations: tuple[str, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_match(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "match" not in data:
+            return data
+        label = _rule_label(data.get("name"))
+        match = data["match"]
+        if not isinstance(match, dict):
+            raise ValueError(f"{label}: match is a table of DICOM keyword = condition")
+        for keyword, condition in match.items():
+            problem = check_match_keyword(keyword) or check_match_condition(keyword, condition)
+            if problem:
+                raise ValueError(f"{label}: {problem}")
+        return data
+
+    @field_validator("calling_ae_titles")
+    @classmethod
+    def _check_calling_ae_titles(
+        cls, value: tuple[str, ...] | None, info: ValidationInfo
+    ) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        label = _rule_label(info.data.get("name"))
+        if not value:
+            raise ValueError(f"{label}: an empty calling_ae_titles matches nothing; omit it")
+        try:
+            return tuple(validate_ae_title(title) for title in value)
+        except ValueError as exc:
+            raise ValueError(f"{label}: calling_ae_titles: {exc}") from exc
+
+    @field_validator("pipeline")
+    @classmethod
+    def _check_pipeline(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if any(not step.strip() for step in value):
+            raise ValueError(f"{_rule_label(info.data.get('name'))}: a pipeline step has no name")
+        return value
+
+    @model_validator(mode="after")
+    def _check_params(self) -> Rule:
+        for step in self.params:
+            if step not in self.pipeline:
+                raise ValueError(
+                    f"rule {self.name!r}: params for {step!r}, which is not a step of its"
+                    f" pipeline {list(self.pipeline)}"
+                )
+        return self
+
+    def step_params(self, step: str) -> dict[str, Any]:
+        """The parameters given for ``step`` (empty: the processor's defaults)."""
+        return dict(self.params.get(step, {}))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, frozen=True, extra="forbid", validate_default=True
@@ -92,8 +297,47 @@ class Settings(BaseSettings):
     assembler_interval_seconds: float = Field(1.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["console", "json"] = "console"
+    # Routing (docs/routing.md). destinations come first: rules are checked against them.
+    destinations: tuple[Destination, ...] = ()
+    rules: tuple[Rule, ...] = ()
 
     _check_ae_title = field_validator("ae_title")(validate_ae_title)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destinations(cls, value: tuple[Destination, ...]) -> tuple[Destination, ...]:
+        seen: set[str] = set()
+        for destination in value:
+            if destination.name in seen:
+                raise ValueError(f"destination {destination.name!r} is defined twice")
+            seen.add(destination.name)
+        return value
+
+    @field_validator("rules")
+    @classmethod
+    def _check_rules(cls, value: tuple[Rule, ...], info: ValidationInfo) -> tuple[Rule, ...]:
+        seen: set[str] = set()
+        for rule in value:
+            if rule.name in seen:
+                raise ValueError(f"rule {rule.name!r} is defined twice")
+            seen.add(rule.name)
+        if "destinations" not in info.data:
+            return value  # the destinations are invalid; that error is reported already
+        known = {destination.name for destination in info.data["destinations"]}
+        for rule in value:
+            missing = [name for name in rule.destinations if name not in known]
+            if missing:
+                raise ValueError(
+                    f"rule {rule.name!r}: destination {missing[0]!r} is not defined"
+                    f" (defined: {sorted(known) or 'none'})"
+                )
+        return value
+
+    def destination(self, name: str) -> Destination:
+        for destination in self.destinations:
+            if destination.name == name:
+                return destination
+        raise KeyError(name)
 
     @field_validator("data_dir")
     @classmethod
@@ -128,10 +372,26 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
 
-def _describe(error: ValidationError) -> str:
+def _entry_name(values: Mapping[str, Any], loc: tuple[int | str, ...]) -> str | None:
+    """The name of the rule or destination an error location points into, if any."""
+    if len(loc) < 2 or loc[0] not in ("rules", "destinations") or not isinstance(loc[1], int):
+        return None
+    entries = values.get(str(loc[0]))
+    if not isinstance(entries, list | tuple) or not 0 <= loc[1] < len(entries):
+        return None
+    entry = entries[loc[1]]
+    name = entry.get("name") if isinstance(entry, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _describe(error: ValidationError, values: Mapping[str, Any] | None = None) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        name = _entry_name(values or {}, item["loc"])
+        if name is not None and repr(name) not in item["msg"]:
+            kind = "rule" if item["loc"][0] == "rules" else "destination"
+            key = f"{key} ({kind} {name!r})"
         lines.append(f"{key}: {item['msg']}")
     return "; ".join(lines)
 
@@ -154,4 +414,35 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         return Settings(**values)
     except ValidationError as exc:
         where = f"{config_path}: " if config_path else ""
-        raise ConfigError(f"invalid configuration: {where}{_describe(exc)}") from exc
+        raise ConfigError(f"invalid configuration: {where}{_describe(exc, values)}") from exc
+
+
+def check_rules_against_plugins(
+    settings: Settings,
+    plugin_names: Iterable[str],
+    params_models: Mapping[str, type[BaseModel]] | None = None,
+) -> None:
+    """Refuse rules whose pipeline names a processor that is not installed.
+
+    Kept apart from ``load_settings`` so that loading the configuration imports no
+    processor. With ``params_models`` (processor name -> its ``Params`` class) each rule's
+    ``params`` are validated too. Disabled rules are checked as well: an admin may enable
+    them at any time. Raises ``ConfigError`` naming each rule and processor at fault.
+    """
+    known = set(plugin_names)
+    problems: list[str] = []
+    for rule in settings.rules:
+        for step in rule.pipeline:
+            if step not in known:
+                problems.append(f"rule {rule.name!r}: unknown processor {step!r}")
+        for step, values in rule.params.items():
+            model = (params_models or {}).get(step)
+            if model is None:
+                continue
+            try:
+                model.model_validate(values)
+            except ValidationError as exc:
+                problems.append(f"rule {rule.name!r}: params for {step!r}: {_describe(exc)}")
+    if problems:
+        installed = ", ".join(sorted(known)) or "none"
+        raise ConfigError("; ".join(problems) + f" (installed processors: {installed})")

@@ -95,3 +95,21 @@ def test_echo_success_and_unreachable(node: Node) -> None:
     assert ok.exit_code == 0 and "success" in ok.output
     down = runner.invoke(app, ["echo", "127.0.0.1", str(free_port()), "--timeout", "2"])
     assert down.exit_code == 1 and "no association" in down.output
+
+
+def test_serve_refuses_a_rule_with_an_unknown_processor(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n'
+        '[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = 4242\nae_title = "PACS"\n'
+        '[[rules]]\nname = "ct-default"\nmatch = { Modality = "CT" }\n'
+        'pipeline = ["gaussian", "no_such_step"]\ndestinations = ["pacs"]\n'
+        '[[rules]]\nname = "ct-params"\nmatch = { Modality = "CT" }\n'
+        'pipeline = ["gaussian"]\nparams = { gaussian = { sigma_mm = -1 } }\n'
+        'destinations = ["pacs"]\n'
+    )
+    result = runner.invoke(app, ["serve", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "ct-default" in result.output and "no_such_step" in result.output
+    assert "ct-params" in result.output and "sigma_mm" in result.output
+    assert not (tmp_path / "data").exists(), "refused before anything started"

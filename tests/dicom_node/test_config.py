@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.config import ConfigError, DuplicatePolicy, Settings, load_settings
+from dicom_node.config import ConfigError, DuplicatePolicy, Rule, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,3 +90,243 @@ def test_allowed_peer_matching() -> None:
 def test_receiver_processes_auto_is_bounded() -> None:
     assert 1 <= load_settings(None).effective_receiver_processes <= 4
     assert load_settings(None, receiver_processes=3).effective_receiver_processes == 3
+
+
+# -- routing: destinations and rules ---------------------------------------------------------
+
+ISSUE_EXAMPLE = """
+[[destinations]]
+name = "pacs"
+host = "127.0.0.1"
+port = 4242
+ae_title = "ORTHANC"
+
+[[rules]]
+name = "ct-default"
+match = { Modality = "CT" }
+pipeline = ["gaussian", "threshold_segment", "kmeans", "features"]
+destinations = ["pacs"]
+"""
+
+PACS_TOML = '[[destinations]]\nname = "pacs"\nhost = "h"\nport = 104\nae_title = "PACS"\n'
+
+
+def builtin_processors() -> dict[str, type]:
+    from processors.registry import discover
+
+    return {
+        info.name: info.processor.Params
+        for info in discover(autoload=False)
+        if info.processor is not None
+    }
+
+
+def test_issue_example_rules_and_destinations(tmp_path: Path) -> None:
+    from dicom_node.config import Orientation, RegexMatch
+
+    config = tmp_path / "node.toml"
+    config.write_text(ISSUE_EXAMPLE)
+    settings = load_settings(config)
+    [pacs] = settings.destinations
+    assert (pacs.name, pacs.host, pacs.port, pacs.ae_title) == (
+        "pacs",
+        "127.0.0.1",
+        4242,
+        "ORTHANC",
+    )
+    assert (pacs.calling_ae_title, pacs.max_attempts, pacs.timeout) == (None, 10, 60.0)
+    assert settings.destination("pacs") is pacs
+    [rule] = settings.rules
+    assert rule.match == {"Modality": "CT"}
+    assert rule.pipeline == ("gaussian", "threshold_segment", "kmeans", "features")
+    assert rule.destinations == ("pacs",)
+    assert (rule.enabled, rule.priority, rule.orientation) == (True, 0, Orientation.ANY)
+    assert (rule.min_instances, rule.quiet_seconds, rule.calling_ae_titles) == (1, None, None)
+    with pytest.raises(Exception, match="frozen"):
+        rule.priority = 3  # type: ignore[misc]
+    # A dump (what an admin API would store) validates back to the same rules.
+    assert Settings(**settings.model_dump()).rules == settings.rules
+    assert not isinstance(rule.match["Modality"], RegexMatch)
+
+
+def test_every_rule_field(tmp_path: Path) -> None:
+    from dicom_node.config import Orientation, RangeMatch, RegexMatch
+
+    config = tmp_path / "node.toml"
+    config.write_text(
+        PACS_TOML
+        + """calling_ae_title = "ME"
+max_attempts = 3
+timeout = 5
+
+[[rules]]
+name = "everything"
+enabled = false
+priority = 7
+calling_ae_titles = ["CT1", "CT2"]
+orientation = "coronal"
+min_instances = 30
+quiet_seconds = 12.5
+pipeline = ["gaussian", "features"]
+params = { gaussian = { sigma_mm = 1.5 } }
+destinations = ["pacs"]
+
+[rules.match]
+Modality = ["CT", "MR"]
+SeriesDescription = { regex = "(?i)chest" }
+SliceThickness = { min = 0.5, max = 2 }
+SeriesNumber = 2
+"""
+    )
+    settings = load_settings(config)
+    assert settings.destinations[0].calling_ae_title == "ME"
+    assert settings.destinations[0].max_attempts == 3
+    rule = settings.rules[0]
+    assert rule.match == {
+        "Modality": ("CT", "MR"),
+        "SeriesDescription": RegexMatch(regex="(?i)chest"),
+        "SliceThickness": RangeMatch(min=0.5, max=2.0),
+        "SeriesNumber": 2,
+    }
+    assert rule.calling_ae_titles == ("CT1", "CT2")
+    assert (rule.enabled, rule.priority, rule.orientation) == (False, 7, Orientation.CORONAL)
+    assert (rule.min_instances, rule.quiet_seconds) == (30, 12.5)
+    assert rule.step_params("gaussian") == {"sigma_mm": 1.5}
+    assert rule.step_params("features") == {}
+    # What an admin API stores (JSON) validates back to the same rule.
+    assert Rule.model_validate_json(rule.model_dump_json()) == rule
+
+
+RULE_ERRORS = [
+    ('match = { Modalty = "CT" }', "unknown DICOM keyword 'Modalty'"),
+    ('match = { ReferencedImageSequence = "x" }', "VR SQ"),
+    ('match = { SeriesDescription = { regex = "(unclosed" } }', "invalid regex"),
+    ('match = { SeriesDescription = { regex = "x", min = 1 } }', "regex"),
+    ("match = { SliceThickness = { min = 5, max = 1 } }", "min 5 is greater than max 1"),
+    ('match = { SliceThickness = { min = "thin" } }', "min and max are numbers"),
+    ("match = { Modality = [] }", "empty list"),
+    ("match = { Modality = true }", "a condition is"),
+    ('match = { Modality = { exact = "CT" } }', "a condition table is"),
+    ('destinations = ["nowhere"]', "destination 'nowhere' is not defined"),
+    ("params = { kmeans = { k = 3 } }", "params for 'kmeans', which is not a step"),
+    ('calling_ae_titles = ["THIS_TITLE_IS_TOO_LONG"]', "calling_ae_titles"),
+    ("calling_ae_titles = []", "calling_ae_titles"),
+    ('orientation = "oblique"', "orientation"),
+    ("min_instances = 0", "min_instances"),
+    ("quiet_seconds = 0", "quiet_seconds"),
+    ('priority = "high"', "priority"),
+    ("pipeline = []", "pipeline"),
+    ('pipeline = [" "]', "pipeline step"),
+    ('surprise = "x"', "surprise"),
+]
+
+
+@pytest.mark.parametrize(("line", "problem"), RULE_ERRORS)
+def test_invalid_rule_is_refused_naming_it(tmp_path: Path, line: str, problem: str) -> None:
+    body = {"pipeline": 'pipeline = ["gaussian"]'}
+    key = line.split(" ", 1)[0]
+    body[key] = line
+    config = tmp_path / "node.toml"
+    config.write_text(
+        PACS_TOML
+        + '\n[[rules]]\nname = "fine"\npipeline = ["gaussian"]\n'
+        + '\n[[rules]]\nname = "chest-ct"\n'
+        + "\n".join(body.values())
+        + "\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    message = str(caught.value)
+    assert "rule 'chest-ct'" in message
+    assert problem in message
+    assert "'fine'" not in message
+
+
+@pytest.mark.parametrize(
+    ("toml", "problem"),
+    [
+        (
+            '[[rules]]\nname = "a"\npipeline = ["x"]\n[[rules]]\nname = "a"\npipeline = ["y"]\n',
+            "rule 'a' is defined twice",
+        ),
+        (PACS_TOML + PACS_TOML, "destination 'pacs' is defined twice"),
+        (PACS_TOML.replace("port = 104", "port = 0"), "destination 'pacs'"),
+        (PACS_TOML.replace('"PACS"', '""'), "destination 'pacs'"),
+        ('[[rules]]\nname = "has space"\npipeline = ["x"]\n', "rule 'has space'"),
+    ],
+)
+def test_duplicate_and_invalid_entries_name_them(tmp_path: Path, toml: str, problem: str) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(toml)
+    with pytest.raises(ConfigError, match=problem):
+        load_settings(config)
+
+
+def test_rule_errors_name_the_rule_without_a_file() -> None:
+    with pytest.raises(ConfigError, match=r"rule 'r'.*unknown DICOM keyword 'Nope'"):
+        load_settings(None, rules=[{"name": "r", "match": {"Nope": "x"}, "pipeline": ["a"]}])
+
+
+def test_rule_with_undefined_destination_when_none_defined() -> None:
+    with pytest.raises(ConfigError, match=r"rule 'r': destination 'pacs' is not defined"):
+        load_settings(None, rules=[{"name": "r", "pipeline": ["a"], "destinations": ["pacs"]}])
+
+
+def test_check_rules_against_plugins() -> None:
+    from dicom_node.config import check_rules_against_plugins
+
+    settings = load_settings(
+        None,
+        rules=[
+            {"name": "good", "pipeline": ["gaussian", "kmeans"]},
+            {"name": "typo", "pipeline": ["gausian"], "enabled": False},
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"rule 'typo': unknown processor 'gausian'") as caught:
+        check_rules_against_plugins(settings, ["gaussian", "kmeans"])
+    assert "'good'" not in str(caught.value)
+    good = load_settings(
+        None,
+        rules=[
+            {
+                "name": "good",
+                "pipeline": ["gaussian"],
+                "params": {"gaussian": {"sigma_mm": -1}},
+            }
+        ],
+    )
+    check_rules_against_plugins(good, ["gaussian"])  # names only: fine
+    params = builtin_processors()
+    with pytest.raises(ConfigError, match=r"rule 'good': params for 'gaussian': sigma_mm"):
+        check_rules_against_plugins(good, params, params)
+
+
+def test_shipped_rules_example_is_valid_with_builtin_processors() -> None:
+    from dicom_node.config import check_rules_against_plugins
+
+    settings = load_settings(REPO / "config" / "rules.example.toml")
+    names = {rule.name for rule in settings.rules}
+    assert {"ct-chest", "mr-brain", "research-scanner"} <= names
+    assert any(rule.calling_ae_titles for rule in settings.rules)
+    params = builtin_processors()
+    check_rules_against_plugins(settings, params, params)
+
+
+def test_commented_routing_examples_in_node_toml_are_valid(tmp_path: Path) -> None:
+    """Uncommenting the examples in config/node.toml gives a valid configuration."""
+    blocks: list[str] = []
+    lines = (REPO / "config" / "node.toml").read_text().splitlines()
+    for index, line in enumerate(lines):
+        if line in ("# [[destinations]]", "# [[rules]]"):
+            block = []
+            for follower in lines[index:]:
+                if not follower.startswith("# "):
+                    break
+                block.append(follower[2:])
+            blocks.append("\n".join(block))
+    assert len(blocks) == 2
+    config = tmp_path / "node.toml"
+    config.write_text("\n\n".join(blocks) + "\n")
+    settings = load_settings(config)
+    assert [rule.name for rule in settings.rules] == ["ct-default"]
+    assert [destination.name for destination in settings.destinations] == ["pacs"]
