@@ -82,6 +82,26 @@ def main(
     """dicom-node command line."""
 
 
+def check_rule_pipelines(settings: Settings) -> None:
+    """Refuse to start when a routing rule names a processor that is not installed and
+    available, or gives it parameters it does not take (exit code 2, naming the rule)."""
+    if not settings.rules:
+        return
+    from dicom_node.config import check_rules_against_plugins
+    from processors import registry
+
+    usable = [info for info in registry.discover() if info.available and info.processor]
+    try:
+        check_rules_against_plugins(
+            settings,
+            [info.name for info in usable],
+            {info.name: info.processor.Params for info in usable if info.processor},
+        )
+    except ConfigError as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_CONFIG) from exc
+
+
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Run the node: receive over DICOM, index, detect complete studies. Stops on SIGTERM/SIGINT."""
@@ -89,6 +109,7 @@ def serve(config: ConfigOption = None) -> None:
     from dicom_node.node import Node, StopFlag
 
     settings = settings_from(config)
+    check_rule_pipelines(settings)
     configure_logging(settings.log_level, settings.log_format)
     node = Node(settings)
     stop = StopFlag()
