@@ -19,6 +19,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -166,3 +167,44 @@ class Output(Base):
     processor_version: Mapped[str] = mapped_column(String(64))
     params: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ExportState(StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class Export(Base):
+    """One instance to be sent to one destination; one row per (destination, instance).
+
+    ``host``, ``port`` and ``ae_title`` record where it was (last) sent; delivery looks the
+    destination up by name, so a corrected destination applies to the rows still pending.
+    """
+
+    __tablename__ = "exports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    destination: Mapped[str] = mapped_column(String(128))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    ae_title: Mapped[str] = mapped_column(AE_TITLE)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default=ExportState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    output_id: Mapped[int | None] = mapped_column(ForeignKey("outputs.id"), index=True)
+
+    __table_args__ = (
+        UniqueConstraint(
+            "destination", "sop_instance_uid", name="uq_exports_destination_sop_instance_uid"
+        ),
+        Index("ix_exports_state_next_attempt_at", "state", "next_attempt_at"),
+    )

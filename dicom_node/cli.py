@@ -364,6 +364,103 @@ def process(
     )
 
 
+exports_app = typer.Typer(help="Exports to destinations: list, retry.")
+app.add_typer(exports_app, name="exports")
+
+
+def export_rows(settings: Settings) -> list[dict[str, Any]]:
+    from db.models import Export
+    from db.session import make_engine, make_sessionmaker, upgrade
+    from dicom_node.index import as_utc
+
+    def when(value: Any) -> str | None:
+        return as_utc(value).isoformat() if value is not None else None
+
+    upgrade(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            return [
+                {
+                    "id": row.id,
+                    "destination": row.destination,
+                    "host": row.host,
+                    "port": row.port,
+                    "ae_title": row.ae_title,
+                    "sop_instance_uid": row.sop_instance_uid,
+                    "sop_class_uid": row.sop_class_uid,
+                    "path": row.path,
+                    "state": row.state,
+                    "attempts": row.attempts,
+                    "max_attempts": row.max_attempts,
+                    "next_attempt_at": when(row.next_attempt_at),
+                    "last_error": row.last_error,
+                    "created_at": when(row.created_at),
+                    "delivered_at": when(row.delivered_at),
+                    "output_id": row.output_id,
+                }
+                for row in session.scalars(select(Export).order_by(Export.id))
+            ]
+    finally:
+        engine.dispose()
+
+
+@exports_app.callback(invoke_without_command=True)
+def exports(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List exports (one per destination and instance) with their state and attempts."""
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = export_rows(settings_from(config))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        console.print("no exports yet")
+        return
+    console.print(f"{'ID':>6} {'STATE':<10} {'TRIES':>5}  {'DESTINATION':<16} INSTANCE / ERROR")
+    for row in rows:
+        tries = f"{row['attempts']}/{row['max_attempts']}"
+        console.print(
+            f"{row['id']:>6} {row['state']:<10} {tries:>5}  {row['destination']:<16} "
+            f"{row['sop_instance_uid']}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if row["last_error"] and row["state"] != "delivered":
+            console.print(f"{'':>26}{row['last_error']}", highlight=False, soft_wrap=True)
+
+
+@exports_app.command("retry")
+def exports_retry(
+    export_id: Annotated[int, typer.Argument(metavar="ID", help="The export's id.")],
+    config: ConfigOption = None,
+) -> None:
+    """Put an export back to pending, due now (attempts kept: a failed one gets one more)."""
+    from db.session import make_engine, make_sessionmaker, upgrade
+    from dicom_node.export import retry
+
+    settings = settings_from(config)
+    upgrade(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url)
+    try:
+        with make_sessionmaker(engine)() as session, session.begin():
+            row = retry(session, export_id)
+            found = row is not None
+            attempts = row.attempts if row is not None else 0
+    finally:
+        engine.dispose()
+    if not found:
+        errors.print(f"[bold red]error:[/] no export with id {export_id}", highlight=False)
+        raise typer.Exit(EXIT_FAILED)
+    console.print(
+        f"export {export_id} is pending again (attempts so far: {attempts})", highlight=False
+    )
+
+
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption = None) -> None:
     """Apply all database migrations."""

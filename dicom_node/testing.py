@@ -205,11 +205,21 @@ class OrthancProcess:
 
 
 @contextlib.contextmanager
-def running_orthanc(work_dir: Path, ae_title: str = "ORTHANC") -> Iterator[OrthancProcess]:
-    """A private Orthanc (Debian package) with its own storage, index and free ports."""
+def running_orthanc(
+    work_dir: Path,
+    ae_title: str = "ORTHANC",
+    *,
+    dicom_port: int | None = None,
+    http_port: int | None = None,
+) -> Iterator[OrthancProcess]:
+    """A private Orthanc (Debian package) with its own storage, index and free ports.
+
+    Start it again with the same ``work_dir`` and the ports of the first one to get the
+    same PACS back (same storage and index), as after a restart.
+    """
     binary = require_tool("Orthanc")
     work_dir.mkdir(parents=True, exist_ok=True)
-    dicom_port, http_port = free_port(), free_port()
+    dicom_port, http_port = dicom_port or free_port(), http_port or free_port()
     config = {
         "Name": "dicom-node-test",
         "StorageDirectory": str(work_dir / "storage"),
