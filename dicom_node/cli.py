@@ -67,6 +67,17 @@ def progress_bar(label: str) -> Progress:
     )
 
 
+def printed_as_json_or_empty(rows: list[dict[str, Any]], as_json: bool, empty: str) -> bool:
+    """Print ``rows`` as JSON, or say ``empty`` when there are none; False: print a table."""
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return True
+    if not rows:
+        console.print(empty)
+        return True
+    return False
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"dicom-node {__version__}")
@@ -252,11 +263,7 @@ def studies(
 ) -> None:
     """List received studies with their instance counts and status."""
     rows = study_rows(settings_from(config))
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        console.print("no studies received yet")
+    if printed_as_json_or_empty(rows, as_json, "no studies received yet"):
         return
     console.print(
         f"{'STATUS':<10} {'SERIES':>6} {'INSTANCES':>9}  {'LAST RECEIVED (UTC)':<19}  STUDY"
@@ -415,11 +422,7 @@ def exports(
     if ctx.invoked_subcommand is not None:
         return
     rows = export_rows(settings_from(config))
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        console.print("no exports yet")
+    if printed_as_json_or_empty(rows, as_json, "no exports yet"):
         return
     console.print(f"{'ID':>6} {'STATE':<10} {'TRIES':>5}  {'DESTINATION':<16} INSTANCE / ERROR")
     for row in rows:
