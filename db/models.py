@@ -167,6 +167,7 @@ class Output(Base):
     processor_version: Mapped[str] = mapped_column(String(64))
     params: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
 
 
 class ExportState(StrEnum):
@@ -208,3 +209,66 @@ class Export(Base):
         ),
         Index("ix_exports_state_next_attempt_at", "state", "next_attempt_at"),
     )
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Job(Base):
+    """One rule's pipeline on one series. State changes go through ``dicom_node.jobs``.
+
+    ``pipeline``, ``params`` and ``destinations`` are JSON copies of the rule as it was when
+    the job was made, so editing a rule does not change a job already queued.
+    ``step_timings`` is a JSON list of ``{"step", "seconds"}``; ``claimed_by`` the node
+    that runs it and ``worker`` the executor's worker that ran it.
+    """
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    rule_name: Mapped[str] = mapped_column(String(128))
+    pipeline: Mapped[str] = mapped_column(Text)
+    params: Mapped[str] = mapped_column(Text)
+    destinations: Mapped[str] = mapped_column(Text)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=1)
+    not_before: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+    step_timings: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    worker: Mapped[str | None] = mapped_column(String(255))
+    num_outputs: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("series_id", "rule_name", name="uq_jobs_series_id_rule_name"),
+        Index("ix_jobs_state_not_before", "state", "not_before"),
+    )
+
+
+class RoutingEntry(Base):
+    """A routing rule or destination, as JSON that ``dicom_node.config`` validates.
+
+    ``origin`` is ``config`` for entries copied from the configuration file at start (the
+    file wins for those names) and ``api`` for entries an administrator made.
+    """
+
+    __tablename__ = "routing_entries"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    definition: Mapped[str] = mapped_column(Text)
+    origin: Mapped[str] = mapped_column(String(16))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

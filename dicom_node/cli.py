@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from dicom_node import __version__
 from dicom_node.cli_plugins import plugins_app
@@ -462,6 +465,80 @@ def exports_retry(
     console.print(
         f"export {export_id} is pending again (attempts so far: {attempts})", highlight=False
     )
+
+
+jobs_app = typer.Typer(help="Processing jobs: list, retry.")
+app.add_typer(jobs_app, name="jobs")
+
+
+@contextlib.contextmanager
+def database_session(settings: Settings) -> Iterator[Session]:
+    """A session on the node's database (migrated first), committed on success."""
+    from db.session import make_engine, make_sessionmaker, upgrade
+
+    upgrade(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url)
+    try:
+        with make_sessionmaker(engine)() as session, session.begin():
+            yield session
+    finally:
+        engine.dispose()
+
+
+@jobs_app.callback(invoke_without_command=True)
+def jobs(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    state: Annotated[
+        str | None, typer.Option(help="Only jobs in this state (queued, running, ...).")
+    ] = None,
+) -> None:
+    """List jobs with their rule, state, attempts, worker, timings and error."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from db.models import Job
+    from dicom_node.jobs import job_as_dict
+
+    with database_session(settings_from(config)) as session:
+        query = select(Job).order_by(Job.id)
+        if state is not None:
+            query = query.where(Job.state == state)
+        rows = [job_as_dict(job) for job in session.scalars(query)]
+    if printed_as_json_or_empty(rows, as_json, "no jobs yet"):
+        return
+    console.print(f"{'ID':>5} {'STATE':<10} {'TRIES':>5} {'SECONDS':>8} {'OUT':>4}  RULE / ERROR")
+    for row in rows:
+        seconds = sum(step["seconds"] for step in row["step_timings"])
+        tries = f"{row['attempts']}/{row['max_attempts']}"
+        console.print(
+            f"{row['id']:>5} {row['state']:<10} {tries:>5} {seconds:>8.1f} {row['outputs']:>4}  "
+            f"{row['rule']} ({' > '.join(row['pipeline'])})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if row["error"]:
+            console.print(f"{'':>37}{row['error']}", highlight=False, soft_wrap=True)
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    job_id: Annotated[int, typer.Argument(metavar="ID", help="The job's id.")],
+    config: ConfigOption = None,
+) -> None:
+    """Queue a failed (or succeeded) job again; the running node picks it up."""
+    from dicom_node.jobs import InvalidTransitionError, retry
+
+    try:
+        with database_session(settings_from(config)) as session:
+            found = retry(session, job_id) is not None
+    except InvalidTransitionError as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_FAILED) from exc
+    if not found:
+        errors.print(f"[bold red]error:[/] no job with id {job_id}", highlight=False)
+        raise typer.Exit(EXIT_FAILED)
+    console.print(f"job {job_id} is queued again", highlight=False)
 
 
 @db_app.command("upgrade")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
@@ -82,14 +83,17 @@ UNMATCHABLE_VRS = frozenset({"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
 
 class Destination(BaseModel):
-    """A DICOM node the outputs are sent to with C-STORE."""
+    """Where outputs are sent: a DICOM node (C-STORE), or a DICOMweb server (STOW-RS) when
+    ``url`` is given (then ``host``, ``port`` and ``ae_title`` may be left out)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN)
-    host: str = Field(min_length=1)
-    port: int = Field(ge=1, le=65535)
-    ae_title: str
+    host: str = Field("", max_length=255)
+    port: int = Field(0, ge=0, le=65535)
+    ae_title: str = "STOW-RS"
+    # A DICOMweb base URL (e.g. http://pacs:8042/dicom-web): STOW-RS instead of C-STORE.
+    url: str | None = Field(None, pattern=r"^https?://")
     # The calling AE title we use towards it; None = the node's own ae_title.
     calling_ae_title: str | None = None
     max_attempts: int = Field(10, ge=1)
@@ -102,6 +106,14 @@ class Destination(BaseModel):
     @classmethod
     def _check_calling_ae_title(cls, value: str | None) -> str | None:
         return None if value is None else validate_ae_title(value)
+
+    @model_validator(mode="after")
+    def _check_address(self) -> Destination:
+        if self.url is None and (not self.host or not self.port):
+            raise ValueError(
+                f"destination {self.name!r}: give host and port (C-STORE) or url (STOW-RS)"
+            )
+        return self
 
 
 class Orientation(StrEnum):
@@ -216,6 +228,9 @@ class Rule(BaseModel):
     pipeline: tuple[str, ...] = Field(min_length=1)
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     destinations: tuple[str, ...] = ()
+    # Also send the outputs back to the AE that sent the series: the destination whose
+    # ae_title is the sender's calling AE title (a sender without one is logged).
+    reply_to_sender: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -297,6 +312,21 @@ class Settings(BaseSettings):
     assembler_interval_seconds: float = Field(1.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["console", "json"] = "console"
+    # Jobs (docs/operations.md). "dask": an embedded LocalCluster of worker processes, or
+    # the cluster at scheduler_address; "inline": in the node's own process (tests).
+    executor: Literal["dask", "inline"] = "dask"
+    scheduler_address: str | None = None
+    dask_workers: int = Field(0, ge=0, le=64)
+    dask_memory_limit: str = "auto"
+    # Workers of the embedded cluster advertise this many "GPU" resources each.
+    dask_worker_gpus: int = Field(0, ge=0)
+    processing_device: str = "auto"
+    job_timeout_seconds: float = Field(900.0, gt=0)
+    job_max_attempts: int = Field(1, ge=1)
+    dispatcher_interval_seconds: float = Field(0.25, gt=0)
+    uid_root: str | None = None
+    # Names this node in jobs.claimed_by; empty = host name and port.
+    node_name: str = ""
     # Routing (docs/routing.md). destinations come first: rules are checked against them.
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Rule, ...] = ()
@@ -347,6 +377,19 @@ class Settings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def effective_node_name(self) -> str:
+        return self.node_name or f"{socket.gethostname()}:{self.port}"
+
+    @property
+    def effective_dask_workers(self) -> int:
+        """0 means one worker per two CPU cores, at least one."""
+        return self.dask_workers or max(1, (os.cpu_count() or 1) // 2)
 
     @property
     def effective_receiver_processes(self) -> int:

@@ -18,7 +18,9 @@ that cannot be reached costs every instance of the batch one. ``Exporter`` runs
 ``deliver_due`` on a thread; on start it puts rows left ``sending`` by a crash back to
 ``pending``, so a restart resumes what was under way (at-least-once delivery).
 
-DICOMweb STOW-RS destinations are not implemented here (C-STORE only).
+A destination with a ``url`` is a DICOMweb server: its batch goes by STOW-RS
+(``dicomweb-client``) in requests of ``STOW_BATCH`` instances, and the server's
+FailedSOPSequence says which instances failed.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Export, ExportState, Output
+from dicom_node.config import Destination
 from dicom_node.scu import AssociationFailedError, SendFile, scan_files, send
 
 log = structlog.get_logger(__name__)
@@ -62,16 +65,31 @@ class ExportTarget:
     calling_ae_title: str = "DICOMNODE"
     max_attempts: int = 10
     timeout: float = 60.0
+    url: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("an export destination needs a name")
-        if not 0 < self.port < 65536:
+        if self.url is None and not 0 < self.port < 65536:
             raise ValueError(f"destination {self.name!r}: port {self.port} out of range")
         if self.max_attempts < 1:
             raise ValueError(f"destination {self.name!r}: max_attempts must be at least 1")
         if self.timeout <= 0:
             raise ValueError(f"destination {self.name!r}: timeout must be positive")
+
+
+def export_target(destination: Destination, node_ae_title: str) -> ExportTarget:
+    """The target for a configured destination; the node's AE title calls it by default."""
+    return ExportTarget(
+        name=destination.name,
+        host=destination.host or (destination.url or ""),
+        port=destination.port,
+        ae_title=destination.ae_title,
+        calling_ae_title=destination.calling_ae_title or node_ae_title,
+        max_attempts=destination.max_attempts,
+        timeout=destination.timeout,
+        url=destination.url,
+    )
 
 
 @dataclass(frozen=True)
@@ -170,7 +188,7 @@ def enqueue(
         if row is None:
             row = Export(
                 destination=target.name,
-                host=target.host,
+                host=target.host[:255],
                 port=target.port,
                 ae_title=target.ae_title,
                 sop_instance_uid=sop_instance,
@@ -288,6 +306,9 @@ def _send_batch(
     if not files:
         return outcomes
 
+    if target.url is not None:
+        return outcomes | _stow_batch(target, files, export_of)
+
     statuses: dict[Path, int | None] = {}
 
     def progress(item: SendFile, status: int | None) -> None:
@@ -317,6 +338,51 @@ def _send_batch(
         outcome = _outcome(statuses.get(path), failures.get(path), path in statuses, error)
         for export_id in ids:
             outcomes[export_id] = outcome
+    return outcomes
+
+
+STOW_BATCH = 32
+_FAILED_SOP_SEQUENCE = 0x00081198
+_FAILURE_REASON = 0x00081197
+_REFERENCED_SOP_INSTANCE_UID = 0x00081155
+
+
+def _stow_failures(response: object) -> dict[str, str]:
+    """SOP Instance UID -> reason, from a STOW-RS response's FailedSOPSequence."""
+    failures: dict[str, str] = {}
+    items = getattr(response, "get", lambda _tag: None)(_FAILED_SOP_SEQUENCE)
+    for item in getattr(items, "value", None) or []:
+        uid = item.get(_REFERENCED_SOP_INSTANCE_UID)
+        reason = item.get(_FAILURE_REASON)
+        if uid is not None:
+            code = f"0x{int(reason.value):04X}" if reason is not None else "unknown"
+            failures[str(uid.value)] = f"STOW-RS failure reason {code}"
+    return failures
+
+
+def _stow_batch(
+    target: ExportTarget, files: list[SendFile], export_of: dict[Path, list[int]]
+) -> dict[int, _Outcome]:
+    from dicomweb_client.api import DICOMwebClient
+
+    assert target.url is not None
+    client = DICOMwebClient(url=target.url)
+    outcomes: dict[int, _Outcome] = {}
+    for start in range(0, len(files), STOW_BATCH):
+        chunk = files[start : start + STOW_BATCH]
+        try:
+            datasets = [dcmread(item.path) for item in chunk]
+            failures = _stow_failures(client.store_instances(datasets=datasets))
+            errors = {
+                item.path: failures.get(str(ds.SOPInstanceUID))
+                for item, ds in zip(chunk, datasets, strict=True)
+            }
+        except Exception as exc:  # HTTP errors, refused connections, unreadable files
+            message = f"STOW-RS to {target.url}: {type(exc).__name__}: {exc}"
+            errors = {item.path: message for item in chunk}
+        for path, error in errors.items():
+            for export_id in export_of[path]:
+                outcomes[export_id] = _Outcome(error is None, error)
     return outcomes
 
 
@@ -380,7 +446,7 @@ def _record(
             attempts = claimed.attempts + 1
             values: dict[str, object] = {
                 "attempts": attempts,
-                "host": target.host,
+                "host": target.host[:255],
                 "port": target.port,
                 "ae_title": target.ae_title,
             }
@@ -445,6 +511,10 @@ class Exporter:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="exporter", daemon=True)
         self._thread.start()
+
+    def set_targets(self, targets: Iterable[ExportTarget]) -> None:
+        """Deliver to these destinations from the next round on (routing was edited)."""
+        self.targets = tuple(targets)
 
     def wake(self) -> None:
         """Deliver now rather than at the next interval (after an ``enqueue``)."""

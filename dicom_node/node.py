@@ -33,9 +33,14 @@ from db.session import make_engine, make_sessionmaker, upgrade
 from dicom_node.ae.server import build_ae, event_handlers
 from dicom_node.assembler import StudyAssembler
 from dicom_node.config import Settings
+from dicom_node.dispatcher import Dispatcher
+from dicom_node.executors import Executor, make_executor
+from dicom_node.export import Exporter
 from dicom_node.handlers.context import ReceiverContext
 from dicom_node.index import Indexer, reconcile
 from dicom_node.logging import configure_logging
+from dicom_node.routing import assembler_quiet_seconds
+from dicom_node.routing_store import sync_from_settings
 from dicom_node.storage import Spool
 
 log = structlog.get_logger(__name__)
@@ -229,6 +234,9 @@ class Node:
         self._receiver: Receiver | None = None
         self._listener: socket.socket | None = None
         self._children: list[multiprocessing.process.BaseProcess] = []
+        self.exporter: Exporter | None = None
+        self.executor: Executor | None = None
+        self.dispatcher: Dispatcher | None = None
         self._stop_children = multiprocessing.get_context("spawn").Event()
         self._stopped = threading.Event()
 
@@ -244,7 +252,10 @@ class Node:
         self.engine = make_engine(settings.effective_database_url)
         self.sessions = make_sessionmaker(self.engine)
         reconcile(Spool(settings.spool_dir, fsync=settings.fsync), self.sessions)
-        self.assembler = StudyAssembler(self.sessions, settings.study_quiet_seconds)
+        with self.sessions.begin() as session:
+            sync_from_settings(session, settings)
+        self.assembler = StudyAssembler(self.sessions, assembler_quiet_seconds(settings))
+        self._start_processing()
         self.assembler.check()
         self._listener = open_listener(settings.host, settings.port)
         self._receiver = Receiver(
@@ -267,6 +278,28 @@ class Node:
             receiver_processes=settings.effective_receiver_processes,
             data_dir=str(settings.data_dir),
         )
+
+    def _start_processing(self) -> None:
+        """The exporter, the executor and the dispatcher, which the assembler wakes."""
+        assert self.sessions is not None and self.assembler is not None
+        self.exporter = Exporter(self.sessions, ())
+        self.executor = make_executor(self.settings)
+        self.dispatcher = Dispatcher(self.settings, self.sessions, self.executor, self.exporter)
+        self.dispatcher.start()
+        self.exporter.start()
+        dispatcher = self.dispatcher
+        self.assembler.subscribe(lambda _event: dispatcher.wake())
+
+    def _stop_processing(self, grace: float) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.stop(grace)
+        if self.exporter is not None:
+            self.exporter.stop(grace + 5)
+        if self.executor is not None:
+            try:
+                self.executor.close()
+            except Exception:  # the cluster may be half gone already; we are stopping
+                log.exception("closing the executor failed")
 
     def _spawn_receiver(
         self, name: str
@@ -302,6 +335,7 @@ class Node:
                 child.kill()
         if self._listener is not None:
             self._listener.close()
+        self._stop_processing(grace)
         if self.engine is not None:
             self.engine.dispose()
         self._stopped.set()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,10 @@ import pydicom
 from pydantic import ValidationError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from db.models import Output
 from dicom_node.encode.common import EncodeError
 from dicom_node.encode.derived import encode_derived
 from dicom_node.encode.seg import SegEncoding, encode_seg
@@ -256,19 +260,35 @@ def process_series(
     output: Path,
     device: str = "cpu",
     problems: list[str] | None = None,
+    timings: list[tuple[str, float]] | None = None,
 ) -> list[OutputRecord]:
-    """Run the pipeline on one series' files and write every output."""
+    """Run the pipeline on one series' files and write every output.
+
+    ``timings`` receives (stage, seconds) for the load, and each step's run and encode.
+    """
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        if timings is not None:
+            timings.append((stage, now - clock))
+        clock = now
+
     datasets = [pydicom.dcmread(path) for path in paths]
     volume = datasets_to_volume(datasets)
     backend = resolve(device)
     current = volume_to(volume, backend)
     series_uid = volume.series_instance_uid or "unknown"
+    lap("load")
     records: list[OutputRecord] = []
     for number, step in enumerate(steps, start=1):
         results = run_on_backend(step.processor, current, step.params, backend)
         host = [result_to_host(r) for r in results]
+        lap(f"{step.name}:run")
         folder = output / series_uid / f"{number:02d}-{step.provenance.processor}"
         records += encode_results(host, datasets, volume, step, folder, problems)
+        lap(f"{step.name}:encode")
         images = [r for r in results if isinstance(r, ImageResult)]
         if images:
             current = images[0].volume
@@ -317,33 +337,43 @@ def process_directory(
     return report
 
 
+def upsert_outputs(
+    session: Session, records: Sequence[OutputRecord], job_id: int | None = None
+) -> list[Output]:
+    """One ``outputs`` row per record (refreshed for a reprocessed input), in the caller's
+    transaction."""
+    rows: list[Output] = []
+    for record in records:
+        row = session.scalars(
+            select(Output).where(Output.sop_instance_uid == record.sop_instance_uid)
+        ).one_or_none()
+        if row is None:
+            row = Output(sop_instance_uid=record.sop_instance_uid)
+            session.add(row)
+        row.sop_class_uid = record.sop_class_uid
+        row.series_instance_uid = record.series_instance_uid
+        row.kind = record.kind
+        row.path = str(record.path.resolve())
+        row.source_series_uid = record.source_series_uid
+        row.processor_name = record.processor_name
+        row.processor_version = record.processor_version
+        row.params = record.params
+        row.created_at = dt.datetime.now(dt.UTC)
+        row.job_id = job_id if job_id is not None else row.job_id
+        rows.append(row)
+    session.flush()
+    return rows
+
+
 def record_outputs(database_url: str, records: Sequence[OutputRecord]) -> int:
     """Insert (or refresh, for a reprocessed input) one ``outputs`` row per record."""
-    from sqlalchemy import select
-
-    from db.models import Output
     from db.session import make_engine, make_sessionmaker, upgrade
 
     upgrade(database_url)
     engine = make_engine(database_url)
     try:
         with make_sessionmaker(engine)() as session, session.begin():
-            for record in records:
-                row = session.scalars(
-                    select(Output).where(Output.sop_instance_uid == record.sop_instance_uid)
-                ).one_or_none()
-                if row is None:
-                    row = Output(sop_instance_uid=record.sop_instance_uid)
-                    session.add(row)
-                row.sop_class_uid = record.sop_class_uid
-                row.series_instance_uid = record.series_instance_uid
-                row.kind = record.kind
-                row.path = str(record.path.resolve())
-                row.source_series_uid = record.source_series_uid
-                row.processor_name = record.processor_name
-                row.processor_version = record.processor_version
-                row.params = record.params
-                row.created_at = dt.datetime.now(dt.UTC)
+            upsert_outputs(session, records)
     finally:
         engine.dispose()
     return len(records)

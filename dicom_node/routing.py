@@ -85,6 +85,7 @@ class RouteDecision:
     destinations: tuple[Destination, ...]
     quiet_seconds: float
     not_before: dt.datetime | None
+    calling_ae_titles: tuple[str, ...] = ()
 
     @property
     def rule_name(self) -> str:
@@ -438,6 +439,7 @@ def route(settings: Settings, session: Session, study_id: int) -> list[RouteDeci
                 destinations=tuple(destinations[name] for name in rule.destinations),
                 quiet_seconds=quiet,
                 not_before=not_before,
+                calling_ae_titles=candidate.calling_ae_titles,
             )
             keyed.append(((-rule.priority, *_series_order(candidate), index), decision))
     keyed.sort(key=lambda item: item[0])

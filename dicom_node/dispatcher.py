@@ -1,0 +1,294 @@
+"""The dispatcher: completed studies -> jobs -> executor -> outputs and exports.
+
+One thread in the node's main process. Each round it
+
+1. claims the ``complete`` study events nobody routed yet and makes their jobs
+   (``dicom_node.jobs.create_jobs``, with the rules and destinations of the database);
+2. collects the jobs that finished: their outputs become ``outputs`` rows and one export
+   per destination (``dicom_node.export.enqueue``), in the same transaction as the job's
+   ``succeeded``; a failure is retried after a backoff while attempts are left;
+3. stops jobs past ``job_timeout_seconds`` (the executor restarts their worker);
+4. claims due queued jobs while the executor has free slots and submits them.
+
+A job's state changes only through ``dicom_node.jobs.transition``. On start, jobs this
+node left ``running`` are queued again; on stop, jobs still running are queued again
+too, so nothing is lost between restarts. Output UIDs are deterministic, so running a
+job twice produces the same instances, and the PACS keeps one copy.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Instance, Job, JobState
+from dicom_node.config import ConfigError, Settings
+from dicom_node.executors import Executor, JobFuture
+from dicom_node.export import Exporter, ExportTarget, enqueue, export_target
+from dicom_node.jobs import (
+    claim_next,
+    consume_completed_studies,
+    create_jobs,
+    requeue_interrupted,
+    timings_text,
+    transition,
+    utcnow,
+)
+from dicom_node.process import upsert_outputs
+from dicom_node.routing_store import load_routing
+from dicom_node.worker import JobResult, JobSpec
+from processors.registry import discover
+
+log = structlog.get_logger(__name__)
+
+RETRY_BASE_SECONDS = 10.0
+ROUTING_RELOAD_SECONDS = 2.0
+
+
+@dataclass
+class _Running:
+    job_id: int
+    future: JobFuture
+    deadline: float
+    started: float
+
+
+def _series_paths(session: Session, series_id: int) -> tuple[str, ...]:
+    rows = session.scalars(
+        select(Instance.path)
+        .where(Instance.series_id == series_id)
+        .order_by(Instance.instance_number.is_(None), Instance.instance_number, Instance.id)
+    )
+    return tuple(rows)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        executor: Executor,
+        exporter: Exporter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.executor = executor
+        self.exporter = exporter
+        self.node = settings.effective_node_name
+        self.routing = settings
+        self._routing_loaded = 0.0
+        self._running: dict[int, _Running] = {}
+        self._gpu_processors = {
+            info.name for info in discover() if "cupy" in info.requires and info.available
+        }
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self.sessions.begin() as session:
+            requeue_interrupted(session, self.node)
+        self.reload_routing(force=True)
+        self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, grace_seconds: float = 0.0) -> None:
+        """Stop claiming; wait up to ``grace_seconds`` for running jobs, queue the rest again."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(60)
+            self._thread = None
+        deadline = time.monotonic() + grace_seconds
+        while self._running and time.monotonic() < deadline:
+            self.collect()
+            time.sleep(0.1)
+        self.collect()
+        for running in list(self._running.values()):
+            self.executor.kill(running.future)
+            with self.sessions.begin() as session:
+                transition(
+                    session,
+                    running.job_id,
+                    JobState.QUEUED,
+                    expected=JobState.RUNNING,
+                    not_before=utcnow(),
+                    claimed_by=None,
+                    error="interrupted: the node stopped while the job ran",
+                )
+        self._running.clear()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # a database hiccup must not end the dispatcher
+                log.exception("dispatcher round failed")
+            self._wake.wait(self.settings.dispatcher_interval_seconds)
+            self._wake.clear()
+
+    # -- one round -------------------------------------------------------------------------
+
+    def run_once(self) -> None:
+        self.reload_routing()
+        self.route_completed_studies()
+        self.collect()
+        self.enforce_timeouts()
+        if not self._stop.is_set():
+            self.fill()
+
+    @property
+    def running_jobs(self) -> list[int]:
+        return sorted(self._running)
+
+    def reload_routing(self, *, force: bool = False) -> None:
+        if not force and time.monotonic() - self._routing_loaded < ROUTING_RELOAD_SECONDS:
+            return
+        try:
+            with self.sessions() as session:
+                self.routing = load_routing(session, self.settings)
+        except ConfigError as exc:
+            log.error("keeping the previous routing", error=str(exc))
+        self._routing_loaded = time.monotonic()
+        if self.exporter is not None:
+            self.exporter.set_targets(self.targets())
+
+    def targets(self) -> list[ExportTarget]:
+        return [export_target(d, self.settings.ae_title) for d in self.routing.destinations]
+
+    def route_completed_studies(self) -> int:
+        made = 0
+        with self.sessions.begin() as session:
+            for study_id in consume_completed_studies(session):
+                try:
+                    with session.begin_nested():
+                        made += len(create_jobs(session, self.routing, study_id))
+                except Exception:
+                    log.exception("routing the study failed", study_id=study_id)
+        return made
+
+    def fill(self) -> int:
+        submitted = 0
+        while len(self._running) < self.executor.slots:
+            with self.sessions.begin() as session:
+                job = claim_next(session, self.node)
+                if job is None:
+                    break
+                spec = self._spec(session, job)
+            gpu = self.settings.processing_device.startswith("cuda") or any(
+                step in self._gpu_processors for step in spec.pipeline
+            )
+            started = time.monotonic()
+            log.info("job submitted", job_id=job.id, rule=job.rule_name, attempt=job.attempts)
+            future = self.executor.submit(spec, gpu=gpu)
+            self._running[job.id] = _Running(
+                job.id, future, started + self.settings.job_timeout_seconds, started
+            )
+            submitted += 1
+        return submitted
+
+    def _spec(self, session: Session, job: Job) -> JobSpec:
+        return JobSpec(
+            job_id=job.id,
+            series_instance_uid=job.series_instance_uid,
+            paths=_series_paths(session, job.series_id),
+            pipeline=tuple(json.loads(job.pipeline)),
+            params=json.loads(job.params),
+            output_dir=str(Path(self.settings.outputs_dir) / f"job-{job.id}"),
+            device=self.settings.processing_device,
+            uid_root=self.settings.uid_root,
+        )
+
+    def collect(self) -> int:
+        finished = [r for r in self._running.values() if r.future.done()]
+        for running in finished:
+            del self._running[running.job_id]
+            try:
+                result = running.future.result()
+            except Exception as exc:
+                self._failed(running.job_id, self.executor.describe_failure(exc))
+            else:
+                self._succeeded(running.job_id, result)
+        return len(finished)
+
+    def enforce_timeouts(self) -> None:
+        now = time.monotonic()
+        for running in [r for r in self._running.values() if now > r.deadline]:
+            if running.future.done():
+                continue
+            del self._running[running.job_id]
+            self.executor.kill(running.future)
+            timeout = self.settings.job_timeout_seconds
+            self._failed(running.job_id, f"timed out after {timeout:g} s (job_timeout_seconds)")
+
+    # -- recording outcomes ----------------------------------------------------------------
+
+    def _succeeded(self, job_id: int, result: JobResult) -> None:
+        destinations = {d.name: d for d in self.routing.destinations}
+        notes = list(result.problems)
+        with self.sessions.begin() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return
+            rows = upsert_outputs(session, result.records, job_id)
+            for name in json.loads(job.destinations):
+                destination = destinations.get(name)
+                if destination is None:
+                    notes.append(f"destination {name!r} is no longer defined; not sent there")
+                    continue
+                if rows:
+                    enqueue(session, export_target(destination, self.settings.ae_title), rows)
+            transition(
+                session,
+                job_id,
+                JobState.SUCCEEDED,
+                expected=JobState.RUNNING,
+                finished_at=utcnow(),
+                worker=result.worker,
+                step_timings=timings_text(result.timings),
+                num_outputs=len(rows),
+                error="; ".join(notes) or None,
+            )
+        log.info("job succeeded", job_id=job_id, outputs=len(result.records))
+        if self.exporter is not None:
+            self.exporter.wake()
+
+    def _failed(self, job_id: int, reason: str) -> None:
+        with self.sessions.begin() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return
+            if job.attempts < job.max_attempts:
+                delay = RETRY_BASE_SECONDS * 2 ** (job.attempts - 1)
+                transition(
+                    session,
+                    job_id,
+                    JobState.QUEUED,
+                    expected=JobState.RUNNING,
+                    error=reason,
+                    not_before=utcnow() + dt.timedelta(seconds=delay),
+                    claimed_by=None,
+                )
+            else:
+                transition(
+                    session,
+                    job_id,
+                    JobState.FAILED,
+                    expected=JobState.RUNNING,
+                    error=reason,
+                    finished_at=utcnow(),
+                )
+        log.warning("job failed", job_id=job_id, error=reason)

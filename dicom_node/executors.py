@@ -1,0 +1,173 @@
+"""Where jobs run: ``inline`` (in the calling thread; tests) or ``dask`` (worker processes).
+
+Both hand back futures with ``done()`` and ``result()``. The Dask executor starts an
+embedded ``distributed.LocalCluster`` (worker processes, one thread each) or connects to
+``scheduler_address``. A worker process that dies under a job (a crash, ``os._exit``, the
+nanny's memory limit) fails that job at once (``allowed-failures`` 0, so the scheduler does
+not hand a poisonous job to the next worker), and ``kill`` restarts the worker that runs a
+job past its timeout. The node's own process never runs plugin code with this executor.
+
+GPU: workers that advertise a ``GPU`` resource (``dask_worker_gpus`` for the embedded
+cluster; ``dask-cuda-worker ... --resources GPU=1`` for a cluster) get the jobs whose
+pipeline needs CuPy or whose device is ``cuda``; see ``docs/operations.md``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import structlog
+
+from dicom_node.config import Settings
+from dicom_node.worker import JobResult, JobSpec, run_job
+
+log = structlog.get_logger(__name__)
+
+
+class JobFuture(Protocol):
+    def done(self) -> bool: ...
+
+    def result(self, timeout: float | None = None) -> Any: ...
+
+
+class Executor(Protocol):
+    @property
+    def slots(self) -> int:
+        """How many jobs may run at once."""
+        ...
+
+    def submit(self, spec: JobSpec, *, gpu: bool = False) -> JobFuture: ...
+
+    def kill(self, future: JobFuture) -> None:
+        """Stop a job past its timeout (and whatever runs it)."""
+        ...
+
+    def describe_failure(self, exc: BaseException) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def _plain_failure(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if type(exc).__name__ != "JobError" else str(exc)
+
+
+class InlineExecutor:
+    """Runs each job in the caller's thread as it is submitted. No timeout, no isolation:
+    for tests and debugging only."""
+
+    def __init__(self, run: Callable[[JobSpec], JobResult] = run_job) -> None:
+        self._run = run
+
+    @property
+    def slots(self) -> int:
+        return 1
+
+    def submit(self, spec: JobSpec, *, gpu: bool = False) -> JobFuture:
+        future: concurrent.futures.Future[JobResult] = concurrent.futures.Future()
+        try:
+            future.set_result(self._run(spec))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def kill(self, future: JobFuture) -> None:
+        return None
+
+    def describe_failure(self, exc: BaseException) -> str:
+        return _plain_failure(exc)
+
+    def close(self) -> None:
+        return None
+
+
+class DaskExecutor:
+    def __init__(self, settings: Settings, run: Callable[[JobSpec], JobResult] = run_job) -> None:
+        import dask
+        from distributed import Client, LocalCluster
+
+        self._run = run
+        self._cluster: Any = None
+        dask.config.set(
+            {
+                "distributed.scheduler.allowed-failures": 0,
+                "distributed.worker.daemon": False,
+                "distributed.admin.tick.limit": "30s",
+            }
+        )
+        if settings.scheduler_address:
+            self.client: Any = Client(settings.scheduler_address, timeout=30)  # type: ignore[no-untyped-call]
+        else:
+            resources = {"GPU": settings.dask_worker_gpus} if settings.dask_worker_gpus else None
+            self._cluster = LocalCluster(  # type: ignore[no-untyped-call]
+                n_workers=settings.effective_dask_workers,
+                threads_per_worker=1,
+                processes=True,
+                memory_limit=settings.dask_memory_limit,
+                dashboard_address=None,
+                host="127.0.0.1",
+                resources=resources,
+                silence_logs=40,
+            )
+            self.client = Client(self._cluster)  # type: ignore[no-untyped-call]
+        workers = self.client.scheduler_info().get("workers", {})
+        log.info(
+            "dask executor ready",
+            scheduler=self.client.scheduler.address,
+            workers=len(workers),
+            embedded=self._cluster is not None,
+        )
+
+    @property
+    def slots(self) -> int:
+        workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
+        return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+
+    def submit(self, spec: JobSpec, *, gpu: bool = False) -> JobFuture:
+        return self.client.submit(  # type: ignore[no-any-return]
+            self._run,
+            spec,
+            key=f"job-{spec.job_id}-{id(spec):x}",
+            pure=False,
+            resources={"GPU": 1} if gpu else None,
+        )
+
+    def kill(self, future: JobFuture) -> None:
+        key = getattr(future, "key", None)
+        workers = [w for w, keys in self.client.processing().items() if key in keys]
+        future.cancel()  # type: ignore[attr-defined]
+        if workers:
+            # Restarting takes seconds; the dispatcher goes on meanwhile.
+            threading.Thread(
+                target=self._restart, args=(workers,), name="dask-restart", daemon=True
+            ).start()
+
+    def _restart(self, workers: list[str]) -> None:
+        try:
+            self.client.restart_workers(workers, raise_for_error=False)
+            log.info("restarted dask worker after a job timeout", workers=workers)
+        except Exception:
+            log.exception("could not restart the dask worker", workers=workers)
+
+    def describe_failure(self, exc: BaseException) -> str:
+        if type(exc).__name__ == "KilledWorker":
+            return (
+                "the worker process died while running the job (a crash, os._exit, or"
+                f" out of memory): {exc}"
+            )
+        return _plain_failure(exc)
+
+    def close(self) -> None:
+        try:
+            self.client.close(timeout=10)
+        finally:
+            if self._cluster is not None:
+                self._cluster.close(timeout=10)
+
+
+def make_executor(settings: Settings) -> Executor:
+    if settings.executor == "inline":
+        return InlineExecutor()
+    return DaskExecutor(settings)

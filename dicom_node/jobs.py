@@ -1,0 +1,288 @@
+"""Jobs: one rule's pipeline on one series, and every change of their state.
+
+A job is made for each (series, rule) that ``dicom_node.routing`` matches when a study
+completes. Its life is ``queued -> running -> succeeded | failed``; a failed or succeeded
+job can be queued again (``retry``, or a study that completes again), and a running one
+goes back to ``queued`` when its node died under it (``requeue_interrupted``) or its
+attempt failed with attempts left. ``transition`` is the only place a job's state changes:
+a conditional UPDATE, so two nodes sharing a PostgreSQL database never both move a job.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
+
+import structlog
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.models import Job, JobState, StudyEvent
+from dicom_node.config import Destination, Settings
+from dicom_node.routing import RouteDecision, matched, route
+
+log = structlog.get_logger(__name__)
+
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.QUEUED}),
+    JobState.SUCCEEDED: frozenset({JobState.QUEUED}),
+    JobState.FAILED: frozenset({JobState.QUEUED}),
+}
+
+ERROR_TEXT_LIMIT = 4000
+
+
+class InvalidTransitionError(ValueError):
+    """A state change the job life cycle does not have (say, succeeded -> running)."""
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def transition(
+    session: Session,
+    job_id: int,
+    to: JobState,
+    *,
+    expected: JobState | Collection[JobState],
+    **values: Any,
+) -> bool:
+    """Move job ``job_id`` from one of ``expected`` to ``to``, setting ``values`` too.
+
+    Returns False when the job is not (any more) in an expected state: someone else moved
+    it first. Raises ``InvalidTransitionError`` for a change the life cycle does not have.
+    """
+    sources = {expected} if isinstance(expected, JobState) else set(expected)
+    for source in sources:
+        if to not in TRANSITIONS[source]:
+            raise InvalidTransitionError(f"a job cannot go from {source.value} to {to.value}")
+    if "error" in values and values["error"] is not None:
+        values["error"] = str(values["error"])[:ERROR_TEXT_LIMIT]
+    changed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_([s.value for s in sources]))
+        .values(state=to.value, **values)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    if changed:
+        log.info("job state", job_id=job_id, state=to.value, **_loggable(values))
+    return bool(changed)
+
+
+def _loggable(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k in ("error", "worker", "attempts")}
+
+
+# -- making jobs -----------------------------------------------------------------------------
+
+
+def reply_destinations(
+    destinations: Iterable[Destination], calling_ae_titles: Collection[str]
+) -> list[str]:
+    """The destinations that are the sender: those whose ae_title is a calling AE title."""
+    return [d.name for d in destinations if d.url is None and d.ae_title in calling_ae_titles]
+
+
+def job_destinations(settings: Settings, decision: RouteDecision) -> list[str]:
+    names = list(decision.rule.destinations)
+    if decision.rule.reply_to_sender:
+        replies = reply_destinations(settings.destinations, decision.calling_ae_titles)
+        if not replies:
+            log.warning(
+                "no destination for the sender; not replying",
+                rule=decision.rule_name,
+                calling_ae_titles=list(decision.calling_ae_titles),
+            )
+        names += [name for name in replies if name not in names]
+    return names
+
+
+def create_jobs(
+    session: Session, settings: Settings, study_id: int, now: dt.datetime | None = None
+) -> list[Job]:
+    """Route the study and queue one job per matched (series, rule), in the caller's
+    transaction. A series and rule that already have a job get it queued again (the study
+    completed again, with more instances) unless it is running."""
+    now = now or utcnow()
+    decisions = route(settings, session, study_id)
+    for decision in decisions:
+        if not decision.matched:
+            log.info("series not routed", **decision.log_fields())
+    jobs: list[Job] = []
+    for decision in matched(decisions):
+        values = {
+            "study_id": decision.study_id,
+            "series_instance_uid": decision.series_instance_uid,
+            "pipeline": json.dumps(list(decision.pipeline)),
+            "params": json.dumps({s: decision.rule.step_params(s) for s in decision.pipeline}),
+            "destinations": json.dumps(job_destinations(settings, decision)),
+            "priority": decision.priority,
+            "max_attempts": settings.job_max_attempts,
+            "not_before": decision.not_before or now,
+        }
+        job = session.scalars(
+            select(Job).where(
+                Job.series_id == decision.series_id, Job.rule_name == decision.rule_name
+            )
+        ).one_or_none()
+        if job is None:
+            job = Job(
+                series_id=decision.series_id,
+                rule_name=decision.rule_name,
+                state=JobState.QUEUED.value,
+                attempts=0,
+                num_outputs=0,
+                created_at=now,
+                **values,
+            )
+            session.add(job)
+            session.flush()
+            log.info("job queued", job_id=job.id, **decision.log_fields())
+        elif job.state == JobState.RUNNING.value:
+            log.warning("study completed again while its job runs", job_id=job.id)
+            continue
+        else:
+            previous = JobState(job.state)
+            reset = {"attempts": 0, "error": None, "started_at": None, "finished_at": None}
+            if previous is JobState.QUEUED:
+                session.execute(update(Job).where(Job.id == job.id).values(**values))
+            else:
+                transition(session, job.id, JobState.QUEUED, expected=previous, **values, **reset)
+            session.refresh(job)
+        jobs.append(job)
+    return jobs
+
+
+def consume_completed_studies(session: Session, limit: int = 100) -> list[int]:
+    """Claim the ``complete`` study events not yet routed; returns their study ids."""
+    query = (
+        select(StudyEvent)
+        .where(StudyEvent.event == "complete", StudyEvent.consumed_at.is_(None))
+        .order_by(StudyEvent.id)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    studies: list[int] = []
+    now = utcnow()
+    for event in session.scalars(query).all():
+        changed = session.execute(
+            update(StudyEvent)
+            .where(StudyEvent.id == event.id, StudyEvent.consumed_at.is_(None))
+            .values(consumed_at=now)
+        ).rowcount  # type: ignore[attr-defined]
+        if changed and event.study_id not in studies:
+            studies.append(event.study_id)
+    return studies
+
+
+# -- running them ----------------------------------------------------------------------------
+
+
+def claim_next(session: Session, node: str, now: dt.datetime | None = None) -> Job | None:
+    """Take the most urgent due job (priority, then age) and mark it running for ``node``."""
+    now = now or utcnow()
+    query = (
+        select(Job)
+        .where(Job.state == JobState.QUEUED.value, Job.not_before <= now)
+        .order_by(Job.priority.desc(), Job.not_before, Job.id)
+        .limit(5)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    for job in session.scalars(query).all():
+        claimed = transition(
+            session,
+            job.id,
+            JobState.RUNNING,
+            expected=JobState.QUEUED,
+            attempts=job.attempts + 1,
+            claimed_by=node,
+            started_at=now,
+            finished_at=None,
+            error=None,
+        )
+        if claimed:
+            session.refresh(job)
+            return job
+    return None
+
+
+def requeue_interrupted(session: Session, node: str) -> list[int]:
+    """Jobs this node left ``running`` when it died go back to ``queued``, due now.
+
+    Jobs running on other nodes sharing the database are theirs and left alone.
+    """
+    ids = list(
+        session.scalars(
+            select(Job.id).where(Job.state == JobState.RUNNING.value, Job.claimed_by == node)
+        )
+    )
+    requeued = [
+        job_id
+        for job_id in ids
+        if transition(
+            session,
+            job_id,
+            JobState.QUEUED,
+            expected=JobState.RUNNING,
+            not_before=utcnow(),
+            claimed_by=None,
+            error="interrupted: the node stopped while the job ran; requeued at restart",
+        )
+    ]
+    if requeued:
+        log.info("interrupted jobs requeued", count=len(requeued))
+    return requeued
+
+
+def retry(session: Session, job_id: int) -> Job | None:
+    """Queue a failed (or succeeded) job again, due now, with a fresh attempt count."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    state = JobState(job.state)
+    if state in (JobState.QUEUED, JobState.RUNNING):
+        raise InvalidTransitionError(f"job {job_id} is {state.value}; nothing to retry")
+    transition(
+        session,
+        job_id,
+        JobState.QUEUED,
+        expected=state,
+        not_before=utcnow(),
+        attempts=0,
+        error=None,
+        claimed_by=None,
+    )
+    session.refresh(job)
+    return job
+
+
+def timings_text(timings: Sequence[tuple[str, float]]) -> str:
+    return json.dumps([{"step": step, "seconds": round(seconds, 4)} for step, seconds in timings])
+
+
+def job_as_dict(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "study_id": job.study_id,
+        "series_instance_uid": job.series_instance_uid,
+        "rule": job.rule_name,
+        "pipeline": json.loads(job.pipeline),
+        "state": job.state,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "error": job.error,
+        "worker": job.worker,
+        "claimed_by": job.claimed_by,
+        "outputs": job.num_outputs,
+        "destinations": json.loads(job.destinations),
+        "step_timings": json.loads(job.step_timings) if job.step_timings else [],
+        "created_at": job.created_at.isoformat() if job.created_at else None,
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }

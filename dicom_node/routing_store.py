@@ -1,0 +1,82 @@
+"""Rules and destinations in the database, so they can be edited while the node runs.
+
+At start the node copies the configuration file's rules and destinations into
+``routing_entries`` (origin ``config``; the file wins for its names, and entries the
+file no longer has are removed). Entries with origin ``api`` are an administrator's and
+are kept. The dispatcher reads the table (``load_routing``) rather than the file, with the
+same validation as the file: an invalid entry is refused with its name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from db.models import RoutingEntry
+from dicom_node.config import ConfigError, Destination, Rule, Settings
+
+RULE = "rule"
+DESTINATION = "destination"
+CONFIG_ORIGIN = "config"
+
+
+def _store(session: Session, kind: str, items: Sequence[BaseModel], names: list[str]) -> None:
+    existing = {
+        entry.name: entry
+        for entry in session.scalars(select(RoutingEntry).where(RoutingEntry.kind == kind))
+    }
+    for position, (name, item) in enumerate(zip(names, items, strict=True)):
+        definition = json.dumps(item.model_dump(mode="json", exclude_defaults=True))
+        entry = existing.get(name)
+        if entry is None:
+            entry = RoutingEntry(kind=kind, name=name)
+            session.add(entry)
+        entry.position, entry.definition, entry.origin = position, definition, CONFIG_ORIGIN
+    stale = [n for n, e in existing.items() if e.origin == CONFIG_ORIGIN and n not in names]
+    if stale:
+        session.execute(
+            delete(RoutingEntry).where(RoutingEntry.kind == kind, RoutingEntry.name.in_(stale))
+        )
+
+
+def sync_from_settings(session: Session, settings: Settings) -> None:
+    """Copy the configuration's destinations and rules into the table."""
+    _store(
+        session,
+        DESTINATION,
+        settings.destinations,
+        [destination.name for destination in settings.destinations],
+    )
+    _store(session, RULE, settings.rules, [rule.name for rule in settings.rules])
+
+
+def load_routing(session: Session, settings: Settings) -> Settings:
+    """``settings`` with the table's destinations and rules, each validated as in the file.
+
+    Raises ``ConfigError`` naming the first invalid entry.
+    """
+    entries = session.scalars(
+        select(RoutingEntry).order_by(RoutingEntry.kind, RoutingEntry.position, RoutingEntry.name)
+    ).all()
+    destinations: list[Destination] = []
+    rules: list[Rule] = []
+    for entry in entries:
+        model: type[Destination] | type[Rule] = Destination if entry.kind == DESTINATION else Rule
+        try:
+            item = model.model_validate_json(entry.definition)
+        except ValidationError as exc:
+            raise ConfigError(f"{entry.kind} {entry.name!r} in the database: {exc}") from exc
+        if isinstance(item, Destination):
+            destinations.append(item)
+        else:
+            rules.append(item)
+    known = {destination.name for destination in destinations}
+    for rule in rules:
+        missing = [name for name in rule.destinations if name not in known]
+        if missing:
+            raise ConfigError(f"rule {rule.name!r}: destination {missing[0]!r} is not defined")
+    return settings.model_copy(update={"destinations": tuple(destinations), "rules": tuple(rules)})

@@ -1,0 +1,154 @@
+"""Helpers for the end-to-end tests: node configuration, test plugins, waiting on jobs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from dicom_node.testing import NodeProcess, OrthancProcess, require_tool
+
+FAULTY_PLUGINS = '''
+"""Processors that misbehave, for the fault tests (installed as a throw-away distribution)."""
+import os
+import time
+from typing import ClassVar
+
+from pydantic import Field
+
+from processors.base import ImageResult, ProcessorParams
+
+
+class _Params(ProcessorParams):
+    seconds: float = Field(default=4.0, ge=0)
+
+
+class _Base:
+    version: ClassVar[str] = "1.0.0"
+    family: ClassVar[str] = "denoise"
+    Params: ClassVar[type[_Params]] = _Params
+
+
+class Raises(_Base):
+    name: ClassVar[str] = "fail_raise"
+
+    def run(self, volume, params, xp):
+        raise ValueError("this plugin always fails: broken on purpose")
+
+
+class Hangs(_Base):
+    name: ClassVar[str] = "fail_hang"
+
+    def run(self, volume, params, xp):
+        time.sleep(3600)
+        return []
+
+
+class Exits(_Base):
+    name: ClassVar[str] = "fail_exit"
+
+    def run(self, volume, params, xp):
+        os._exit(7)
+
+
+class Sleepy(_Base):
+    name: ClassVar[str] = "sleepy"
+
+    def run(self, volume, params, xp):
+        time.sleep(params.seconds)
+        return [ImageResult(volume, "Copy after a pause")]
+'''
+
+
+def install_test_plugins(directory: Path) -> Path:
+    """A distribution on disk (module + dist-info) whose entry points add the test
+    processors; put ``directory`` on PYTHONPATH of the node (its workers inherit it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "faulty_plugins.py").write_text(FAULTY_PLUGINS)
+    info = directory / "faulty_plugins-1.0.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: faulty-plugins\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[dicom_node.processors]\n"
+        + "".join(
+            f"{name} = faulty_plugins:{cls}\n"
+            for name, cls in [
+                ("fail_raise", "Raises"),
+                ("fail_hang", "Hangs"),
+                ("fail_exit", "Exits"),
+                ("sleepy", "Sleepy"),
+            ]
+        )
+    )
+    return directory
+
+
+def write_config(path: Path, orthanc: OrthancProcess, body: str, **settings: object) -> Path:
+    """A node.toml with the Orthanc destination "pacs", ``settings`` and rules ``body``."""
+    lines = [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    destination = f"""
+        [[destinations]]
+        name = "pacs"
+        host = "127.0.0.1"
+        port = {orthanc.dicom_port}
+        ae_title = "{orthanc.ae_title}"
+        timeout = 10
+        """
+    path.write_text("\n".join(lines) + textwrap.dedent(destination) + textwrap.dedent(body))
+    return path
+
+
+def cli_json(node: NodeProcess, *args: str) -> Any:
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", *args, "--json"],
+        env=node.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=node.data_dir.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def wait_for_jobs(
+    node: NodeProcess, count: int, states: tuple[str, ...], timeout: float = 120.0
+) -> list[dict[str, Any]]:
+    """The jobs once there are ``count`` of them, all in one of ``states``."""
+    deadline = time.monotonic() + timeout
+    jobs: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        jobs = cli_json(node, "jobs")
+        if len(jobs) == count and all(job["state"] in states for job in jobs):
+            return jobs
+        if node.process.poll() is not None:
+            raise AssertionError(f"the node exited:\n{node.log()[-5000:]}")
+        time.sleep(0.3)
+    raise AssertionError(f"jobs did not reach {states}: {jobs}\n{node.log()[-5000:]}")
+
+
+def wait_for_exports(node: NodeProcess, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """The exports once every one is delivered (or failed)."""
+    deadline = time.monotonic() + timeout
+    exports: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        exports = cli_json(node, "exports")
+        if exports and all(e["state"] in ("delivered", "failed") for e in exports):
+            return exports
+        time.sleep(0.3)
+    raise AssertionError(f"exports not delivered: {exports[:3]}\n{node.log()[-5000:]}")
+
+
+def orthanc_instances(orthanc: OrthancProcess) -> dict[str, dict[str, Any]]:
+    """SOP Instance UID -> Orthanc's expanded instance."""
+    found: list[dict[str, Any]] = orthanc.get_json("/instances?expand")  # type: ignore[assignment]
+    return {item["MainDicomTags"]["SOPInstanceUID"]: item for item in found}
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
+    return [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
