@@ -4,13 +4,14 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := dcmtk orthanc dicom3tools postgresql
+ORTHANC_DICOMWEB := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools postgresql
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test deps venv lint typecheck bench-ingest clean
 
 demo: deps $(STAMP)
-	bash scripts/demo.sh
+	$(VENV)/bin/python scripts/demo.py
 
 test: deps $(STAMP)
 	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
@@ -20,6 +21,7 @@ deps:
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	{ command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc; } || missing="$$missing orthanc"; \
+	test -e $(ORTHANC_DICOMWEB) || missing="$$missing orthanc-dicomweb"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v stdbuf >/dev/null || missing="$$missing coreutils"; \
 	if [ -n "$$missing" ]; then \

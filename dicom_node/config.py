@@ -369,6 +369,14 @@ class Settings(BaseSettings):
                 return destination
         raise KeyError(name)
 
+    @field_validator("uid_root")
+    @classmethod
+    def _check_uid_root(cls, value: str | None) -> str | None:
+        from dicom_node.encode.uids import check_root
+
+        check_root(value)
+        return value
+
     @field_validator("data_dir")
     @classmethod
     def _absolute_data_dir(cls, value: Path) -> Path:

@@ -15,6 +15,8 @@ pipeline needs CuPy or whose device is ``cuda``; see ``docs/operations.md``.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -90,13 +92,24 @@ class DaskExecutor:
 
         self._run = run
         self._cluster: Any = None
+        # Dask pins each worker's BLAS/OpenMP to one thread; a job is one task, so let
+        # each worker's libraries use its share of the cores instead.
+        threads = str(max(1, (os.cpu_count() or 1) // settings.effective_dask_workers))
         dask.config.set(
             {
+                "distributed.nanny.pre-spawn-environ": {
+                    "MALLOC_TRIM_THRESHOLD_": 65536,
+                    "OMP_NUM_THREADS": threads,
+                    "MKL_NUM_THREADS": threads,
+                    "OPENBLAS_NUM_THREADS": threads,
+                },
                 "distributed.scheduler.allowed-failures": 0,
                 "distributed.worker.daemon": False,
                 "distributed.admin.tick.limit": "30s",
+                "logging": {"distributed": "warning"},
             }
         )
+        logging.getLogger("distributed").setLevel(logging.WARNING)
         if settings.scheduler_address:
             self.client: Any = Client(settings.scheduler_address, timeout=30)  # type: ignore[no-untyped-call]
         else:
@@ -106,7 +119,9 @@ class DaskExecutor:
                 threads_per_worker=1,
                 processes=True,
                 memory_limit=settings.dask_memory_limit,
-                dashboard_address=None,
+                # No dashboard; the scheduler's HTTP endpoints (/health, /metrics) get a
+                # free port instead of 8787, which another cluster may hold.
+                dashboard_address=":0",
                 host="127.0.0.1",
                 resources=resources,
                 silence_logs=40,

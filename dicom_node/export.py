@@ -366,7 +366,8 @@ def _stow_batch(
     from dicomweb_client.api import DICOMwebClient
 
     assert target.url is not None
-    client = DICOMwebClient(url=target.url)
+    client = DICOMwebClient(url=target.url, timeout=target.timeout)
+    client.set_http_retry_params(retry=False)  # the export queue does the retrying
     outcomes: dict[int, _Outcome] = {}
     for start in range(0, len(files), STOW_BATCH):
         chunk = files[start : start + STOW_BATCH]

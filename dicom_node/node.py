@@ -255,9 +255,10 @@ class Node:
         with self.sessions.begin() as session:
             sync_from_settings(session, settings)
         self.assembler = StudyAssembler(self.sessions, assembler_quiet_seconds(settings))
+        # Bind first: the executor's cluster takes free ports too.
+        self._listener = open_listener(settings.host, settings.port)
         self._start_processing()
         self.assembler.check()
-        self._listener = open_listener(settings.host, settings.port)
         self._receiver = Receiver(
             settings, self.sessions, self._listener, idle_callback=self.assembler.check
         )

@@ -204,6 +204,17 @@ class OrthancProcess:
             return json.loads(response.read())
 
 
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def _orthanc_dicomweb_plugin() -> str:
+    if not ORTHANC_DICOMWEB_PLUGIN.exists():
+        raise ToolMissingError(
+            f"{ORTHANC_DICOMWEB_PLUGIN} not found: apt-get install orthanc-dicomweb (make deps)"
+        )
+    return str(ORTHANC_DICOMWEB_PLUGIN)
+
+
 @contextlib.contextmanager
 def running_orthanc(
     work_dir: Path,
@@ -211,6 +222,7 @@ def running_orthanc(
     *,
     dicom_port: int | None = None,
     http_port: int | None = None,
+    dicomweb: bool = False,
 ) -> Iterator[OrthancProcess]:
     """A private Orthanc (Debian package) with its own storage, index and free ports.
 
@@ -230,7 +242,8 @@ def running_orthanc(
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
         "DicomCheckCalledAet": False,
-        "Plugins": [],
+        "Plugins": [_orthanc_dicomweb_plugin()] if dicomweb else [],
+        "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
         "DicomModalities": {},
         "UnknownSopClassAccepted": True,
         "StorageCompression": False,
@@ -304,6 +317,7 @@ def local_settings(root: Path, **overrides: object) -> Settings:
         "study_quiet_seconds": 3600,
         "index_flush_seconds": 0.02,
         "shutdown_grace_seconds": 5,
+        "executor": "inline",
     }
     values.update(overrides)
     return load_settings(None, **values)

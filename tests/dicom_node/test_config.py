@@ -324,9 +324,10 @@ def test_commented_routing_examples_in_node_toml_are_valid(tmp_path: Path) -> No
                     break
                 block.append(follower[2:])
             blocks.append("\n".join(block))
-    assert len(blocks) == 2
+    assert len(blocks) == 3  # a C-STORE destination, a STOW-RS one, a rule
     config = tmp_path / "node.toml"
     config.write_text("\n\n".join(blocks) + "\n")
     settings = load_settings(config)
     assert [rule.name for rule in settings.rules] == ["ct-default"]
-    assert [destination.name for destination in settings.destinations] == ["pacs"]
+    assert [destination.name for destination in settings.destinations] == ["pacs", "archive-web"]
+    assert settings.destinations[1].url == "http://pacs.example.org:8042/dicom-web"

@@ -88,6 +88,32 @@ def test_exports_arrive_in_orthanc(sessions: sessionmaker[Session], tmp_path: Pa
     assert all(r.state == ExportState.DELIVERED and r.attempts == 1 for r in rows(sessions))
 
 
+def test_stow_rs_destination_delivers_to_orthanc_dicomweb(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    files = write_series(tmp_path / "series", "export-orthanc-stow")
+    with running_orthanc(tmp_path / "orthanc", dicomweb=True) as orthanc:
+        target = ExportTarget("web", "", 0, "STOW-RS", url=f"{orthanc.url}/dicom-web")
+        with sessions() as session, session.begin():
+            enqueue(session, target, files)
+        report = deliver_due(sessions, [target])
+        assert len(report.delivered) == 5, report.errors
+        assert sorted(orthanc_uids(orthanc)) == sorted(uids(files))
+        # Sent again (a repeated job): Orthanc takes it, nothing is duplicated.
+        with sessions() as session, session.begin():
+            for row in session.scalars(select(Export)):
+                row.state = ExportState.PENDING.value
+        assert len(deliver_due(sessions, [target]).delivered) == 5
+        assert len(orthanc_uids(orthanc)) == 5
+    # Orthanc gone: every instance costs one attempt and keeps the connection error.
+    with sessions() as session, session.begin():
+        for row in session.scalars(select(Export)):
+            row.state = ExportState.PENDING.value
+    report = deliver_due(sessions, [target])
+    assert len(report.retrying) == 5
+    assert all("STOW-RS to http://" in error for error in report.errors.values())
+
+
 def test_orthanc_stopped_during_export_then_back(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:

@@ -14,15 +14,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
-from dicom_node.synthetic import generate_series
-from dicom_node.testing import (
-    OrthancProcess,
-    echoscu,
-    running_orthanc,
-    start_node,
-    storescu,
-)
 from orchestration_support import (
     cli_json,
     dciodvfy_errors,
@@ -31,6 +22,15 @@ from orchestration_support import (
     wait_for_exports,
     wait_for_jobs,
     write_config,
+)
+
+from dicom_node.synthetic import generate_series
+from dicom_node.testing import (
+    OrthancProcess,
+    echoscu,
+    running_orthanc,
+    start_node,
+    storescu,
 )
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
@@ -140,9 +140,7 @@ destinations = ["pacs"]
         study = pydicom.uid.generate_uid()
         for name in ("raises", "hangs", "exits", "healthy"):
             send_ct(tmp_path, node.port, name, study_instance_uid=study, series_description=name)
-        jobs = {
-            job["rule"]: job for job in wait_for_jobs(node, 4, ("succeeded", "failed"), 120)
-        }
+        jobs = {job["rule"]: job for job in wait_for_jobs(node, 4, ("succeeded", "failed"), 120)}
         assert jobs["raises"]["state"] == "failed"
         assert "broken on purpose" in jobs["raises"]["error"]
         assert jobs["hangs"]["state"] == "failed"

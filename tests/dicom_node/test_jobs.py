@@ -1,0 +1,270 @@
+"""Jobs: the state machine, making jobs from routing, claiming, recovery; the dispatcher
+with the inline executor (outputs and exports recorded with the job)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from test_routing import PACS, add_series, settings_with, study_id
+
+from db.models import Export, Job, JobState, Output, RoutingEntry, StudyEvent
+from db.session import make_engine, make_sessionmaker, upgrade
+from dicom_node.assembler import complete_quiet_studies
+from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.dispatcher import Dispatcher
+from dicom_node.executors import InlineExecutor
+from dicom_node.index import as_utc
+from dicom_node.jobs import (
+    InvalidTransitionError,
+    claim_next,
+    consume_completed_studies,
+    create_jobs,
+    requeue_interrupted,
+    retry,
+    transition,
+)
+from dicom_node.routing_store import load_routing, sync_from_settings
+from dicom_node.storage import Spool
+from dicom_node.worker import JobResult, JobSpec
+
+LATER = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> sessionmaker[Session]:
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    upgrade(url)
+    return make_sessionmaker(make_engine(url))
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool", fsync=False)
+
+
+CT_RULE = {"name": "ct", "match": {"Modality": "CT"}, "pipeline": ["gaussian"]}
+
+
+def jobs(sessions: sessionmaker[Session]) -> list[Job]:
+    with sessions() as session:
+        return list(session.scalars(select(Job).order_by(Job.id)))
+
+
+def make_jobs(sessions: sessionmaker[Session], settings: Settings) -> list[Job]:
+    with sessions.begin() as session:
+        return create_jobs(session, settings, study_id(sessions), LATER)
+
+
+def test_transitions_follow_the_life_cycle(sessions: sessionmaker[Session], spool: Spool) -> None:
+    add_series(spool, sessions, number=1)
+    [job] = make_jobs(sessions, settings_with(CT_RULE))
+    with sessions.begin() as session:
+        with pytest.raises(InvalidTransitionError, match="from queued to succeeded"):
+            transition(session, job.id, JobState.SUCCEEDED, expected=JobState.QUEUED)
+        assert not transition(session, job.id, JobState.QUEUED, expected=JobState.FAILED)
+        assert transition(session, job.id, JobState.RUNNING, expected=JobState.QUEUED)
+        assert not transition(session, job.id, JobState.RUNNING, expected=JobState.QUEUED)
+        assert transition(session, job.id, JobState.FAILED, expected=JobState.RUNNING, error="x")
+        with pytest.raises(InvalidTransitionError):
+            transition(session, job.id, JobState.RUNNING, expected=JobState.FAILED)
+    assert jobs(sessions)[0].state == "failed"
+
+
+def test_a_job_per_matched_series_and_rule_with_a_copy_of_the_rule(
+    sessions: sessionmaker[Session], spool: Spool
+) -> None:
+    add_series(spool, sessions, number=1)
+    add_series(spool, sessions, number=2, modality="MR")
+    rule = {**CT_RULE, "params": {"gaussian": {"sigma_mm": 2.0}}, "destinations": ["pacs"]}
+    settings = settings_with(rule, {"name": "all", "pipeline": ["median"], "priority": 5})
+    made = make_jobs(sessions, settings)
+    assert sorted((j.rule_name, j.state) for j in made) == [
+        ("all", "queued"),
+        ("all", "queued"),
+        ("ct", "queued"),
+    ]
+    ct = next(j for j in made if j.rule_name == "ct")
+    assert json.loads(ct.pipeline) == ["gaussian"]
+    assert json.loads(ct.params) == {"gaussian": {"sigma_mm": 2.0}}
+    assert json.loads(ct.destinations) == ["pacs"]
+    # The study completes again: finished jobs are queued again, running ones left alone.
+    with sessions.begin() as session:
+        transition(session, ct.id, JobState.RUNNING, expected=JobState.QUEUED)
+        transition(session, ct.id, JobState.SUCCEEDED, expected=JobState.RUNNING)
+        other = next(j for j in made if j.rule_name == "all")
+        transition(session, other.id, JobState.RUNNING, expected=JobState.QUEUED, attempts=1)
+    again = make_jobs(sessions, settings)
+    assert len(jobs(sessions)) == 3
+    assert ct.id in {j.id for j in again} and other.id not in {j.id for j in again}
+    assert {j.id: j.state for j in jobs(sessions)}[ct.id] == "queued"
+
+
+def test_claim_by_priority_then_age_and_only_when_due(
+    sessions: sessionmaker[Session], spool: Spool
+) -> None:
+    add_series(spool, sessions, number=1)
+    settings = settings_with(CT_RULE, {"name": "urgent", "pipeline": ["median"], "priority": 9})
+    make_jobs(sessions, settings)
+    with sessions.begin() as session:
+        assert claim_next(session, "node-a", now=LATER - dt.timedelta(days=4000)) is None
+        first = claim_next(session, "node-a", now=LATER)
+        second = claim_next(session, "node-b", now=LATER)
+        assert claim_next(session, "node-a", now=LATER) is None
+    assert first is not None and second is not None
+    assert (first.rule_name, first.attempts, first.claimed_by) == ("urgent", 1, "node-a")
+    assert second.rule_name == "ct"
+    with sessions.begin() as session:
+        assert requeue_interrupted(session, "node-a") == [first.id]
+    states = {j.id: (j.state, j.claimed_by) for j in jobs(sessions)}
+    assert states == {first.id: ("queued", None), second.id: ("running", "node-b")}
+
+
+def test_retry_requeues_finished_jobs_only(sessions: sessionmaker[Session], spool: Spool) -> None:
+    add_series(spool, sessions, number=1)
+    [job] = make_jobs(sessions, settings_with(CT_RULE))
+    with sessions.begin() as session:
+        with pytest.raises(InvalidTransitionError, match="queued; nothing to retry"):
+            retry(session, job.id)
+        transition(session, job.id, JobState.RUNNING, expected=JobState.QUEUED, attempts=1)
+        transition(session, job.id, JobState.FAILED, expected=JobState.RUNNING, error="boom")
+        retried = retry(session, job.id)
+        assert retry(session, 999) is None
+    assert retried is not None
+    assert (retried.state, retried.attempts, retried.error) == ("queued", 0, None)
+
+
+def test_completed_studies_are_consumed_once(sessions: sessionmaker[Session], spool: Spool) -> None:
+    add_series(spool, sessions, number=1)
+    with sessions.begin() as session:
+        complete_quiet_studies(session, 1.0, now=LATER)
+    with sessions.begin() as session:
+        assert consume_completed_studies(session) == [study_id(sessions)]
+    with sessions.begin() as session:
+        assert consume_completed_studies(session) == []
+        assert session.scalars(select(StudyEvent.consumed_at)).one() is not None
+
+
+def test_reply_to_sender_adds_the_destination_with_the_senders_ae_title(
+    sessions: sessionmaker[Session], spool: Spool
+) -> None:
+    add_series(spool, sessions, number=1, calling_ae="CT_SCANNER")
+    scanner = {"name": "scanner", "host": "10.0.0.5", "port": 104, "ae_title": "CT_SCANNER"}
+    settings = load_settings(
+        None,
+        destinations=[PACS, scanner],
+        rules=[{**CT_RULE, "destinations": ["pacs"], "reply_to_sender": True}],
+    )
+    [job] = make_jobs(sessions, settings)
+    assert json.loads(job.destinations) == ["pacs", "scanner"]
+
+
+def test_routing_entries_sync_from_the_file_and_keep_admin_entries(
+    sessions: sessionmaker[Session],
+) -> None:
+    settings = settings_with(
+        {**CT_RULE, "destinations": ["pacs"]}, {"name": "b", "pipeline": ["x"]}
+    )
+    with sessions.begin() as session:
+        sync_from_settings(session, settings)
+        session.add(
+            RoutingEntry(
+                kind="rule",
+                name="admin",
+                definition=json.dumps({"name": "admin", "pipeline": ["median"]}),
+                origin="api",
+                position=9,
+            )
+        )
+    with sessions.begin() as session:
+        sync_from_settings(session, settings_with({**CT_RULE, "destinations": ["pacs"]}))
+    with sessions() as session:
+        loaded = load_routing(session, Settings())
+    assert [r.name for r in loaded.rules] == ["ct", "admin"]
+    assert [d.name for d in loaded.destinations] == ["pacs"]
+    assert loaded.rules[0].destinations == ("pacs",)
+    with sessions.begin() as session:
+        session.add(
+            RoutingEntry(
+                kind="rule", name="bad", definition='{"name": "bad"}', origin="api", position=10
+            )
+        )
+    with sessions() as session, pytest.raises(ConfigError, match="rule 'bad'"):
+        load_routing(session, Settings())
+
+
+def test_dispatcher_runs_the_job_and_records_outputs_and_exports(
+    sessions: sessionmaker[Session], spool: Spool, tmp_path: Path
+) -> None:
+    add_series(spool, sessions, number=1, num_slices=6)
+    settings = load_settings(
+        None,
+        data_dir=tmp_path / "data",
+        destinations=[PACS],
+        rules=[
+            {**CT_RULE, "pipeline": ["gaussian", "threshold_segment"], "destinations": ["pacs"]}
+        ],
+        executor="inline",
+    )
+    with sessions.begin() as session:
+        sync_from_settings(session, settings)
+        complete_quiet_studies(session, 1.0, now=LATER)
+    dispatcher = Dispatcher(settings, sessions, InlineExecutor())
+    dispatcher.reload_routing(force=True)
+    assert dispatcher.route_completed_studies() == 1
+    dispatcher.fill()
+    dispatcher.collect()
+    [job] = jobs(sessions)
+    assert job.state == "succeeded", job.error
+    assert job.worker and job.finished_at is not None
+    steps = [t["step"] for t in json.loads(job.step_timings or "[]")]
+    assert steps == [
+        "load",
+        "gaussian:run",
+        "gaussian:encode",
+        "threshold_segment:run",
+        "threshold_segment:encode",
+    ]
+    with sessions() as session:
+        outputs = list(session.scalars(select(Output)))
+        exports = list(session.scalars(select(Export)))
+    assert job.num_outputs == len(outputs) > 6
+    assert {o.job_id for o in outputs} == {job.id}
+    assert {e.output_id for e in exports} == {o.id for o in outputs}
+    assert {(e.destination, e.state) for e in exports} == {("pacs", "pending")}
+    assert all(Path(o.path).is_file() for o in outputs)
+
+
+def test_dispatcher_retries_a_failed_attempt_then_fails_the_job(
+    sessions: sessionmaker[Session], spool: Spool, tmp_path: Path
+) -> None:
+    add_series(spool, sessions, number=1)
+    settings = load_settings(
+        None, data_dir=tmp_path / "data", rules=[CT_RULE], job_max_attempts=2, executor="inline"
+    )
+
+    def broken(spec: JobSpec) -> JobResult:
+        raise ValueError(f"job {spec.job_id} cannot run")
+
+    with sessions.begin() as session:
+        sync_from_settings(session, settings)
+        complete_quiet_studies(session, 1.0, now=LATER)
+    dispatcher = Dispatcher(settings, sessions, InlineExecutor(broken))
+    dispatcher.reload_routing(force=True)
+    dispatcher.route_completed_studies()
+    dispatcher.fill()
+    dispatcher.collect()
+    [job] = jobs(sessions)
+    assert (job.state, job.attempts, job.error) == ("queued", 1, "ValueError: job 1 cannot run")
+    assert as_utc(job.not_before) > dt.datetime.now(dt.UTC)  # retried after a backoff
+    with sessions.begin() as session:
+        session.get(Job, job.id).not_before = LATER - dt.timedelta(days=4000)  # type: ignore[union-attr]
+    dispatcher.fill()
+    dispatcher.collect()
+    [job] = jobs(sessions)
+    assert (job.state, job.attempts) == ("failed", 2)
+    assert job.error == "ValueError: job 1 cannot run"
