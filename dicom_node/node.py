@@ -6,7 +6,9 @@ more than one core. The node opens the listening socket once and runs
 is busy with associations waits a little before accepting, so new associations go to the
 idle ones. SO_REUSEPORT was tried first: its hash put 3 or 4 of 4 concurrent senders on
 one process about half the time. Each receiver has its own indexer thread; the first
-process also runs the start-up reconcile and the assembler.
+process also runs the start-up reconcile, the assembler, and the processing side: the
+dispatcher (``dicom_node.dispatcher``), its executor (Dask worker processes by default)
+and the exporter.
 """
 
 from __future__ import annotations

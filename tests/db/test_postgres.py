@@ -92,3 +92,65 @@ def test_two_nodes_share_one_database(
         assert [(e.event, e.num_instances) for e in events] == [
             ("complete", len(small_ct.datasets))
         ]
+
+
+def test_two_dispatchers_route_and_run_a_study_once(
+    postgres_url: str, tmp_path: Path, small_ct: SyntheticSeries
+) -> None:
+    """Both nodes see the study complete; one job is made and run once, by one of them."""
+    import time
+
+    from db.models import Job, Output
+
+    study_uid, series_uid = str(generate_uid()), str(generate_uid())
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for index, dataset in enumerate(small_ct.datasets):
+        fresh = copy.deepcopy(dataset)
+        fresh.StudyInstanceUID, fresh.SeriesInstanceUID = study_uid, series_uid
+        fresh.SOPInstanceUID = fresh.file_meta.MediaStorageSOPInstanceUID = str(generate_uid())
+        fresh.save_as(folder / f"{index}.dcm", enforce_file_format=True)
+    rule = {
+        "name": f"pg-{series_uid[-8:]}",
+        "match": {"SeriesInstanceUID": series_uid},
+        "pipeline": ["gaussian"],
+    }
+    shared = tmp_path / "shared-data"  # one data_dir: the spool is shared storage
+    nodes = [
+        Node(
+            local_settings(
+                tmp_path / name,
+                data_dir=shared,
+                database_url=postgres_url,
+                study_quiet_seconds=1,
+                assembler_interval_seconds=0.2,
+                rules=[rule],
+            )
+        )
+        for name in ("node1", "node2")
+    ]
+    for node in nodes:
+        node.start()
+    try:
+        files, _ = scan_files([folder])
+        report = send(files, "127.0.0.1", nodes[0].settings.port, calling_ae="T", called_ae="N")
+        assert report.sent == len(files)
+        sessions = make_sessionmaker(make_engine(postgres_url))
+        deadline = time.monotonic() + 60
+        jobs: list[Job] = []
+        while time.monotonic() < deadline:
+            with sessions() as session:
+                jobs = list(
+                    session.scalars(select(Job).where(Job.series_instance_uid == series_uid))
+                )
+            if jobs and jobs[0].state in ("succeeded", "failed"):
+                break
+            time.sleep(0.2)
+    finally:
+        for node in nodes:
+            node.stop(1)
+    assert [(job.state, job.attempts) for job in jobs] == [("succeeded", 1)], jobs[0].error
+    assert jobs[0].claimed_by in {node.settings.effective_node_name for node in nodes}
+    with sessions() as session:
+        outputs = session.scalar(select(func.count(Output.id)).where(Output.job_id == jobs[0].id))
+    assert outputs == len(small_ct.datasets)  # the derived series, once
