@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+import test_routing
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from test_routing import PACS, add_series, settings_with, study_id
 
 from db.models import Export, Job, JobState, Output, RoutingEntry, StudyEvent
-from db.session import make_engine, make_sessionmaker, upgrade
 from dicom_node.assembler import complete_quiet_studies
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.dispatcher import Dispatcher
@@ -34,17 +34,9 @@ from dicom_node.worker import JobResult, JobSpec
 
 LATER = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> sessionmaker[Session]:
-    url = f"sqlite:///{tmp_path / 'index.db'}"
-    upgrade(url)
-    return make_sessionmaker(make_engine(url))
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool(tmp_path / "spool", fsync=False)
+# The same fixtures as the routing tests: a migrated SQLite database and a spool.
+sessions = test_routing.sessions
+spool = test_routing.spool
 
 
 CT_RULE = {"name": "ct", "match": {"Modality": "CT"}, "pipeline": ["gaussian"]}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
+
+from interop_support import cli_json
 
 from dicom_node.testing import NodeProcess, OrthancProcess, require_tool
 
@@ -87,6 +89,11 @@ def install_test_plugins(directory: Path) -> Path:
     return directory
 
 
+def plugin_env(directory: Path) -> dict[str, str]:
+    """The environment that puts the test plugins of ``directory`` on the node's path."""
+    return {"PYTHONPATH": f"{directory}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
 def write_config(path: Path, orthanc: OrthancProcess, body: str, **settings: object) -> Path:
     """A node.toml with the Orthanc destination "pacs", ``settings`` and rules ``body``."""
     lines = [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
@@ -100,19 +107,6 @@ def write_config(path: Path, orthanc: OrthancProcess, body: str, **settings: obj
         """
     path.write_text("\n".join(lines) + textwrap.dedent(destination) + textwrap.dedent(body))
     return path
-
-
-def cli_json(node: NodeProcess, *args: str) -> Any:
-    result = subprocess.run(
-        [sys.executable, "-m", "dicom_node.cli", *args, "--json"],
-        env=node.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=node.data_dir.parent,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def wait_for_jobs(

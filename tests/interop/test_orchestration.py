@@ -6,7 +6,6 @@ node in the middle of a job.
 
 from __future__ import annotations
 
-import os
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from orchestration_support import (
     dciodvfy_errors,
     install_test_plugins,
     orthanc_instances,
+    plugin_env,
     wait_for_exports,
     wait_for_jobs,
     write_config,
@@ -134,7 +134,7 @@ destinations = ["pacs"]
         receiver_processes=1,
         job_timeout_seconds=10.0,
     )
-    env = {"PYTHONPATH": f"{plugins}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = plugin_env(plugins)
     node = start_node(tmp_path / "data", config=config, env=env)
     try:
         study = pydicom.uid.generate_uid()
@@ -181,7 +181,7 @@ destinations = ["pacs"]
         dask_workers=1,
         receiver_processes=1,
     )
-    env = {"PYTHONPATH": f"{plugins}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = plugin_env(plugins)
     node = start_node(tmp_path / "data", config=config, env=env)
     try:
         sources = send_ct(tmp_path, node.port, "killed")
@@ -216,7 +216,7 @@ pipeline = ["fail_raise"]
     config = write_config(
         tmp_path / "node.toml", orthanc, rule, study_quiet_seconds=1.0, dask_workers=1
     )
-    env = {"PYTHONPATH": f"{plugins}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = plugin_env(plugins)
     node = start_node(tmp_path / "data", config=config, env=env, timeout=90)
     try:
         send_ct(tmp_path, node.port, "retried")
