@@ -202,6 +202,8 @@ class Export(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     output_id: Mapped[int | None] = mapped_column(ForeignKey("outputs.id"), index=True)
+    # The node sending it while ``sending``: a restart recovers only its own rows.
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
 
     __table_args__ = (
         UniqueConstraint(

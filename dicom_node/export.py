@@ -35,7 +35,7 @@ from pathlib import Path
 import structlog
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Export, ExportState, Output
@@ -227,13 +227,22 @@ def retry(session: Session, export_id: int, *, now: dt.datetime | None = None) -
     return row
 
 
-def recover_interrupted(sessions: sessionmaker[Session], now: dt.datetime | None = None) -> int:
-    """Rows left ``sending`` (the node died mid-send) go back to ``pending``, due now."""
+def recover_interrupted(
+    sessions: sessionmaker[Session], now: dt.datetime | None = None, node: str | None = None
+) -> int:
+    """Rows left ``sending`` (the node died mid-send) go back to ``pending``, due now.
+
+    With ``node``, only the rows that node claimed (and rows nobody claimed): other nodes
+    sharing the database may be sending theirs right now.
+    """
+    query = update(Export).where(Export.state == ExportState.SENDING.value)
+    if node is not None:
+        query = query.where(or_(Export.claimed_by == node, Export.claimed_by.is_(None)))
     with sessions() as session, session.begin():
         changed = session.execute(
-            update(Export)
-            .where(Export.state == ExportState.SENDING.value)
-            .values(state=ExportState.PENDING.value, next_attempt_at=now or utcnow())
+            query.values(
+                state=ExportState.PENDING.value, next_attempt_at=now or utcnow(), claimed_by=None
+            )
         ).rowcount  # type: ignore[attr-defined]
     if changed:
         log.info("interrupted exports back to pending", count=changed)
@@ -241,7 +250,11 @@ def recover_interrupted(sessions: sessionmaker[Session], now: dt.datetime | None
 
 
 def _claim(
-    sessions: sessionmaker[Session], names: Sequence[str], now: dt.datetime, limit: int
+    sessions: sessionmaker[Session],
+    names: Sequence[str],
+    now: dt.datetime,
+    limit: int,
+    node: str | None,
 ) -> list[_Claimed]:
     with sessions() as session, session.begin():
         query = (
@@ -261,7 +274,7 @@ def _claim(
             changed = session.execute(
                 update(Export)
                 .where(Export.id == row.id, Export.state == ExportState.PENDING.value)
-                .values(state=ExportState.SENDING.value)
+                .values(state=ExportState.SENDING.value, claimed_by=node)
             ).rowcount  # type: ignore[attr-defined]
             if changed:
                 claimed.append(
@@ -396,6 +409,7 @@ def deliver_due(
     limit: int = 500,
     rng: random.Random | None = None,
     on_sent: Callable[[int, int | None], None] | None = None,
+    node: str | None = None,
 ) -> DeliveryReport:
     """Send every due export of the given destinations once; record what became of each.
 
@@ -413,7 +427,7 @@ def deliver_due(
     report = DeliveryReport()
     if not by_name:
         return report
-    claimed = _claim(sessions, sorted(by_name), now, limit)
+    claimed = _claim(sessions, sorted(by_name), now, limit, node)
     report.claimed = len(claimed)
     batches: dict[str, list[_Claimed]] = {}
     for item in claimed:
@@ -447,6 +461,7 @@ def _record(
             attempts = claimed.attempts + 1
             values: dict[str, object] = {
                 "attempts": attempts,
+                "claimed_by": None,
                 "host": target.host[:255],
                 "port": target.port,
                 "ae_title": target.ae_title,
@@ -493,8 +508,10 @@ class Exporter:
         interval: float = 1.0,
         policy: RetryPolicy | None = None,
         limit: int = 500,
+        node: str | None = None,
     ) -> None:
         self.sessions = sessions
+        self.node = node
         self.targets = tuple(targets)
         self.interval = interval
         self.policy = policy or RetryPolicy()
@@ -508,7 +525,7 @@ class Exporter:
         """Recover rows a crash left ``sending``, then start delivering."""
         if self._thread is not None:
             raise RuntimeError("the exporter is already running")
-        recover_interrupted(self.sessions)
+        recover_interrupted(self.sessions, node=self.node)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="exporter", daemon=True)
         self._thread.start()
@@ -536,7 +553,13 @@ class Exporter:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                deliver_due(self.sessions, self.targets, policy=self.policy, limit=self.limit)
+                deliver_due(
+                    self.sessions,
+                    self.targets,
+                    policy=self.policy,
+                    limit=self.limit,
+                    node=self.node,
+                )
             except Exception:  # a database hiccup must not end the exporter
                 log.exception("export round failed")
             self.rounds += 1

@@ -285,7 +285,7 @@ class Node:
     def _start_processing(self) -> None:
         """The exporter, the executor and the dispatcher, which the assembler wakes."""
         assert self.sessions is not None and self.assembler is not None
-        self.exporter = Exporter(self.sessions, ())
+        self.exporter = Exporter(self.sessions, (), node=self.settings.effective_node_name)
         self.executor = make_executor(self.settings)
         self.dispatcher = Dispatcher(self.settings, self.sessions, self.executor, self.exporter)
         self.dispatcher.start()

@@ -29,6 +29,7 @@ from dicom_node.export import (
     RetryPolicy,
     deliver_due,
     enqueue,
+    recover_interrupted,
     retry,
 )
 from dicom_node.node import Node
@@ -308,6 +309,26 @@ def test_exporter_resumes_interrupted_sends_and_stops(
     assert not exporter.running and exporter.rounds >= 1
     assert all(r.state == ExportState.DELIVERED for r in rows(sessions))
     assert received(settings) == {uid_of(p) for p in series_files}
+
+
+def test_recovery_leaves_other_nodes_sends_alone(
+    sessions: sessionmaker[Session], series_files: list[Path], settings: Settings
+) -> None:
+    target = target_for(settings)
+    with sessions() as session, session.begin():
+        enqueue(session, target, series_files[:3], now=T0)
+        for export_id, node in [(1, "node-a"), (2, "node-b"), (3, None)]:
+            session.execute(
+                update(Export)
+                .where(Export.id == export_id)
+                .values(state=ExportState.SENDING.value, claimed_by=node)
+            )
+    assert recover_interrupted(sessions, node="node-a") == 2  # its own and the unclaimed one
+    assert [(r.id, r.state, r.claimed_by) for r in rows(sessions)] == [
+        (1, "pending", None),
+        (2, "sending", "node-b"),
+        (3, "pending", None),
+    ]
 
 
 def test_cli_lists_and_retries_exports(

@@ -1,4 +1,5 @@
-"""jobs, routing entries (rules and destinations in the database), outputs.job_id
+"""jobs, routing entries (rules and destinations in the database), outputs.job_id,
+exports.claimed_by
 
 Revision ID: 0004
 Revises: 0003
@@ -63,6 +64,8 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("kind", "name", name=op.f("pk_routing_entries")),
     )
+    with op.batch_alter_table("exports", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("claimed_by", sa.String(length=128), nullable=True))
     with op.batch_alter_table("outputs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("job_id", sa.Integer(), nullable=True))
         batch_op.create_index(batch_op.f("ix_outputs_job_id"), ["job_id"], unique=False)
@@ -76,6 +79,8 @@ def downgrade() -> None:
         batch_op.drop_constraint(batch_op.f("fk_outputs_job_id_jobs"), type_="foreignkey")
         batch_op.drop_index(batch_op.f("ix_outputs_job_id"))
         batch_op.drop_column("job_id")
+    with op.batch_alter_table("exports", schema=None) as batch_op:
+        batch_op.drop_column("claimed_by")
     op.drop_table("routing_entries")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index("ix_jobs_state_not_before")
