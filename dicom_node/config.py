@@ -99,6 +99,8 @@ class Destination(BaseModel):
     max_attempts: int = Field(10, ge=1)
     # Seconds for association, DIMSE and network timeouts towards it.
     timeout: float = Field(60.0, gt=0)
+    # At most this many associations at once towards it (C-STORE).
+    associations: int = Field(4, ge=1, le=32)
 
     _check_ae_title = field_validator("ae_title")(validate_ae_title)
 

@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
-from db.models import Export, ExportState, Output
+from db.models import Association, Export, ExportState, Output
 from db.session import make_engine, make_sessionmaker, upgrade
 from dicom_node.cli import app
 from dicom_node.config import Settings
@@ -309,6 +309,23 @@ def test_exporter_resumes_interrupted_sends_and_stops(
     assert not exporter.running and exporter.rounds >= 1
     assert all(r.state == ExportState.DELIVERED for r in rows(sessions))
     assert received(settings) == {uid_of(p) for p in series_files}
+
+
+def test_a_large_batch_goes_over_parallel_associations(
+    sessions: sessionmaker[Session], node: Node, settings: Settings, tmp_path: Path
+) -> None:
+    files = generate_series(num_slices=20, rows=16, columns=16, uid_seed="parallel").write(
+        tmp_path / "series"
+    )
+    target = target_for(settings, associations=3)
+    with sessions() as session, session.begin():
+        enqueue(session, target, files, now=T0)
+    assert len(deliver_due(sessions, [target], T0).delivered) == 20
+    assert received(settings) == {uid_of(p) for p in files}
+    assert node.indexer is not None and node.indexer.flush()
+    with make_sessionmaker(make_engine(settings.effective_database_url))() as session:
+        titles = session.scalars(select(Association.calling_ae_title)).all()
+    assert titles.count("EXPORTER") == 2  # 20 instances, at least 8 per association
 
 
 def test_recovery_leaves_other_nodes_sends_alone(
