@@ -35,8 +35,12 @@ class KMeansParams(ProcessorParams):
     max_iter: int = Field(default=100, ge=1, le=1000)
     tol: float = Field(default=1e-4, ge=0)
     n_init: int = Field(default=1, ge=1, le=10)
+    # Intensity classes of a CT are the same fitted on a million voxels as on fifty
+    # million, at a fiftieth of the time; every voxel is still labelled. None: fit on all.
     sample_size: int | None = Field(
-        default=None, ge=1000, description="fit on a random subsample of this many voxels"
+        default=1_000_000,
+        ge=1000,
+        description="fit on a random subsample of at most this many voxels (None: all)",
     )
     seed: int = Field(default=0, ge=0)
 
@@ -129,7 +133,7 @@ class KMeansCluster:
     """K intensity classes; reference ``sklearn.cluster.KMeans`` (adjusted Rand >= 0.99)."""
 
     name: ClassVar[str] = "kmeans"
-    version: ClassVar[str] = "1.0.0"
+    version: ClassVar[str] = "1.1.0"
     family: ClassVar[str] = "cluster"
     Params: ClassVar[type[KMeansParams]] = KMeansParams
 
