@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,7 +265,10 @@ def process_series(
 ) -> list[OutputRecord]:
     """Run the pipeline on one series' files and write every output.
 
-    ``timings`` receives (stage, seconds) for the load, and each step's run and encode.
+    Each step's results are encoded and written on a second thread while the next step
+    runs (encoding is Python, the steps are mostly NumPy/SciPy that release the GIL).
+    ``timings`` receives (stage, seconds) for the load, each step's run and encode, and
+    the wait for the last encodes after the last step.
     """
     clock = time.perf_counter()
 
@@ -275,23 +279,32 @@ def process_series(
             timings.append((stage, now - clock))
         clock = now
 
+    def encode(results: list[Result], step: Step, folder: Path) -> list[OutputRecord]:
+        started = time.perf_counter()
+        written = encode_results(results, datasets, volume, step, folder, problems)
+        if timings is not None:
+            timings.append((f"{step.name}:encode", time.perf_counter() - started))
+        return written
+
     datasets = [pydicom.dcmread(path) for path in paths]
     volume = datasets_to_volume(datasets)
     backend = resolve(device)
     current = volume_to(volume, backend)
     series_uid = volume.series_instance_uid or "unknown"
     lap("load")
-    records: list[OutputRecord] = []
-    for number, step in enumerate(steps, start=1):
-        results = run_on_backend(step.processor, current, step.params, backend)
-        host = [result_to_host(r) for r in results]
-        lap(f"{step.name}:run")
-        folder = output / series_uid / f"{number:02d}-{step.provenance.processor}"
-        records += encode_results(host, datasets, volume, step, folder, problems)
-        lap(f"{step.name}:encode")
-        images = [r for r in results if isinstance(r, ImageResult)]
-        if images:
-            current = images[0].volume
+    encoding: list[Future[list[OutputRecord]]] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder:
+        for number, step in enumerate(steps, start=1):
+            results = run_on_backend(step.processor, current, step.params, backend)
+            host = [result_to_host(r) for r in results]
+            lap(f"{step.name}:run")
+            folder = output / series_uid / f"{number:02d}-{step.provenance.processor}"
+            encoding.append(encoder.submit(encode, host, step, folder))
+            images = [r for r in results if isinstance(r, ImageResult)]
+            if images:
+                current = images[0].volume
+        records = [record for future in encoding for record in future.result()]
+    lap("encode:wait")
     return records
 
 
