@@ -57,6 +57,19 @@ class Exits(_Base):
         os._exit(7)
 
 
+class Hungry(_Base):
+    name: ClassVar[str] = "fail_oom"
+
+    def run(self, volume, params, xp):
+        import numpy as np
+
+        hoard = []
+        for _ in range(200):  # up to 20 GB, 100 MB at a time: the nanny stops it first
+            hoard.append(np.ones(100 * 2**20, dtype=np.uint8))
+            time.sleep(0.05)
+        return []
+
+
 class Sleepy(_Base):
     name: ClassVar[str] = "sleepy"
 
@@ -82,6 +95,7 @@ def install_test_plugins(directory: Path) -> Path:
                 ("fail_raise", "Raises"),
                 ("fail_hang", "Hangs"),
                 ("fail_exit", "Exits"),
+                ("fail_oom", "Hungry"),
                 ("sleepy", "Sleepy"),
             ]
         )

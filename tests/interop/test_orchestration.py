@@ -106,7 +106,7 @@ def test_study_from_storescu_reaches_orthanc_as_seg_sr_and_derived(
         node.stop()
 
 
-def test_faulty_plugins_fail_their_jobs_and_the_node_keeps_working(
+def test_faulty_plugins_fail_their_jobs_and_the_node_keeps_working(  # raise, hang, exit, OOM
     tmp_path: Path, orthanc: OrthancProcess
 ) -> None:
     plugins = install_test_plugins(tmp_path / "plugins")
@@ -122,6 +122,7 @@ destinations = ["pacs"]
             ("raises", "fail_raise"),
             ("hangs", "fail_hang"),
             ("exits", "fail_exit"),
+            ("hungry", "fail_oom"),
             ("healthy", "gaussian"),
         ]
     )
@@ -133,27 +134,30 @@ destinations = ["pacs"]
         dask_workers=2,
         receiver_processes=1,
         job_timeout_seconds=10.0,
+        dask_memory_limit="700MiB",
     )
     env = plugin_env(plugins)
     node = start_node(tmp_path / "data", config=config, env=env)
     try:
         study = pydicom.uid.generate_uid()
-        for name in ("raises", "hangs", "exits", "healthy"):
+        for name in ("raises", "hangs", "exits", "hungry", "healthy"):
             send_ct(tmp_path, node.port, name, study_instance_uid=study, series_description=name)
-        jobs = {job["rule"]: job for job in wait_for_jobs(node, 4, ("succeeded", "failed"), 120)}
+        jobs = {job["rule"]: job for job in wait_for_jobs(node, 5, ("succeeded", "failed"), 120)}
         assert jobs["raises"]["state"] == "failed"
         assert "broken on purpose" in jobs["raises"]["error"]
         assert jobs["hangs"]["state"] == "failed"
         assert "timed out after 10 s" in jobs["hangs"]["error"]
         assert jobs["exits"]["state"] == "failed"
         assert "worker process died" in jobs["exits"]["error"]
+        assert jobs["hungry"]["state"] == "failed"
+        assert "worker process died" in jobs["hungry"]["error"]
         assert jobs["healthy"]["state"] == "succeeded", jobs["healthy"]
         echoscu(node.port, called_ae="DICOMNODE")
 
         # The restarted workers take new work.
         later = send_ct(tmp_path, node.port, "healthy-later", series_description="healthy")
         assert later
-        jobs_after = wait_for_jobs(node, 5, ("succeeded", "failed"), 60)
+        jobs_after = wait_for_jobs(node, 6, ("succeeded", "failed"), 60)
         assert [j["state"] for j in jobs_after if j["id"] == max(j["id"] for j in jobs_after)] == [
             "succeeded"
         ]
