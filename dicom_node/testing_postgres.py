@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,21 +83,18 @@ def running_postgres() -> Iterator[str]:
     )
     try:
         wait_for_port(port, 60, server)
-        subprocess.run(
-            [
-                str(bin_dir / "psql"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "-U",
-                "postgres",
-                "-c",
-                "CREATE DATABASE dicomnode",
-            ],
-            check=True,
-            capture_output=True,
-        )
+        create = [str(bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
+        create += ["-c", "CREATE DATABASE dicomnode"]
+        # The port opens before the server accepts sessions ("the database system is
+        # starting up"): try again for a while.
+        deadline = time.monotonic() + 60
+        while True:
+            result = subprocess.run(create, capture_output=True, text=True)
+            if result.returncode == 0:
+                break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"PostgreSQL did not start: {result.stderr.strip()}")
+            time.sleep(0.2)
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/dicomnode"
     finally:
         server.terminate()
