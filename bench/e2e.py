@@ -139,7 +139,7 @@ def reference_run(work: Path, source: Path) -> dict[str, float]:
     outputs = sorted(p for p in out.rglob("*.dcm"))
     with running_orthanc(work / "orthanc-reference") as orthanc:
         sent_start = time.monotonic()
-        result = storescu(outputs, orthanc.dicom_port, called_ae="ORTHANC")
+        result = storescu(outputs, orthanc.dicom_port, called_ae="ORTHANC", extra_args=["-R"])
         if result.returncode != 0:
             raise RuntimeError(result.stderr[-2000:])
         sent = time.monotonic()
