@@ -17,7 +17,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -140,13 +139,21 @@ class DaskExecutor:
         workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
         return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
 
+    def gpu_workers(self) -> int:
+        """Workers advertising a ``GPU`` resource."""
+        workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
+        return sum(1 for w in workers.values() if w.get("resources", {}).get("GPU"))
+
     def submit(self, spec: JobSpec, *, gpu: bool = False) -> JobFuture:
+        # Without GPU workers the job would wait forever for one; it runs on a CPU
+        # worker instead (a processor that needs CuPy then fails with its reason).
+        wants_gpu = gpu and self.gpu_workers() > 0
         return self.client.submit(  # type: ignore[no-any-return]
             self._run,
             spec,
             key=f"job-{spec.job_id}-{id(spec):x}",
             pure=False,
-            resources={"GPU": 1} if gpu else None,
+            resources={"GPU": 1} if wants_gpu else None,
         )
 
     def kill(self, future: JobFuture) -> None:
@@ -154,10 +161,9 @@ class DaskExecutor:
         workers = [w for w, keys in self.client.processing().items() if key in keys]
         future.cancel()  # type: ignore[attr-defined]
         if workers:
-            # Restarting takes seconds; the dispatcher goes on meanwhile.
-            threading.Thread(
-                target=self._restart, args=(workers,), name="dask-restart", daemon=True
-            ).start()
+            # Synchronous (a few seconds): a job submitted meanwhile could land on the
+            # worker being restarted and die with it.
+            self._restart(workers)
 
     def _restart(self, workers: list[str]) -> None:
         try:
