@@ -221,7 +221,7 @@ class JobState(StrEnum):
 
 
 class Job(Base):
-    """One rule's pipeline on one series. State changes go through ``dicom_node.jobs``.
+    """One rule's pipeline on one series. State changes go through ``dicom_node.jobs.state``.
 
     ``pipeline``, ``params`` and ``destinations`` are JSON copies of the rule as it was when
     the job was made, so editing a rule does not change a job already queued.

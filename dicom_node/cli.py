@@ -498,7 +498,7 @@ def jobs(
     if ctx.invoked_subcommand is not None:
         return
     from db.models import Job
-    from dicom_node.jobs import job_as_dict
+    from dicom_node.jobs.state import job_as_dict
 
     with database_session(settings_from(config)) as session:
         query = select(Job).order_by(Job.id)
@@ -527,7 +527,7 @@ def jobs_retry(
     config: ConfigOption = None,
 ) -> None:
     """Queue a failed (or succeeded) job again; the running node picks it up."""
-    from dicom_node.jobs import InvalidTransitionError, retry
+    from dicom_node.jobs.state import InvalidTransitionError, retry
 
     try:
         with database_session(settings_from(config)) as session:

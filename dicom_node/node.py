@@ -7,7 +7,7 @@ is busy with associations waits a little before accepting, so new associations g
 idle ones. SO_REUSEPORT was tried first: its hash put 3 or 4 of 4 concurrent senders on
 one process about half the time. Each receiver has its own indexer thread; the first
 process also runs the start-up reconcile, the assembler, and the processing side: the
-dispatcher (``dicom_node.dispatcher``), its executor (Dask worker processes by default)
+dispatcher (``dicom_node.jobs.dispatcher``), its executor (Dask worker processes by default)
 and the exporter.
 """
 
@@ -35,11 +35,11 @@ from db.session import make_engine, make_sessionmaker, upgrade
 from dicom_node.ae.server import build_ae, event_handlers
 from dicom_node.assembler import StudyAssembler
 from dicom_node.config import Settings
-from dicom_node.dispatcher import Dispatcher
-from dicom_node.executors import Executor, make_executor
 from dicom_node.export import Exporter
 from dicom_node.handlers.context import ReceiverContext
 from dicom_node.index import Indexer, reconcile
+from dicom_node.jobs.dispatcher import Dispatcher
+from dicom_node.jobs.executors import Executor, make_executor
 from dicom_node.logging import configure_logging
 from dicom_node.routing import assembler_quiet_seconds
 from dicom_node.routing_store import sync_from_settings

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import structlog
 
 from dicom_node.config import Settings
-from dicom_node.worker import JobResult, JobSpec, run_job
+from dicom_node.jobs.worker import JobResult, JobSpec, run_job
 
 log = structlog.get_logger(__name__)
 

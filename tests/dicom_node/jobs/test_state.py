@@ -8,18 +8,16 @@ import json
 from pathlib import Path
 
 import pytest
-import test_routing
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
-from test_routing import PACS, add_series, settings_with, study_id
 
 from db.models import Export, Job, JobState, Output, RoutingEntry, StudyEvent
 from dicom_node.assembler import complete_quiet_studies
 from dicom_node.config import ConfigError, Settings, load_settings
-from dicom_node.dispatcher import Dispatcher
-from dicom_node.executors import InlineExecutor
 from dicom_node.index import as_utc
-from dicom_node.jobs import (
+from dicom_node.jobs.dispatcher import Dispatcher
+from dicom_node.jobs.executors import InlineExecutor
+from dicom_node.jobs.state import (
     InvalidTransitionError,
     claim_next,
     consume_completed_studies,
@@ -28,9 +26,11 @@ from dicom_node.jobs import (
     retry,
     transition,
 )
+from dicom_node.jobs.worker import JobResult, JobSpec
 from dicom_node.routing_store import load_routing, sync_from_settings
 from dicom_node.storage import Spool
-from dicom_node.worker import JobResult, JobSpec
+from tests.dicom_node import test_routing
+from tests.dicom_node.test_routing import PACS, add_series, settings_with, study_id
 
 LATER = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 

@@ -3,14 +3,14 @@
 One thread in the node's main process. Each round it
 
 1. claims the ``complete`` study events nobody routed yet and makes their jobs
-   (``dicom_node.jobs.create_jobs``, with the rules and destinations of the database);
+   (``dicom_node.jobs.state.create_jobs``, with the rules and destinations of the database);
 2. collects the jobs that finished: their outputs become ``outputs`` rows and one export
    per destination (``dicom_node.export.enqueue``), in the same transaction as the job's
    ``succeeded``; a failure is retried after a backoff while attempts are left;
 3. stops jobs past ``job_timeout_seconds`` (the executor restarts their worker);
 4. claims due queued jobs while the executor has free slots and submits them.
 
-A job's state changes only through ``dicom_node.jobs.transition``. On start, jobs this
+A job's state changes only through ``dicom_node.jobs.state.transition``. On start, jobs this
 node left ``running`` are queued again; on stop, jobs still running are queued again
 too, so nothing is lost between restarts. Output UIDs are deterministic, so running a
 job twice produces the same instances, and the PACS keeps one copy.
@@ -31,9 +31,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Instance, Job, JobState
 from dicom_node.config import ConfigError, Settings
-from dicom_node.executors import Executor, JobFuture
 from dicom_node.export import Exporter, ExportTarget, enqueue, export_target
-from dicom_node.jobs import (
+from dicom_node.jobs.executors import Executor, JobFuture
+from dicom_node.jobs.state import (
     claim_next,
     consume_completed_studies,
     create_jobs,
@@ -42,9 +42,9 @@ from dicom_node.jobs import (
     transition,
     utcnow,
 )
+from dicom_node.jobs.worker import JobResult, JobSpec
 from dicom_node.process import upsert_outputs
 from dicom_node.routing_store import load_routing
-from dicom_node.worker import JobResult, JobSpec
 from processors.registry import discover
 
 log = structlog.get_logger(__name__)

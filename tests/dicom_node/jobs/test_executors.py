@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.executors import DaskExecutor, InlineExecutor
+from dicom_node.jobs.executors import DaskExecutor, InlineExecutor
+from dicom_node.jobs.worker import JobError, JobResult, JobSpec, worker_name
 from dicom_node.testing import local_settings
-from dicom_node.worker import JobError, JobResult, JobSpec, worker_name
 
 
 def spec(job_id: int = 1) -> JobSpec:
