@@ -129,6 +129,33 @@ def kmeans_sklearn(
     return labels, model.cluster_centers_
 
 
+def intensity_classes(xp: ModuleType, volume: Volume, params: KMeansParams) -> Array:
+    """Labels 1..k for intensity-only k-means, without an (n_voxels, 1) feature matrix.
+
+    The centres are fitted as in the general case (standardised intensity, on the sample
+    when one is asked for); in one dimension the nearest centre of a voxel is found by
+    where its value falls between the midpoints of the sorted centres.
+    """
+    flat = volume.array.ravel()
+    mean = float(flat.mean(dtype=xp.float64))
+    std = float(flat.std(dtype=xp.float64)) or 1.0
+    values = flat
+    if params.sample_size is not None and params.sample_size < flat.shape[0]:
+        rng = np.random.default_rng(params.seed)
+        pick = np.sort(rng.choice(flat.shape[0], size=params.sample_size, replace=False))
+        values = flat[xp.asarray(pick)]
+    fit = ((values.astype(xp.float32) - mean) / std)[:, None]
+    options = dict(max_iter=params.max_iter, tol=params.tol, n_init=params.n_init, seed=params.seed)
+    if is_cupy(xp):
+        _, centres = kmeans_xp(xp, fit, params.k, **options)  # type: ignore[arg-type]
+    else:
+        _, centres = kmeans_sklearn(fit, params.k, sample=None, **options)  # type: ignore[arg-type]
+    ordered = np.sort(np.asarray(to_host(centres), dtype=np.float64)[:, 0]) * std + mean
+    midpoints = xp.asarray((ordered[1:] + ordered[:-1]) / 2.0)
+    labels = xp.searchsorted(midpoints, flat) + 1
+    return labels.astype(xp.uint16).reshape(volume.shape)
+
+
 class KMeansCluster:
     """K intensity classes; reference ``sklearn.cluster.KMeans`` (adjusted Rand >= 0.99)."""
 
@@ -138,6 +165,25 @@ class KMeansCluster:
     Params: ClassVar[type[KMeansParams]] = KMeansParams
 
     def run(self, volume: Volume, params: KMeansParams, xp: ModuleType) -> list[Result]:
+        if params.spatial_weight == 0:
+            label_map = intensity_classes(xp, volume, params)
+        else:
+            label_map = self._feature_classes(xp, volume, params)
+        sizes = to_host(xp.bincount(label_map.ravel(), minlength=params.k + 1))
+        present = [label for label in range(1, params.k + 1) if int(sizes[label]) > 0]
+        segments = tuple(
+            SegmentDescription(label, f"Intensity class {label}", Codes.TISSUE, Codes.TISSUE)
+            for label in present
+        )
+        stats = segment_statistics(
+            xp, volume.array, label_map, params.k, volume.voxel_volume_mm3, intensity_unit(volume)
+        )
+        return [
+            LabelResult(label_map, segments, volume, f"K-means, {params.k} classes"),
+            MeasurementResult(tuple(stats), description="Cluster statistics"),
+        ]
+
+    def _feature_classes(self, xp: ModuleType, volume: Volume, params: KMeansParams) -> Array:
         x = build_features(xp, volume, params.spatial_weight)
         sample = None
         if params.sample_size is not None and params.sample_size < x.shape[0]:
@@ -155,17 +201,4 @@ class KMeansCluster:
         intensity = xp.asarray(centres)[:, 0]
         rank = xp.empty(params.k, dtype=xp.int64)
         rank[xp.argsort(intensity)] = xp.arange(1, params.k + 1, dtype=xp.int64)
-        label_map = rank[xp.asarray(labels)].astype(xp.uint16).reshape(volume.shape)
-        sizes = to_host(xp.bincount(label_map.ravel(), minlength=params.k + 1))
-        present = [label for label in range(1, params.k + 1) if int(sizes[label]) > 0]
-        segments = tuple(
-            SegmentDescription(label, f"Intensity class {label}", Codes.TISSUE, Codes.TISSUE)
-            for label in present
-        )
-        stats = segment_statistics(
-            xp, volume.array, label_map, params.k, volume.voxel_volume_mm3, intensity_unit(volume)
-        )
-        return [
-            LabelResult(label_map, segments, volume, f"K-means, {params.k} classes"),
-            MeasurementResult(tuple(stats), description="Cluster statistics"),
-        ]
+        return rank[xp.asarray(labels)].astype(xp.uint16).reshape(volume.shape)
