@@ -79,9 +79,7 @@ def _stored_range(ds: Dataset) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def _pixel_plan(
-    values: npt.NDArray[np.float64], source: Dataset
-) -> tuple[float, float, int, int, bool]:
+def _pixel_plan(values: npt.NDArray[Any], source: Dataset) -> tuple[float, float, int, int, bool]:
     """(slope, intercept, low, high, rescale kept) for writing ``values`` like ``source``."""
     low, high = _stored_range(source)
     slope = float(source.get("RescaleSlope", 1.0) or 1.0)
@@ -124,16 +122,25 @@ def encode_derived(
         raise EncodeError("derived series from multi-frame sources are not supported yet")
     ordered = ordered_sources(geometry, sources)
     series_uid = source_series_uid(geometry, sources)
-    values = np.asarray(result.volume.array, dtype=np.float64)
-    if not np.isfinite(values).all():
+    values = np.asarray(result.volume.array)
+    if values.dtype.kind not in "fiub":
+        raise EncodeError(f"the derived image has values of type {values.dtype}")
+    # NaN propagates through min and max, and an infinity is one of them.
+    if not (np.isfinite(values.min()) and np.isfinite(values.max())):
         raise EncodeError("the derived image holds NaN or infinite values")
     first = ordered[0]
     if int(first.get("SamplesPerPixel", 1) or 1) != 1:
         raise EncodeError("only grayscale sources can have a derived series")
     slope, intercept, low, high, kept = _pixel_plan(values, first)
-    stored = np.clip(np.rint((values - intercept) / slope), low, high)
     signed = low < 0
-    stored_array = stored.astype(np.int16 if signed else np.uint16)
+    stored_type = np.int16 if signed else np.uint16
+
+    def stored_slice(z: int) -> bytes:
+        # Slice by slice: whole-volume float64 temporaries of a 512x512x200 CT are 400 MB.
+        plane = (values[z].astype(np.float64) - intercept) / slope
+        stored: bytes = np.clip(np.rint(plane), low, high).astype(stored_type).tobytes()
+        return stored
+
     bits = 16 if signed or high > 4095 else 12
     has_rescale = "RescaleSlope" in first or str(first.SOPClassUID) in HAS_RESCALE
 
@@ -183,7 +190,7 @@ def encode_derived(
             for keyword in ("WindowCenter", "WindowWidth", "RescaleType", "VOILUTSequence"):
                 if keyword in ds:
                     delattr(ds, keyword)
-        ds.PixelData = stored_array[z].tobytes()
+        ds.PixelData = stored_slice(z)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
