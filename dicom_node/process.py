@@ -262,8 +262,12 @@ def process_series(
     device: str = "cpu",
     problems: list[str] | None = None,
     timings: list[tuple[str, float]] | None = None,
+    on_step_written: Callable[[int, list[OutputRecord]], None] | None = None,
 ) -> list[OutputRecord]:
     """Run the pipeline on one series' files and write every output.
+
+    ``on_step_written(step_number, records)`` is called (on the encoder thread, in step
+    order) as soon as a step's outputs are on disk.
 
     Each step's results are encoded and written on a second thread while the next step
     runs (encoding is Python, the steps are mostly NumPy/SciPy that release the GIL).
@@ -279,11 +283,13 @@ def process_series(
             timings.append((stage, now - clock))
         clock = now
 
-    def encode(results: list[Result], step: Step, folder: Path) -> list[OutputRecord]:
+    def encode(number: int, results: list[Result], step: Step, folder: Path) -> list[OutputRecord]:
         started = time.perf_counter()
         written = encode_results(results, datasets, volume, step, folder, problems)
         if timings is not None:
             timings.append((f"{step.name}:encode", time.perf_counter() - started))
+        if on_step_written is not None:
+            on_step_written(number, written)
         return written
 
     datasets = [pydicom.dcmread(path) for path in paths]
@@ -299,7 +305,7 @@ def process_series(
             host = [result_to_host(r) for r in results]
             lap(f"{step.name}:run")
             folder = output / series_uid / f"{number:02d}-{step.provenance.processor}"
-            encoding.append(encoder.submit(encode, host, step, folder))
+            encoding.append(encoder.submit(encode, number, host, step, folder))
             images = [r for r in results if isinstance(r, ImageResult)]
             if images:
                 current = images[0].volume

@@ -10,6 +10,12 @@ One thread in the node's main process. Each round it
 3. stops jobs past ``job_timeout_seconds`` (the executor restarts their worker);
 4. claims due queued jobs while the executor has free slots and submits them.
 
+Outputs go out as soon as their step is written: a worker leaves one file per finished
+step under the job's output folder (``dicom_node.jobs.worker.written_steps``), and the
+dispatcher records and enqueues those outputs while later steps run. So the derived
+series of a first step reaches the PACS while the segmentation still runs; a job that
+fails later has sent the outputs of the steps that finished (each a complete object).
+
 A job's state changes only through ``dicom_node.jobs.state.transition``. On start, jobs this
 node left ``running`` are queued again; on stop, jobs still running are queued again
 too, so nothing is lost between restarts. Output UIDs are deterministic, so running a
@@ -22,14 +28,14 @@ import datetime as dt
 import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance, Job, JobState
+from db.models import Instance, Job, JobState, Output
 from dicom_node.config import ConfigError, Settings
 from dicom_node.export import Exporter, ExportTarget, enqueue, export_target
 from dicom_node.jobs.executors import Executor, JobFuture
@@ -42,8 +48,8 @@ from dicom_node.jobs.state import (
     transition,
     utcnow,
 )
-from dicom_node.jobs.worker import JobResult, JobSpec
-from dicom_node.process import upsert_outputs
+from dicom_node.jobs.worker import JobResult, JobSpec, written_steps
+from dicom_node.process import OutputRecord, upsert_outputs
 from dicom_node.routing_store import load_routing
 from processors.registry import discover
 
@@ -59,6 +65,8 @@ class _Running:
     future: JobFuture
     deadline: float
     started: float
+    output_dir: Path
+    steps_seen: set[str] = field(default_factory=set)
 
 
 def _series_paths(session: Session, series_id: int) -> tuple[str, ...]:
@@ -195,7 +203,11 @@ class Dispatcher:
             log.info("job submitted", job_id=job.id, rule=job.rule_name, attempt=job.attempts)
             future = self.executor.submit(spec, gpu=gpu)
             self._running[job.id] = _Running(
-                job.id, future, started + self.settings.job_timeout_seconds, started
+                job.id,
+                future,
+                started + self.settings.job_timeout_seconds,
+                started,
+                Path(spec.output_dir),
             )
             submitted += 1
         return submitted
@@ -213,6 +225,12 @@ class Dispatcher:
         )
 
     def collect(self) -> int:
+        """Record the outputs of steps that finished, and the jobs that finished."""
+        for running in list(self._running.values()):
+            for name, records in written_steps(running.output_dir, running.steps_seen):
+                running.steps_seen.add(name)
+                if records:
+                    self._record_outputs(running.job_id, records)
         finished = [r for r in self._running.values() if r.future.done()]
         for running in finished:
             del self._running[running.job_id]
@@ -236,21 +254,35 @@ class Dispatcher:
 
     # -- recording outcomes ----------------------------------------------------------------
 
-    def _succeeded(self, job_id: int, result: JobResult) -> None:
+    def _export(self, session: Session, job: Job, rows: list[Output]) -> list[str]:
+        """Enqueue ``rows`` for the job's destinations; notes on those that are gone."""
         destinations = {d.name: d for d in self.routing.destinations}
-        notes = list(result.problems)
+        notes = []
+        for name in json.loads(job.destinations):
+            destination = destinations.get(name)
+            if destination is None:
+                notes.append(f"destination {name!r} is no longer defined; not sent there")
+            elif rows:
+                enqueue(session, export_target(destination, self.settings.ae_title), rows)
+        return notes
+
+    def _record_outputs(self, job_id: int, records: list[OutputRecord]) -> None:
+        """A step of a running job wrote these: record them and send them now."""
+        with self.sessions.begin() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.state != JobState.RUNNING.value:
+                return
+            self._export(session, job, upsert_outputs(session, records, job_id))
+        if self.exporter is not None:
+            self.exporter.wake()
+
+    def _succeeded(self, job_id: int, result: JobResult) -> None:
         with self.sessions.begin() as session:
             job = session.get(Job, job_id)
             if job is None:
                 return
             rows = upsert_outputs(session, result.records, job_id)
-            for name in json.loads(job.destinations):
-                destination = destinations.get(name)
-                if destination is None:
-                    notes.append(f"destination {name!r} is no longer defined; not sent there")
-                    continue
-                if rows:
-                    enqueue(session, export_target(destination, self.settings.ae_title), rows)
+            notes = list(result.problems) + self._export(session, job, rows)
             transition(
                 session,
                 job_id,

@@ -9,7 +9,10 @@ raises ``JobError`` with the reason; anything else propagates as it is.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,41 @@ from dicom_node.encode.common import EncodeError
 from dicom_node.process import OutputRecord, ProcessError, build_steps, process_series
 from dicom_node.volume import SeriesError
 from processors.base import ProcessorError
+
+STEPS_DIR = ".steps"
+"""Under a job's output folder: one JSON file per finished step, listing its outputs, so
+the node can send them while later steps still run (``written_steps``)."""
+
+
+def record_to_json(record: OutputRecord) -> dict[str, str]:
+    return {key: str(value) for key, value in dataclasses.asdict(record).items()}
+
+
+def record_from_json(item: dict[str, str]) -> OutputRecord:
+    return OutputRecord(**{**item, "path": Path(item["path"])})  # type: ignore[arg-type]
+
+
+def _write_step(folder: Path, number: int, records: list[OutputRecord]) -> None:
+    temporary = folder / f".{number:02d}.json.tmp"
+    temporary.write_text(json.dumps([record_to_json(r) for r in records]))
+    temporary.replace(folder / f"{number:02d}.json")
+
+
+def written_steps(output_dir: Path, seen: set[str]) -> list[tuple[str, list[OutputRecord]]]:
+    """The step files under ``output_dir`` not in ``seen``, with their outputs."""
+    folder = output_dir / STEPS_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.glob("[0-9]*.json")):
+        if path.name in seen:
+            continue
+        try:
+            items = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced; read it next time
+        found.append((path.name, [record_from_json(item) for item in items]))
+    return found
 
 
 class JobError(RuntimeError):
@@ -62,6 +100,9 @@ def run_job(spec: JobSpec) -> JobResult:
     params = {name: spec.params.get(name, {}) for name in spec.pipeline if spec.params.get(name)}
     problems: list[str] = []
     timings: list[tuple[str, float]] = []
+    steps_dir = Path(spec.output_dir) / STEPS_DIR
+    shutil.rmtree(steps_dir, ignore_errors=True)  # an earlier attempt's
+    steps_dir.mkdir(parents=True)
     try:
         steps = build_steps(spec.pipeline, params=params, uid_root=spec.uid_root)
         records = process_series(
@@ -71,6 +112,7 @@ def run_job(spec: JobSpec) -> JobResult:
             spec.device,
             problems,
             timings,
+            on_step_written=lambda number, written: _write_step(steps_dir, number, written),
         )
     except (ProcessError, SeriesError, EncodeError, ProcessorError) as exc:
         raise JobError(str(exc)) from None

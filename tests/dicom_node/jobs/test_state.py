@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from dicom_node.jobs.state import (
     retry,
     transition,
 )
-from dicom_node.jobs.worker import JobResult, JobSpec
+from dicom_node.jobs.worker import JobResult, JobSpec, written_steps
 from dicom_node.routing_store import load_routing, sync_from_settings
 from dicom_node.storage import Spool
 from tests.dicom_node import test_routing
@@ -264,3 +265,38 @@ def test_dispatcher_retries_a_failed_attempt_then_fails_the_job(
     [job] = jobs(sessions)
     assert (job.state, job.attempts) == ("failed", 2)
     assert job.error == "ValueError: job 1 cannot run"
+
+
+def test_outputs_of_finished_steps_are_sent_even_when_a_later_step_fails(
+    sessions: sessionmaker[Session], spool: Spool, tmp_path: Path
+) -> None:
+    add_series(spool, sessions, number=1, num_slices=6)
+    settings = load_settings(
+        None,
+        data_dir=tmp_path / "data",
+        destinations=[PACS],
+        rules=[{**CT_RULE, "pipeline": ["gaussian", "median"], "destinations": ["pacs"]}],
+        executor="inline",
+    )
+
+    def first_step_then_crash(spec: JobSpec) -> JobResult:
+        from dicom_node.jobs import worker
+
+        first = worker.run_job(replace(spec, pipeline=("gaussian",)))
+        raise RuntimeError(f"median broke after {len(first.records)} outputs")
+
+    with sessions.begin() as session:
+        sync_from_settings(session, settings)
+        complete_quiet_studies(session, 1.0, now=LATER)
+    dispatcher = Dispatcher(settings, sessions, InlineExecutor(first_step_then_crash))
+    dispatcher.reload_routing(force=True)
+    dispatcher.route_completed_studies()
+    dispatcher.fill()
+    dispatcher.collect()
+    [job] = jobs(sessions)
+    assert (job.state, job.error) == ("failed", "RuntimeError: median broke after 6 outputs")
+    steps = written_steps(tmp_path / "data" / "outputs" / f"job-{job.id}", set())
+    assert [(name, len(records)) for name, records in steps] == [("01.json", 6)]
+    with sessions() as session:
+        exported = session.scalars(select(Export.sop_instance_uid)).all()
+    assert sorted(exported) == sorted(r.sop_instance_uid for r in steps[0][1])
