@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from dicom_node.jobs.state import (
     retry,
     transition,
 )
-from dicom_node.jobs.worker import JobResult, JobSpec, written_steps
+from dicom_node.jobs.worker import JobResult, JobSpec, run_job, written_steps
 from dicom_node.routing_store import load_routing, sync_from_settings
 from dicom_node.storage import Spool
 from tests.dicom_node import test_routing
@@ -190,6 +191,21 @@ def test_routing_entries_sync_from_the_file_and_keep_admin_entries(
         load_routing(session, Settings())
 
 
+def dispatch_once(
+    sessions: sessionmaker[Session], settings: Settings, run: Callable[[JobSpec], JobResult]
+) -> Dispatcher:
+    """Complete the study, then one dispatcher round: route, submit (inline), collect."""
+    with sessions.begin() as session:
+        sync_from_settings(session, settings)
+        complete_quiet_studies(session, 1.0, now=LATER)
+    dispatcher = Dispatcher(settings, sessions, InlineExecutor(run))
+    dispatcher.reload_routing(force=True)
+    assert dispatcher.route_completed_studies() == 1
+    dispatcher.fill()
+    dispatcher.collect()
+    return dispatcher
+
+
 def test_dispatcher_runs_the_job_and_records_outputs_and_exports(
     sessions: sessionmaker[Session], spool: Spool, tmp_path: Path
 ) -> None:
@@ -203,14 +219,7 @@ def test_dispatcher_runs_the_job_and_records_outputs_and_exports(
         ],
         executor="inline",
     )
-    with sessions.begin() as session:
-        sync_from_settings(session, settings)
-        complete_quiet_studies(session, 1.0, now=LATER)
-    dispatcher = Dispatcher(settings, sessions, InlineExecutor())
-    dispatcher.reload_routing(force=True)
-    assert dispatcher.route_completed_studies() == 1
-    dispatcher.fill()
-    dispatcher.collect()
+    dispatch_once(sessions, settings, run_job)
     [job] = jobs(sessions)
     assert job.state == "succeeded", job.error
     assert job.worker and job.finished_at is not None
@@ -247,14 +256,7 @@ def test_dispatcher_retries_a_failed_attempt_then_fails_the_job(
     def broken(spec: JobSpec) -> JobResult:
         raise ValueError(f"job {spec.job_id} cannot run")
 
-    with sessions.begin() as session:
-        sync_from_settings(session, settings)
-        complete_quiet_studies(session, 1.0, now=LATER)
-    dispatcher = Dispatcher(settings, sessions, InlineExecutor(broken))
-    dispatcher.reload_routing(force=True)
-    dispatcher.route_completed_studies()
-    dispatcher.fill()
-    dispatcher.collect()
+    dispatcher = dispatch_once(sessions, settings, broken)
     [job] = jobs(sessions)
     assert (job.state, job.attempts, job.error) == ("queued", 1, "ValueError: job 1 cannot run")
     assert as_utc(job.not_before) > dt.datetime.now(dt.UTC)  # retried after a backoff
@@ -285,14 +287,7 @@ def test_outputs_of_finished_steps_are_sent_even_when_a_later_step_fails(
         first = worker.run_job(replace(spec, pipeline=("gaussian",)))
         raise RuntimeError(f"median broke after {len(first.records)} outputs")
 
-    with sessions.begin() as session:
-        sync_from_settings(session, settings)
-        complete_quiet_studies(session, 1.0, now=LATER)
-    dispatcher = Dispatcher(settings, sessions, InlineExecutor(first_step_then_crash))
-    dispatcher.reload_routing(force=True)
-    dispatcher.route_completed_studies()
-    dispatcher.fill()
-    dispatcher.collect()
+    dispatch_once(sessions, settings, first_step_then_crash)
     [job] = jobs(sessions)
     assert (job.state, job.error) == ("failed", "RuntimeError: median broke after 6 outputs")
     steps = written_steps(tmp_path / "data" / "outputs" / f"job-{job.id}", set())
