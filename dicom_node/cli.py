@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import signal
 import time
@@ -509,7 +510,14 @@ def jobs(
         return
     console.print(f"{'ID':>5} {'STATE':<10} {'TRIES':>5} {'SECONDS':>8} {'OUT':>4}  RULE / ERROR")
     for row in rows:
-        seconds = sum(step["seconds"] for step in row["step_timings"])
+        seconds = (
+            (
+                dt.datetime.fromisoformat(row["finished_at"])
+                - dt.datetime.fromisoformat(row["started_at"])
+            ).total_seconds()
+            if row["finished_at"] and row["started_at"]
+            else 0.0
+        )
         tries = f"{row['attempts']}/{row['max_attempts']}"
         console.print(
             f"{row['id']:>5} {row['state']:<10} {tries:>5} {seconds:>8.1f} {row['outputs']:>4}  "
