@@ -506,7 +506,7 @@ def jobs(
         if state is not None:
             query = query.where(Job.state == state)
         rows = [job_as_dict(job) for job in session.scalars(query)]
-    if printed_as_json_or_empty(rows, as_json, "no jobs yet"):
+    if printed_as_json_or_empty(rows, as_json, f"no {state} jobs" if state else "no jobs yet"):
         return
     console.print(f"{'ID':>5} {'STATE':<10} {'TRIES':>5} {'SECONDS':>8} {'OUT':>4}  RULE / ERROR")
     for row in rows:
