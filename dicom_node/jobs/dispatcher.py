@@ -201,7 +201,11 @@ class Dispatcher:
             )
             started = time.monotonic()
             log.info("job submitted", job_id=job.id, rule=job.rule_name, attempt=job.attempts)
-            future = self.executor.submit(spec, gpu=gpu)
+            try:
+                future = self.executor.submit(spec, gpu=gpu)
+            except Exception as exc:  # the executor is down (a remote scheduler gone)
+                self._requeue(job.id, job.attempts - 1, f"could not submit: {exc}")
+                break
             self._running[job.id] = _Running(
                 job.id,
                 future,
@@ -297,6 +301,21 @@ class Dispatcher:
         log.info("job succeeded", job_id=job_id, outputs=len(result.records))
         if self.exporter is not None:
             self.exporter.wake()
+
+    def _requeue(self, job_id: int, attempts: int, reason: str) -> None:
+        """Back to queued without using an attempt: the job never ran."""
+        with self.sessions.begin() as session:
+            transition(
+                session,
+                job_id,
+                JobState.QUEUED,
+                expected=JobState.RUNNING,
+                attempts=attempts,
+                error=reason,
+                claimed_by=None,
+                not_before=utcnow() + dt.timedelta(seconds=RETRY_BASE_SECONDS),
+            )
+        log.error("job not submitted; queued again", job_id=job_id, error=reason)
 
     def _failed(self, job_id: int, reason: str) -> None:
         with self.sessions.begin() as session:

@@ -18,7 +18,7 @@ from dicom_node.assembler import complete_quiet_studies
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.index import as_utc
 from dicom_node.jobs.dispatcher import Dispatcher
-from dicom_node.jobs.executors import InlineExecutor
+from dicom_node.jobs.executors import InlineExecutor, JobFuture
 from dicom_node.jobs.state import (
     InvalidTransitionError,
     claim_next,
@@ -295,3 +295,25 @@ def test_outputs_of_finished_steps_are_sent_even_when_a_later_step_fails(
     with sessions() as session:
         exported = session.scalars(select(Export.sop_instance_uid)).all()
     assert sorted(exported) == sorted(r.sop_instance_uid for r in steps[0][1])
+
+
+class BrokenExecutor(InlineExecutor):
+    def submit(self, spec: JobSpec, *, gpu: bool = False) -> JobFuture:
+        raise OSError("scheduler at tcp://10.0.0.9:8786 unreachable")
+
+
+def test_a_job_the_executor_cannot_take_is_queued_again_without_using_an_attempt(
+    sessions: sessionmaker[Session], spool: Spool, tmp_path: Path
+) -> None:
+    add_series(spool, sessions, number=1)
+    settings = load_settings(None, data_dir=tmp_path / "data", rules=[CT_RULE], executor="inline")
+    with sessions.begin() as session:
+        sync_from_settings(session, settings)
+        complete_quiet_studies(session, 1.0, now=LATER)
+    dispatcher = Dispatcher(settings, sessions, BrokenExecutor())
+    dispatcher.reload_routing(force=True)
+    dispatcher.route_completed_studies()
+    assert dispatcher.fill() == 0
+    [job] = jobs(sessions)
+    assert (job.state, job.attempts) == ("queued", 0)
+    assert job.error == "could not submit: scheduler at tcp://10.0.0.9:8786 unreachable"
