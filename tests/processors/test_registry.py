@@ -25,6 +25,7 @@ BUILTINS = {
     "kmeans",
     "features",
     "predict",
+    "unet",
 }
 
 
@@ -42,6 +43,7 @@ def test_every_builtin_is_discovered_and_available_on_cpu():
             "cluster",
             "features",
             "predict",
+            "model",
         }
         assert info.params_schema()["type"] == "object"
 
