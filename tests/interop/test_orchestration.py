@@ -251,3 +251,40 @@ pipeline = ["fail_raise"]
         assert missing.returncode == 1 and "no job with id 999" in missing.stderr
     finally:
         node.stop()
+
+
+def test_unet_rule_sends_a_valid_seg_to_orthanc(tmp_path: Path, orthanc: OrthancProcess) -> None:
+    """The shipped U-Net through the node: its SEG reaches Orthanc and passes dciodvfy."""
+    rule = """
+[[rules]]
+name = "ct-unet"
+match = { Modality = "CT" }
+pipeline = ["unet"]
+destinations = ["pacs"]
+"""
+    config = write_config(
+        tmp_path / "node.toml", orthanc, rule, study_quiet_seconds=1.0, dask_workers=1
+    )
+    node = start_node(tmp_path / "data", config=config)
+    try:
+        series = generate_series(
+            num_slices=32, rows=192, columns=192, pixel_spacing=1.8, uid_seed="unet-e2e"
+        )
+        storescu(series.write(tmp_path / "unet"), node.port, called_ae="DICOMNODE")
+        [job] = wait_for_jobs(node, 1, ("succeeded", "failed"), 180)
+        assert job["state"] == "succeeded", job
+        wait_for_exports(node)
+        stored = orthanc_instances(orthanc)
+        segs = []
+        for index, item in enumerate(stored.values()):
+            path = download(orthanc, item["ID"], tmp_path / f"unet-{index}.dcm")
+            ds = pydicom.dcmread(path)
+            if ds.Modality == "SEG":
+                segs.append(ds)
+                assert dciodvfy_errors(path) == []
+        [seg] = segs
+        names = {segment.SegmentLabel for segment in seg.SegmentSequence}
+        assert "Lung" in names, names
+        assert "unet" in seg.SegmentSequence[0].SegmentAlgorithmName
+    finally:
+        node.stop()
