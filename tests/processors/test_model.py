@@ -343,15 +343,9 @@ def test_held_out_dice_is_the_model_cards(held_out_dice):
         assert held_out_dice[value] == pytest.approx(card["pooled_dice"][str(value)], abs=0.002)
         assert f"{card['pooled_dice'][str(value)]:.3f}" in text
     assert held_out_dice[1] >= 0.9, f"lung: Dice {held_out_dice[1]:.3f}"
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped model's lesion Dice (0.587, MODEL_CARD.md) is below the 0.9 target",
-)
-def test_held_out_lesion_dice_reaches_the_target(held_out_dice):
-    assert held_out_dice[2] >= 0.9, f"lesion: Dice {held_out_dice[2]:.3f}"
+    # The lesion Dice (0.587 on the card) is below the issue's 0.9 target: issue 7 stays
+    # open on it. Pinning it to the card catches a regression, and a better model must
+    # come with its card.
 
 
 # --- Parameters and refusals --------------------------------------------------------------
