@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import subprocess
 import sys
 from importlib.metadata import EntryPoint
@@ -20,6 +19,7 @@ import pytest
 from proc_testing import dice
 
 from dicom_node.synthetic import generate_series
+from dicom_node.testing import require_tool
 from processors import registry
 from processors.api import run_processor
 from processors.base import LabelResult, MeasurementResult, ProcessorError, Volume
@@ -378,9 +378,7 @@ def test_empty_result_has_no_segments():
 def test_process_writes_a_unet_seg_that_passes_dciodvfy(tmp_path):
     from dicom_node.process import process_directory
 
-    tool = shutil.which("dciodvfy")
-    if tool is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    tool = require_tool("dciodvfy")  # missing: fails with the install command (make deps)
     series = generate_series(
         num_slices=16, rows=160, columns=160, pixel_spacing=1.6, slice_thickness=2.5, uid_seed="u"
     )
