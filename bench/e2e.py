@@ -32,22 +32,15 @@ from sqlalchemy import create_engine, func, select  # noqa: E402
 from db.models import Export, Instance, Job  # noqa: E402
 from dicom_node.index import as_utc  # noqa: E402
 from dicom_node.synthetic import generate_series  # noqa: E402
-from dicom_node.testing import running_orthanc, start_node, storescu  # noqa: E402
+from dicom_node.testing import (  # noqa: E402
+    CT_DEFAULT_PIPELINE,
+    ct_default_config,
+    running_orthanc,
+    start_node,
+    storescu,
+)
 
-PIPELINE = ["gaussian", "threshold_segment", "kmeans", "features"]
-RULE = """
-[[destinations]]
-name = "pacs"
-host = "127.0.0.1"
-port = {port}
-ae_title = "ORTHANC"
-
-[[rules]]
-name = "ct-default"
-match = {{ Modality = "CT" }}
-pipeline = {pipeline}
-destinations = ["pacs"]
-"""
+PIPELINE = list(CT_DEFAULT_PIPELINE)
 
 
 def orthanc_count(orthanc: object) -> int:
@@ -67,9 +60,9 @@ def node_run(work: Path, files: list[Path], quiet: float, workers: int) -> dict[
     with running_orthanc(work / "orthanc-node") as orthanc:
         config = work / "node.toml"
         config.write_text(
-            f'data_dir = "{work / "data"}"\nstudy_quiet_seconds = {quiet}\n'
-            f"dask_workers = {workers}\n"
-            + RULE.format(port=orthanc.dicom_port, pipeline=json.dumps(PIPELINE))
+            ct_default_config(
+                orthanc, work / "data", study_quiet_seconds=quiet, dask_workers=workers
+            )
         )
         node = start_node(work / "data", config=config)
         try:

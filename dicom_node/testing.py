@@ -263,6 +263,33 @@ def running_orthanc(
         stop_process(process)
 
 
+CT_DEFAULT_PIPELINE = ("gaussian", "threshold_segment", "kmeans", "features")
+
+
+def ct_default_config(orthanc: OrthancProcess, data_dir: Path, **settings: object) -> str:
+    """A node.toml: the issue's ``ct-default`` rule sending every CT's outputs to
+    ``orthanc`` (destination "pacs"), the node's data in ``data_dir``, more ``settings``."""
+    lines = [f"data_dir = {json.dumps(str(data_dir))}"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    return (
+        "\n".join(lines)
+        + f"""
+
+[[destinations]]
+name = "pacs"
+host = "127.0.0.1"
+port = {orthanc.dicom_port}
+ae_title = "{orthanc.ae_title}"
+
+[[rules]]
+name = "ct-default"
+match = {{ Modality = "CT" }}
+pipeline = {json.dumps(list(CT_DEFAULT_PIPELINE))}
+destinations = ["pacs"]
+"""
+    )
+
+
 def storescu(
     files: list[Path] | list[str],
     port: int,

@@ -20,23 +20,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dicom_node.testing import free_port, running_orthanc, start_node  # noqa: E402
+from dicom_node.testing import (  # noqa: E402
+    ct_default_config,
+    free_port,
+    running_orthanc,
+    start_node,
+)
 
 WORK = ROOT / ".demo"
 SLICES = int(os.environ.get("DEMO_SLICES", "40"))
-RULES = """
-[[destinations]]
-name = "pacs"
-host = "127.0.0.1"
-port = {port}
-ae_title = "ORTHANC"
-
-[[rules]]
-name = "ct-default"
-match = {{ Modality = "CT" }}
-pipeline = ["gaussian", "threshold_segment", "kmeans", "features"]
-destinations = ["pacs"]
-"""
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> str:
@@ -71,10 +63,7 @@ def main() -> int:
     print("== starting Orthanc as the PACS (Debian package, storage in .demo/orthanc)", flush=True)
     with running_orthanc(WORK / "orthanc") as orthanc:
         config = WORK / "node.toml"
-        config.write_text(
-            f'data_dir = "{WORK / "data"}"\nstudy_quiet_seconds = 3.0\n'
-            + RULES.format(port=orthanc.dicom_port)
-        )
+        config.write_text(ct_default_config(orthanc, WORK / "data", study_quiet_seconds=3.0))
         port = int(os.environ.get("DICOM_NODE_PORT", free_port()))
         print(f"== starting the node: AE DICOMNODE on port {port}, rule ct-default", flush=True)
         node = start_node(
