@@ -244,6 +244,8 @@ class Dispatcher:
                 self._failed(running.job_id, self.executor.describe_failure(exc))
             else:
                 self._succeeded(running.job_id, result)
+            finally:
+                self.executor.forget(running.future)
         return len(finished)
 
     def enforce_timeouts(self) -> None:
@@ -252,9 +254,9 @@ class Dispatcher:
             if running.future.done():
                 continue
             del self._running[running.job_id]
-            self.executor.kill(running.future)
             timeout = self.settings.job_timeout_seconds
             self._failed(running.job_id, f"timed out after {timeout:g} s (job_timeout_seconds)")
+            self.executor.kill(running.future)
 
     # -- recording outcomes ----------------------------------------------------------------
 

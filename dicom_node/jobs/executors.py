@@ -27,6 +27,9 @@ from dicom_node.jobs.worker import JobResult, JobSpec, run_job
 
 log = structlog.get_logger(__name__)
 
+RESTART_TIMEOUT = 30.0
+"""Seconds to wait for a restarted worker to come back before going on without it."""
+
 
 class JobFuture(Protocol):
     def done(self) -> bool: ...
@@ -47,6 +50,11 @@ class Executor(Protocol):
         ...
 
     def describe_failure(self, exc: BaseException) -> str: ...
+
+    def forget(self, future: JobFuture) -> None:
+        """The result is recorded: drop it (a cluster would keep it, and even recompute
+        it when the worker holding it dies)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -79,6 +87,9 @@ class InlineExecutor:
 
     def describe_failure(self, exc: BaseException) -> str:
         return _plain_failure(exc)
+
+    def forget(self, future: JobFuture) -> None:
+        return None
 
     def close(self) -> None:
         return None
@@ -167,7 +178,7 @@ class DaskExecutor:
 
     def _restart(self, workers: list[str]) -> None:
         try:
-            self.client.restart_workers(workers, raise_for_error=False)
+            self.client.restart_workers(workers, timeout=RESTART_TIMEOUT, raise_for_error=False)
             log.info("restarted dask worker after a job timeout", workers=workers)
         except Exception:
             log.exception("could not restart the dask worker", workers=workers)
@@ -179,6 +190,9 @@ class DaskExecutor:
                 f" out of memory): {exc}"
             )
         return _plain_failure(exc)
+
+    def forget(self, future: JobFuture) -> None:
+        future.release()  # type: ignore[attr-defined]
 
     def close(self) -> None:
         try:
