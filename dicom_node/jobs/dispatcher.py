@@ -64,7 +64,6 @@ class _Running:
     job_id: int
     future: JobFuture
     deadline: float
-    started: float
     output_dir: Path
     steps_seen: set[str] = field(default_factory=set)
 
@@ -158,10 +157,6 @@ class Dispatcher:
         if not self._stop.is_set():
             self.fill()
 
-    @property
-    def running_jobs(self) -> list[int]:
-        return sorted(self._running)
-
     def reload_routing(self, *, force: bool = False) -> None:
         if not force and time.monotonic() - self._routing_loaded < ROUTING_RELOAD_SECONDS:
             return
@@ -207,11 +202,7 @@ class Dispatcher:
                 self._requeue(job.id, job.attempts - 1, f"could not submit: {exc}")
                 break
             self._running[job.id] = _Running(
-                job.id,
-                future,
-                started + self.settings.job_timeout_seconds,
-                started,
-                Path(spec.output_dir),
+                job.id, future, started + self.settings.job_timeout_seconds, Path(spec.output_dir)
             )
             submitted += 1
         return submitted
