@@ -533,13 +533,16 @@ def jobs(
 def jobs_retry(
     job_id: Annotated[int, typer.Argument(metavar="ID", help="The job's id.")],
     config: ConfigOption = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Also a running job whose node is gone for good.")
+    ] = False,
 ) -> None:
     """Queue a failed (or succeeded) job again; the running node picks it up."""
     from dicom_node.jobs.state import InvalidTransitionError, retry
 
     try:
         with database_session(settings_from(config)) as session:
-            found = retry(session, job_id) is not None
+            found = retry(session, job_id, force=force) is not None
     except InvalidTransitionError as exc:
         errors.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(EXIT_FAILED) from exc

@@ -240,14 +240,20 @@ def requeue_interrupted(session: Session, node: str) -> list[int]:
     return requeued
 
 
-def retry(session: Session, job_id: int) -> Job | None:
-    """Queue a failed (or succeeded) job again, due now, with a fresh attempt count."""
-    job = session.get(Job, job_id)
+def retry(session: Session, job_id: int, *, force: bool = False) -> Job | None:
+    """Queue a failed (or succeeded) job again, due now, with a fresh attempt count.
+
+    ``force`` also takes a ``running`` job back: for one whose node is gone for good (a
+    node that restarts under the same ``node_name`` recovers its jobs itself). If the
+    node is in fact alive, the job runs twice; its outputs are the same objects.
+    """
+    job = session.get(Job, job_id, populate_existing=True)
     if job is None:
         return None
     state = JobState(job.state)
-    if state in (JobState.QUEUED, JobState.RUNNING):
-        raise InvalidTransitionError(f"job {job_id} is {state.value}; nothing to retry")
+    if state is JobState.QUEUED or (state is JobState.RUNNING and not force):
+        hint = " (--force takes a job whose node is gone)" if state is JobState.RUNNING else ""
+        raise InvalidTransitionError(f"job {job_id} is {state.value}; nothing to retry{hint}")
     transition(
         session,
         job_id,

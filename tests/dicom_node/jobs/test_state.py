@@ -128,6 +128,12 @@ def test_retry_requeues_finished_jobs_only(sessions: sessionmaker[Session], spoo
         transition(session, job.id, JobState.FAILED, expected=JobState.RUNNING, error="boom")
         retried = retry(session, job.id)
         assert retry(session, 999) is None
+        # A job left running by a node that is gone: only with force.
+        transition(session, job.id, JobState.RUNNING, expected=JobState.QUEUED, claimed_by="gone")
+        with pytest.raises(InvalidTransitionError, match="--force takes a job"):
+            retry(session, job.id)
+        forced = retry(session, job.id, force=True)
+        assert forced is not None and (forced.state, forced.claimed_by) == ("queued", None)
     assert retried is not None
     assert (retried.state, retried.attempts, retried.error) == ("queued", 0, None)
 
