@@ -789,5 +789,5 @@ class UNet(OnnxSegmentation):
     """The shipped 3-D U-Net: lungs and lesions in CT (``processors/models/unet/``)."""
 
     name: ClassVar[str] = "unet"
-    version: ClassVar[str] = "1.0.0"
+    version: ClassVar[str] = "1.1.0"
     manifest_path: ClassVar[Path] = UNET_MANIFEST
