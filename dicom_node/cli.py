@@ -221,43 +221,51 @@ def send(
         raise typer.Exit(EXIT_FAILED)
 
 
-def study_rows(settings: Settings) -> list[dict[str, Any]]:
-    from db.models import Instance, Series, Study
+@contextlib.contextmanager
+def database_session(settings: Settings) -> Iterator[Session]:
+    """A session on the node's database (migrated first), committed on success."""
     from db.session import make_engine, make_sessionmaker, upgrade
-    from dicom_node.index import as_utc
 
     upgrade(settings.effective_database_url)
     engine = make_engine(settings.effective_database_url)
     try:
-        with make_sessionmaker(engine)() as session:
-            query = (
-                select(
-                    Study,
-                    func.count(func.distinct(Series.id)),
-                    func.count(Instance.id),
-                )
-                .outerjoin(Series, Series.study_id == Study.id)
-                .outerjoin(Instance, Instance.series_id == Series.id)
-                .group_by(Study.id)
-                .order_by(Study.first_received_at)
-            )
-            return [
-                {
-                    "study_instance_uid": study.study_instance_uid,
-                    "status": study.status,
-                    "num_series": num_series,
-                    "num_instances": num_instances,
-                    "study_date": study.study_date,
-                    "first_received_at": as_utc(study.first_received_at).isoformat(),
-                    "last_received_at": as_utc(study.last_received_at).isoformat(),
-                    "completed_at": (
-                        as_utc(study.completed_at).isoformat() if study.completed_at else None
-                    ),
-                }
-                for study, num_series, num_instances in session.execute(query)
-            ]
+        with make_sessionmaker(engine)() as session, session.begin():
+            yield session
     finally:
         engine.dispose()
+
+
+def study_rows(settings: Settings) -> list[dict[str, Any]]:
+    from db.models import Instance, Series, Study
+    from dicom_node.index import as_utc
+
+    with database_session(settings) as session:
+        query = (
+            select(
+                Study,
+                func.count(func.distinct(Series.id)),
+                func.count(Instance.id),
+            )
+            .outerjoin(Series, Series.study_id == Study.id)
+            .outerjoin(Instance, Instance.series_id == Series.id)
+            .group_by(Study.id)
+            .order_by(Study.first_received_at)
+        )
+        return [
+            {
+                "study_instance_uid": study.study_instance_uid,
+                "status": study.status,
+                "num_series": num_series,
+                "num_instances": num_instances,
+                "study_date": study.study_date,
+                "first_received_at": as_utc(study.first_received_at).isoformat(),
+                "last_received_at": as_utc(study.last_received_at).isoformat(),
+                "completed_at": (
+                    as_utc(study.completed_at).isoformat() if study.completed_at else None
+                ),
+            }
+            for study, num_series, num_instances in session.execute(query)
+        ]
 
 
 @app.command()
@@ -381,39 +389,33 @@ app.add_typer(exports_app, name="exports")
 
 def export_rows(settings: Settings) -> list[dict[str, Any]]:
     from db.models import Export
-    from db.session import make_engine, make_sessionmaker, upgrade
     from dicom_node.index import as_utc
 
     def when(value: Any) -> str | None:
         return as_utc(value).isoformat() if value is not None else None
 
-    upgrade(settings.effective_database_url)
-    engine = make_engine(settings.effective_database_url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            return [
-                {
-                    "id": row.id,
-                    "destination": row.destination,
-                    "host": row.host,
-                    "port": row.port,
-                    "ae_title": row.ae_title,
-                    "sop_instance_uid": row.sop_instance_uid,
-                    "sop_class_uid": row.sop_class_uid,
-                    "path": row.path,
-                    "state": row.state,
-                    "attempts": row.attempts,
-                    "max_attempts": row.max_attempts,
-                    "next_attempt_at": when(row.next_attempt_at),
-                    "last_error": row.last_error,
-                    "created_at": when(row.created_at),
-                    "delivered_at": when(row.delivered_at),
-                    "output_id": row.output_id,
-                }
-                for row in session.scalars(select(Export).order_by(Export.id))
-            ]
-    finally:
-        engine.dispose()
+    with database_session(settings) as session:
+        return [
+            {
+                "id": row.id,
+                "destination": row.destination,
+                "host": row.host,
+                "port": row.port,
+                "ae_title": row.ae_title,
+                "sop_instance_uid": row.sop_instance_uid,
+                "sop_class_uid": row.sop_class_uid,
+                "path": row.path,
+                "state": row.state,
+                "attempts": row.attempts,
+                "max_attempts": row.max_attempts,
+                "next_attempt_at": when(row.next_attempt_at),
+                "last_error": row.last_error,
+                "created_at": when(row.created_at),
+                "delivered_at": when(row.delivered_at),
+                "output_id": row.output_id,
+            }
+            for row in session.scalars(select(Export).order_by(Export.id))
+        ]
 
 
 @exports_app.callback(invoke_without_command=True)
@@ -447,19 +449,12 @@ def exports_retry(
     config: ConfigOption = None,
 ) -> None:
     """Put an export back to pending, due now (attempts kept: a failed one gets one more)."""
-    from db.session import make_engine, make_sessionmaker, upgrade
     from dicom_node.export import retry
 
-    settings = settings_from(config)
-    upgrade(settings.effective_database_url)
-    engine = make_engine(settings.effective_database_url)
-    try:
-        with make_sessionmaker(engine)() as session, session.begin():
-            row = retry(session, export_id)
-            found = row is not None
-            attempts = row.attempts if row is not None else 0
-    finally:
-        engine.dispose()
+    with database_session(settings_from(config)) as session:
+        row = retry(session, export_id)
+        found = row is not None
+        attempts = row.attempts if row is not None else 0
     if not found:
         errors.print(f"[bold red]error:[/] no export with id {export_id}", highlight=False)
         raise typer.Exit(EXIT_FAILED)
@@ -470,20 +465,6 @@ def exports_retry(
 
 jobs_app = typer.Typer(help="Processing jobs: list, retry.")
 app.add_typer(jobs_app, name="jobs")
-
-
-@contextlib.contextmanager
-def database_session(settings: Settings) -> Iterator[Session]:
-    """A session on the node's database (migrated first), committed on success."""
-    from db.session import make_engine, make_sessionmaker, upgrade
-
-    upgrade(settings.effective_database_url)
-    engine = make_engine(settings.effective_database_url)
-    try:
-        with make_sessionmaker(engine)() as session, session.begin():
-            yield session
-    finally:
-        engine.dispose()
 
 
 @jobs_app.callback(invoke_without_command=True)
