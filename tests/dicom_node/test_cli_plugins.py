@@ -9,21 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from dicom_node.cli_plugins import plugins_app
-
-BUILTINS = {
-    "mean",
-    "median",
-    "gaussian",
-    "nlm",
-    "bilateral",
-    "window",
-    "histeq",
-    "clahe",
-    "threshold_segment",
-    "kmeans",
-    "features",
-    "predict",
-}
+from tests.processors.test_registry import BUILTINS  # one list of the built-ins
 
 app = typer.Typer()
 app.add_typer(plugins_app, name="plugins")
