@@ -35,6 +35,7 @@ from processors.backend import resolve, synchronize, to_device
 from processors.base import Volume
 from processors.model import (
     UNET_MANIFEST,
+    InferenceOptions,
     cpu_session,
     cuda_session,
     load_segmentation_model,
@@ -107,7 +108,7 @@ def main() -> None:
         run_on_backend(unet, volume, params, backend)
 
     def labels_only() -> None:
-        segment_volume(model, volume, xp, batch_size=args.batch_size)
+        segment_volume(model, volume, xp, InferenceOptions(batch_size=args.batch_size))
 
     def threshold_call() -> None:
         run_on_backend(threshold, volume, threshold_params, backend)

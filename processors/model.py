@@ -27,13 +27,16 @@ one channel per label (plus background for softmax) on the input's grid. A bad m
 manifest is listed by ``plugins list`` as unavailable with the reason (subclass with
 ``manifest_path``), or refuses to import (``onnx_segmentation_processor``), never fails
 a job later. See ``docs/models.md`` for bringing a MONAI or nnU-Net model.
+
+The manifest's schema is in ``model_manifest``, orientation and resampling in
+``model_geometry``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-import json
+import itertools
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -42,7 +45,7 @@ from types import ModuleType
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field
 
 from processors.backend import is_cupy, to_host
 from processors.base import (
@@ -55,176 +58,50 @@ from processors.base import (
     SegmentDescription,
     Volume,
 )
+from processors.model_geometry import (
+    apply_reorientation,
+    axis_codes,
+    reorientation,
+    resample_linear,
+    target_shape,
+    undo_reorientation,
+)
+from processors.model_manifest import (
+    Manifest,
+    ModelError,
+    Normalization,
+    WindowNormalization,
+    ZScoreNormalization,
+    read_manifest,
+)
 from processors.segment import intensity_unit, segment_statistics
+
+__all__ = [
+    "UNET_MANIFEST",
+    "InferenceOptions",
+    "ModelError",
+    "OnnxSegmentation",
+    "SegmentationModel",
+    "UNet",
+    "activate",
+    "axis_codes",
+    "cpu_session",
+    "cuda_session",
+    "load_segmentation_model",
+    "normalize",
+    "onnx_segmentation_processor",
+    "predict_probabilities",
+    "read_manifest",
+    "resample_linear",
+    "segment_volume",
+    "sliding_window",
+    "target_shape",
+]
 
 Array = Any
 
-MANIFEST_FORMAT = "dicom-node-onnx-segmentation/1"
 MODELS_DIR = Path(__file__).parent / "models"
 UNET_MANIFEST = MODELS_DIR / "unet" / "manifest.json"
-
-_AXIS_LETTERS = {("x", 1): "L", ("x", -1): "R", ("y", 1): "P", ("y", -1): "A"}
-_AXIS_LETTERS |= {("z", 1): "S", ("z", -1): "I"}
-_OPPOSITE = {"L": "R", "R": "L", "P": "A", "A": "P", "S": "I", "I": "S"}
-
-
-class ModelError(ProcessorError):
-    """A model file or its manifest is unusable; the message names the file and why."""
-
-
-# --- The manifest ---------------------------------------------------------------------
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class WindowNormalization(_Strict):
-    """Clip to [lower, upper] (HU) and scale linearly to [out_min, out_max] (MONAI's
-    ``ScaleIntensityRanged`` with ``clip=True``)."""
-
-    type: Literal["window"]
-    lower: float
-    upper: float
-    out_min: float = 0.0
-    out_max: float = 1.0
-
-    @field_validator("upper")
-    @classmethod
-    def _above_lower(cls, value: float, info: Any) -> float:
-        if value <= info.data.get("lower", -math.inf):
-            raise ValueError("upper must be above lower")
-        return value
-
-
-class ZScoreNormalization(_Strict):
-    """``(clip(x, clip_lower, clip_upper) - mean) / std`` with fixed statistics (nnU-Net's
-    CT normalisation: percentiles 0.5 / 99.5 and the foreground mean and std of the
-    training set, from its ``plans.json``)."""
-
-    type: Literal["zscore"]
-    mean: float
-    std: float = Field(gt=0)
-    clip_lower: float | None = None
-    clip_upper: float | None = None
-
-
-class VolumeZScoreNormalization(_Strict):
-    """``(x - mean(x)) / std(x)`` over the whole volume (nnU-Net's default for MR)."""
-
-    type: Literal["volume_zscore"]
-
-
-Normalization = WindowNormalization | ZScoreNormalization | VolumeZScoreNormalization
-
-
-class ManifestLabel(_Strict):
-    label: int = Field(ge=1, le=65535)
-    name: str = Field(min_length=1, max_length=64)
-    category: tuple[str, str, str]
-    type: tuple[str, str, str]
-
-
-class ManifestInput(_Strict):
-    name: str = Field(min_length=1)
-    channels: Literal[1] = 1
-
-
-class ManifestOutput(_Strict):
-    name: str = Field(min_length=1)
-    activation: Literal["softmax", "sigmoid"] = "softmax"
-
-
-class Manifest(_Strict):
-    """The ``manifest.json`` of an ONNX segmentation model (see docs/models.md)."""
-
-    format: Literal["dicom-node-onnx-segmentation/1"]
-    name: str = Field(min_length=1)
-    version: str = Field(min_length=1)
-    description: str = ""
-    model: str = Field(min_length=1, description="the ONNX file, relative to the manifest")
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-    modality: tuple[str, ...] = ()
-    spatial_dims: Literal[2, 3] = 3
-    input: ManifestInput
-    output: ManifestOutput
-    spacing: tuple[float | None, float | None, float | None]
-    orientation: str = Field(default="LPS", pattern=r"^[LRAPSI]{3}$")
-    normalization: Normalization = Field(discriminator="type")
-    pad_value: float = 0.0
-    patch_size: tuple[int, ...]
-    overlap: float = Field(default=0.5, ge=0.0, lt=1.0)
-    size_multiple: int = Field(default=1, ge=1, le=256)
-    labels: tuple[ManifestLabel, ...] = Field(min_length=1)
-
-    @field_validator("spacing")
-    @classmethod
-    def _positive(
-        cls, value: tuple[float | None, float | None, float | None]
-    ) -> tuple[float | None, float | None, float | None]:
-        if any(s is not None and not (math.isfinite(s) and s > 0) for s in value):
-            raise ValueError("spacing values are positive millimetres (or null: keep)")
-        return value
-
-    @field_validator("orientation")
-    @classmethod
-    def _three_axes(cls, value: str) -> str:
-        if len({_axis_of(letter) for letter in value}) != 3:
-            raise ValueError(f"orientation {value!r} must name three different axes")
-        return value
-
-    @field_validator("labels")
-    @classmethod
-    def _unique(cls, value: tuple[ManifestLabel, ...]) -> tuple[ManifestLabel, ...]:
-        numbers = [item.label for item in value]
-        if numbers != list(range(1, len(numbers) + 1)):
-            raise ValueError(f"labels must be numbered 1..{len(numbers)} in order, not {numbers}")
-        return value
-
-    @model_validator(mode="after")
-    def _patch(self) -> Manifest:
-        if len(self.patch_size) != self.spatial_dims or any(p < 1 for p in self.patch_size):
-            raise ValueError(
-                f"patch_size must be {self.spatial_dims} positive integers for a "
-                f"{self.spatial_dims}-D model, not {list(self.patch_size)}"
-            )
-        if any(p % self.size_multiple for p in self.patch_size):
-            raise ValueError(f"patch_size must be multiples of size_multiple {self.size_multiple}")
-        return self
-
-    @property
-    def patch3d(self) -> tuple[int, int, int]:
-        if self.spatial_dims == 2:
-            return (1, self.patch_size[0], self.patch_size[1])
-        return (self.patch_size[0], self.patch_size[1], self.patch_size[2])
-
-    @property
-    def channels_out(self) -> int:
-        return len(self.labels) + (1 if self.output.activation == "softmax" else 0)
-
-
-def _axis_of(letter: str) -> str:
-    return {"L": "x", "R": "x", "P": "y", "A": "y", "S": "z", "I": "z"}[letter]
-
-
-def read_manifest(path: Path) -> Manifest:
-    """Parse and validate a manifest; any problem raises ``ModelError`` naming the file."""
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ModelError(f"model manifest not found: {path}") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: not a readable JSON manifest: {exc}") from exc
-    if not isinstance(document, dict):
-        raise ModelError(f"{path}: a manifest is a JSON object")
-    try:
-        return Manifest.model_validate(document)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'manifest'}: {error['msg']}"
-            for error in exc.errors()
-        )
-        raise ModelError(f"{path}: invalid manifest: {problems}") from exc
 
 
 # --- Loading and checking the model ---------------------------------------------------
@@ -250,34 +127,57 @@ def _onnxruntime() -> Any:
     return importlib.import_module("onnxruntime")
 
 
+FileVersion = tuple[int, int]  # (st_mtime_ns, st_size): a file replaced on disk is new
+
+
+def _file_version(path: Path) -> FileVersion:
+    stat = path.stat()
+    return (stat.st_mtime_ns, stat.st_size)
+
+
 def load_segmentation_model(manifest_path: Path | str) -> SegmentationModel:
-    """Read, validate and trial-run a model (cached per file version)."""
+    """Read, validate and trial-run a model (cached per version of both files, so that a
+    manifest or ONNX file replaced on disk is loaded and checked again)."""
     path = Path(manifest_path).resolve()
     try:
-        stat = path.stat()
+        manifest_version = _file_version(path)
     except OSError as exc:
         raise ModelError(f"model manifest not found: {path}") from exc
-    return _load(path, stat.st_mtime_ns, stat.st_size)
+    manifest = _read_manifest(path, manifest_version)
+    model_path = (path.parent / manifest.model).resolve()
+    try:
+        model_version = _file_version(model_path)
+    except OSError as exc:
+        raise ModelError(f"{path}: model file not found: {model_path}") from exc
+    return _load(path, manifest_version, model_path, model_version)
 
 
 @cache
-def _load(path: Path, mtime_ns: int, size: int) -> SegmentationModel:
-    manifest = read_manifest(path)
-    model_path = (path.parent / manifest.model).resolve()
-    if not model_path.is_file():
-        raise ModelError(f"{path}: model file not found: {model_path}")
+def _read_manifest(path: Path, version: FileVersion) -> Manifest:
+    return read_manifest(path)
+
+
+@cache
+def _load(
+    path: Path, manifest_version: FileVersion, model_path: Path, model_version: FileVersion
+) -> SegmentationModel:
+    manifest = _read_manifest(path, manifest_version)
     if manifest.sha256 is not None:
         digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
         if digest != manifest.sha256:
             raise ModelError(f"{model_path}: SHA-256 {digest} differs from the manifest's")
     model = SegmentationModel(manifest, path, model_path)
-    session = cpu_session(model_path)
-    check_session(model, session)
+    check_session(model, cpu_session(model_path))
     return model
 
 
-@cache
 def cpu_session(model_path: Path) -> Any:
+    """An ONNX Runtime session on the CPU for this version of the file."""
+    return _cpu_session(model_path, _file_version(model_path))
+
+
+@cache
+def _cpu_session(model_path: Path, version: FileVersion) -> Any:
     ort = _onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -289,9 +189,14 @@ def cpu_session(model_path: Path) -> Any:
         raise ModelError(f"{model_path}: ONNX Runtime cannot load the model: {exc}") from exc
 
 
-@cache
 def cuda_session(model_path: Path, device_id: int) -> Any | None:
-    """A session on the CUDA execution provider, or ``None`` where ONNX Runtime has none."""
+    """A session on the CUDA execution provider for this version of the file, or ``None``
+    where ONNX Runtime has none."""
+    return _cuda_session(model_path, _file_version(model_path), device_id)
+
+
+@cache
+def _cuda_session(model_path: Path, version: FileVersion, device_id: int) -> Any | None:
     ort = _onnxruntime()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return None
@@ -357,101 +262,6 @@ def check_session(model: SegmentationModel, session: Any) -> None:
 def _trial_shape(manifest: Manifest) -> tuple[int, ...]:
     m = manifest.size_multiple
     return tuple(min(p, m * math.ceil(8 / m)) for p in manifest.patch_size)
-
-
-# --- Geometry: orientation and resampling -----------------------------------------------
-
-
-def axis_codes(orientation: tuple[float, ...]) -> tuple[str, str, str]:
-    """Patient directions (LPS letters) of increasing (slice, row, column) index."""
-    row = np.asarray(orientation[:3], dtype=np.float64)  # along a row: column index grows
-    col = np.asarray(orientation[3:], dtype=np.float64)  # down a column: row index grows
-    normal = np.cross(row, col)
-    letters = []
-    for vector in (normal, col, row):
-        axis = int(np.argmax(np.abs(vector)))
-        letters.append(_AXIS_LETTERS[("xyz"[axis], 1 if vector[axis] > 0 else -1)])
-    if len({_axis_of(letter) for letter in letters}) != 3:
-        raise ProcessorError(f"cannot tell the axes of orientation {orientation}")
-    return (letters[0], letters[1], letters[2])
-
-
-def reorientation(
-    source: tuple[str, str, str], target: str
-) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
-    """(permutation, flips) taking a (slice, row, column) array with ``source`` codes to
-    one whose axes are ``target`` read as (column, row, slice) letters, e.g. "LPS"."""
-    wanted = (target[2], target[1], target[0])
-    perm: list[int] = []
-    flips: list[bool] = []
-    for letter in wanted:
-        for index, code in enumerate(source):
-            if code == letter or code == _OPPOSITE[letter]:
-                perm.append(index)
-                flips.append(code != letter)
-                break
-    return (perm[0], perm[1], perm[2]), (flips[0], flips[1], flips[2])
-
-
-def apply_reorientation(
-    xp: ModuleType, array: Array, perm: tuple[int, int, int], flips: tuple[bool, bool, bool]
-) -> Array:
-    out = xp.transpose(array, perm)
-    for axis, flip in enumerate(flips):
-        if flip:
-            out = xp.flip(out, axis=axis)
-    return out
-
-
-def undo_reorientation(
-    xp: ModuleType, array: Array, perm: tuple[int, int, int], flips: tuple[bool, bool, bool]
-) -> Array:
-    for axis, flip in enumerate(flips):
-        if flip:
-            array = xp.flip(array, axis=axis)
-    inverse = tuple(int(i) for i in np.argsort(perm))
-    return xp.transpose(array, inverse)
-
-
-def target_shape(
-    shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]
-) -> tuple[int, int, int]:
-    """The grid size that covers the same extent at ``target`` spacing."""
-    z, y, x = (max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target, strict=True))
-    return (z, y, x)
-
-
-def resample_linear(xp: ModuleType, array: Array, shape: tuple[int, int, int]) -> Array:
-    """Resample ``array`` linearly onto ``shape`` voxels covering the same extent.
-
-    Voxel centres map as ``(i + 0.5) * n_in / n_out - 0.5`` (the grids share their outer
-    edges) and positions beyond the outer voxel centres take the edge value: the same
-    numbers as ``ndimage.affine_transform(order=1, mode="nearest")`` with that diagonal
-    matrix, computed one axis at a time (two gathers and a multiply-add per axis), which
-    is several times faster than the general transform on large outputs.
-    """
-    out = xp.asarray(array, dtype=xp.float32)
-    if tuple(out.shape) == tuple(shape):
-        return out
-    # Shrinking axes first keeps the intermediate arrays small.
-    order = sorted(range(3), key=lambda axis: shape[axis] / out.shape[axis])
-    for axis in order:
-        n_in, n_out = int(out.shape[axis]), int(shape[axis])
-        if n_in == n_out:
-            continue
-        coords = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1.0)
-        lower = np.floor(coords).astype(np.int64)
-        upper = np.minimum(lower + 1, n_in - 1)
-        view = [1, 1, 1]
-        view[axis] = n_out
-        weight = xp.asarray((coords - lower).astype(np.float32)).reshape(view)
-        low = xp.take(out, xp.asarray(lower), axis=axis)
-        high = xp.take(out, xp.asarray(upper), axis=axis)
-        high -= low
-        high *= weight
-        low += high
-        out = low
-    return out
 
 
 # --- Inference --------------------------------------------------------------------------
@@ -558,24 +368,50 @@ def activate(xp: ModuleType, logits: Array, activation: str) -> Array:
     return 1.0 / (1.0 + xp.exp(-logits))
 
 
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How a model runs over a volume: patch ``overlap`` (``None``: the manifest's),
+    patches per ONNX Runtime call, the blending of overlapping patches, and whether to
+    mirror along the manifest's ``mirror_axes``."""
+
+    overlap: float | None = None
+    batch_size: int = 1
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    mirror: bool = True
+
+
+def mirrored_logits(runner: Any, batch: Array, xp: ModuleType, axes: tuple[int, ...]) -> Array:
+    """The model's logits for ``batch`` (B, C, z, y, x), averaged with those of its flips
+    along every non-empty combination of ``axes`` (model-grid axes), flipped back."""
+    logits = runner(batch)
+    flips = [c for n in range(1, len(axes) + 1) for c in itertools.combinations(axes, n)]
+    for combination in flips:
+        spatial = tuple(2 + axis for axis in combination)
+        logits = logits + xp.flip(runner(xp.flip(batch, axis=spatial)), axis=spatial)
+    return logits / (1 + len(flips)) if flips else logits
+
+
 def sliding_window(
     model: SegmentationModel,
     image: Array,
     xp: ModuleType,
-    *,
-    overlap: float | None = None,
-    batch_size: int = 1,
-    blend: str = "gaussian",
+    options: InferenceOptions = InferenceOptions(),
 ) -> Array:
     """Blended class probabilities (K, z, y, x) for a normalised image at least one patch
     large in every axis."""
     manifest = model.manifest
     patch = manifest.patch3d
-    overlap = manifest.overlap if overlap is None else overlap
+    overlap = manifest.overlap if options.overlap is None else options.overlap
+    batch_size = options.batch_size
+    mirror_axes = manifest.mirror_axes if options.mirror else ()
     shape = tuple(int(n) for n in image.shape)
     if any(n < p for n, p in zip(shape, patch, strict=True)):
         raise ProcessorError(f"image {shape} is smaller than the patch {patch}")
-    weight = gaussian_importance(xp, patch) if blend == "gaussian" else xp.ones(patch, xp.float32)
+    weight = (
+        gaussian_importance(xp, patch)
+        if options.blend == "gaussian"
+        else xp.ones(patch, xp.float32)
+    )
     channels = manifest.channels_out
     accumulated = xp.zeros((channels, *shape), dtype=xp.float32)
     norm = xp.zeros(shape, dtype=xp.float32)
@@ -592,7 +428,8 @@ def sliding_window(
             tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True)) for start in chunk
         ]
         batch = xp.stack([image[s] for s in slices])[:, None]
-        probabilities = activate(xp, runner(batch), manifest.output.activation)
+        logits = mirrored_logits(runner, batch, xp, mirror_axes)
+        probabilities = activate(xp, logits, manifest.output.activation)
         for index, s in enumerate(slices):
             accumulated[(slice(None), *s)] += probabilities[index] * weight
             norm[s] += weight
@@ -604,10 +441,7 @@ def predict_probabilities(
     model: SegmentationModel,
     volume: Volume,
     xp: ModuleType,
-    *,
-    overlap: float | None = None,
-    batch_size: int = 1,
-    blend: str = "gaussian",
+    options: InferenceOptions = InferenceOptions(),
 ) -> tuple[Array, tuple[int, int, int], tuple[tuple[int, int, int], tuple[bool, bool, bool]]]:
     """Class probabilities on the model grid (K, z, y, x), the reoriented source shape,
     and the reorientation."""
@@ -637,9 +471,7 @@ def predict_probabilities(
     pad = [(0, want - n) for want, n in zip(padded, grid, strict=True)]
     if any(after for _, after in pad):
         image = xp.pad(image, pad, mode="constant", constant_values=pad_value)
-    probabilities = sliding_window(
-        model, image, xp, overlap=overlap, batch_size=batch_size, blend=blend
-    )
+    probabilities = sliding_window(model, image, xp, options)
     probabilities = probabilities[:, : grid[0], : grid[1], : grid[2]]
     return probabilities, source_shape, (perm, flips)
 
@@ -648,15 +480,10 @@ def segment_volume(
     model: SegmentationModel,
     volume: Volume,
     xp: ModuleType,
-    *,
-    overlap: float | None = None,
-    batch_size: int = 1,
-    blend: str = "gaussian",
+    options: InferenceOptions = InferenceOptions(),
 ) -> Array:
     """The label map on the volume's own grid (uint8, or uint16 beyond 255 labels)."""
-    probabilities, source_shape, (perm, flips) = predict_probabilities(
-        model, volume, xp, overlap=overlap, batch_size=batch_size, blend=blend
-    )
+    probabilities, source_shape, (perm, flips) = predict_probabilities(model, volume, xp, options)
     dtype = xp.uint8 if len(model.manifest.labels) < 256 else xp.uint16
     softmax = model.manifest.output.activation == "softmax"
     # Probabilities back to the source grid one channel at a time, keeping the running
@@ -687,6 +514,9 @@ class ModelParams(ProcessorParams):
     batch_size: int = Field(default=2, ge=1, le=64, description="patches per ONNX Runtime call")
     blend: Literal["gaussian", "constant"] = Field(
         default="gaussian", description="weighting of overlapping patches"
+    )
+    mirror: bool = Field(
+        default=True, description="test-time mirroring along the manifest's mirror_axes"
     )
     measurements: bool = Field(default=True, description="volume and HU statistics per segment")
 
@@ -736,14 +566,8 @@ class OnnxSegmentation:
                 f"{manifest.name} is for {', '.join(manifest.modality)} images, "
                 f"not {volume.modality}"
             )
-        labels = segment_volume(
-            model,
-            volume,
-            xp,
-            overlap=params.overlap,
-            batch_size=params.batch_size,
-            blend=params.blend,
-        )
+        options = InferenceOptions(params.overlap, params.batch_size, params.blend, params.mirror)
+        labels = segment_volume(model, volume, xp, options)
         counts = to_host(xp.bincount(labels.ravel(), minlength=len(manifest.labels) + 1))
         segments = tuple(s for s in model.segments if int(counts[s.label]) > 0)
         description = f"{manifest.name} {manifest.version}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 from importlib.metadata import EntryPoint
@@ -16,8 +17,8 @@ import numpy as np
 import pydantic
 import pydicom
 import pytest
-from proc_testing import dice
 
+import processors.model as model_module
 from dicom_node.synthetic import generate_series
 from dicom_node.testing import require_tool
 from processors import registry
@@ -25,6 +26,7 @@ from processors.api import run_processor
 from processors.base import LabelResult, MeasurementResult, ProcessorError, Volume
 from processors.model import (
     UNET_MANIFEST,
+    InferenceOptions,
     ModelError,
     OnnxSegmentation,
     UNet,
@@ -32,11 +34,10 @@ from processors.model import (
     axis_codes,
     cpu_session,
     load_segmentation_model,
+    mirrored_logits,
     onnx_segmentation_processor,
-    resample_linear,
     segment_volume,
     sliding_window,
-    target_shape,
 )
 from processors.models.train_unet import held_out_case, make_ct_case
 
@@ -51,6 +52,14 @@ POINTWISE_ONNX = base64.b64decode(
     "CAgSEGRpY29tLW5vZGUgdGVzdHM6ygEKNAoFaW1hZ2UKAXcKAWISBmxvZ2l0cyIEQ29udioXCgxrZXJuZWxf"
     "c2hhcGVAAUABQAGgAQcSCXBvaW50d2lzZSodCAMIAQgBCAEIARABQgF3SgwAAIDAAAAAAAAAgEAqFQgDEAFC"
     "AWJKDAAAAAAAAIA/AACAv1onCgVpbWFnZRIeChwIARIYCgMSAW4KAggBCgMSAXoKAxIBeQoDEgF4YigKBmxv"
+    "Z2l0cxIeChwIARIYCgMSAW4KAggDCgMSAXoKAxIBeQoDEgF4QgQKABAR"
+)
+
+#: The same graph with its weights and bias times -1: logits (4x, -1, 1 - 4x).
+NEGATED_POINTWISE_ONNX = base64.b64decode(
+    "CAgSEGRpY29tLW5vZGUgdGVzdHM6ygEKNAoFaW1hZ2UKAXcKAWISBmxvZ2l0cyIEQ29udioXCgxrZXJuZWxf"
+    "c2hhcGVAAUABQAGgAQcSCXBvaW50d2lzZSodCAMIAQgBCAEIARABQgF3SgwAAIBAAAAAgAAAgMAqFQgDEAFC"
+    "AWJKDAAAAIAAAIC/AACAP1onCgVpbWFnZRIeChwIARIYCgMSAW4KAggBCgMSAXoKAxIBeQoDEgF4YigKBmxv"
     "Z2l0cxIeChwIARIYCgMSAW4KAggDCgMSAXoKAxIBeQoDEgF4QgQKABAR"
 )
 
@@ -178,6 +187,8 @@ def test_factory_checks_the_model_when_the_plugin_is_imported(tmp_path):
         ({"model": "missing.onnx"}, "model file not found"),
         ({"sha256": "0" * 64}, "SHA-256"),
         ({"surprise": 1}, "surprise: Extra inputs are not permitted"),
+        ({"mirror_axes": [2, 2]}, "mirror_axes must be distinct axes"),
+        ({"mirror_axes": [3]}, "mirror_axes must be distinct axes"),
     ],
 )
 def test_bad_manifest_gives_a_clear_error(tmp_path, change, message):
@@ -205,6 +216,24 @@ def test_truncated_model_file(tmp_path):
         load_segmentation_model(path)
 
 
+def test_a_model_file_replaced_on_disk_is_loaded_and_checked_again(tmp_path):
+    path = _write_model(tmp_path, _pointwise_manifest())
+    model = load_segmentation_model(path)
+    image = np.ones((1, 1, 8, 16, 16), np.float32)
+    (before,) = cpu_session(model.model_path).run(["logits"], {"image": image})
+    stamp = model.model_path.stat().st_mtime_ns
+    model.model_path.write_bytes(NEGATED_POINTWISE_ONNX)  # same manifest, another network
+    # A later file, as a replacement would be (the file system's clock may not have moved
+    # between two writes this close together).
+    os.utime(model.model_path, ns=(stamp + 10**9, stamp + 10**9))
+    replaced = load_segmentation_model(path)
+    (after,) = cpu_session(replaced.model_path).run(["logits"], {"image": image})
+    np.testing.assert_allclose(after, -before)
+    model.model_path.write_bytes(POINTWISE_ONNX[:100])  # broken now: refused, not cached
+    with pytest.raises(ModelError, match="ONNX Runtime cannot load"):
+        load_segmentation_model(path)
+
+
 # --- Sliding window -------------------------------------------------------------------
 
 
@@ -213,7 +242,8 @@ def test_sliding_window_equals_whole_volume_for_a_pointwise_model(tmp_path, xp, 
     model = load_segmentation_model(_write_model(tmp_path, _pointwise_manifest()))
     rng = np.random.default_rng(1)
     image = rng.normal(size=(19, 37, 41)).astype(np.float32)
-    tiled = sliding_window(model, xp.asarray(image), xp, overlap=0.3, batch_size=3, blend=blend)
+    options = InferenceOptions(overlap=0.3, batch_size=3, blend=blend)
+    tiled = sliding_window(model, xp.asarray(image), xp, options)
     (logits,) = cpu_session(model.model_path).run(["logits"], {"image": image[None, None]})
     whole = activate(np, logits, "softmax")[0]
     np.testing.assert_allclose(_host(tiled), whole, rtol=1e-5, atol=1e-6)
@@ -237,36 +267,48 @@ def test_sliding_window_equals_whole_volume_for_the_unet(unet):
     crop = np.ascontiguousarray(image[:, :112, :112])
     (logits,) = session.run(["logits"], {"image": crop[None, None]})
     whole = activate(np, logits, "softmax")[0]
-    tiled = sliding_window(unet, crop, np, overlap=0.5, batch_size=4)
+    tiled = sliding_window(unet, crop, np, InferenceOptions(overlap=0.5, batch_size=4))
     assert (tiled.argmax(0) == whole.argmax(0)).mean() > 0.999
     assert np.abs(tiled - whole).mean() < 2e-3
 
 
-# --- Geometry -------------------------------------------------------------------------
+def test_mirroring_averages_the_flipped_predictions_flipped_back():
+    """nnU-Net's test-time mirroring: a model that is not flip-equivariant (logits scale
+    with the column index) gives, per voxel, the mean of its two readings."""
+    batch = np.random.default_rng(3).normal(size=(2, 1, 4, 6, 8)).astype(np.float32)
+    ramp = np.arange(8, dtype=np.float32)
+
+    def runner(b):
+        return np.concatenate([b * ramp, -b], axis=1)
+
+    plain = runner(batch)
+    flipped_back = runner(batch[..., ::-1])[..., ::-1]
+    np.testing.assert_allclose(
+        mirrored_logits(runner, batch, np, (2,)), (plain + flipped_back) / 2, rtol=1e-6
+    )
+    np.testing.assert_array_equal(mirrored_logits(runner, batch, np, ()), plain)
+    # Two axes: the image and its three flips.
+    both = mirrored_logits(runner, batch, np, (1, 2))
+    readings = [runner(batch[..., ::-1, :])[..., ::-1, :], flipped_back, plain]
+    readings.append(runner(batch[..., ::-1, ::-1])[..., ::-1, ::-1])
+    np.testing.assert_allclose(both, sum(readings) / 4, rtol=1e-5, atol=1e-6)
 
 
-def test_resampling_round_trip_keeps_geometry():
-    shape, spacing, model_spacing = (30, 90, 110), (3.0, 0.8, 0.8), (2.5, 2.0, 2.0)
-    grid = target_shape(shape, spacing, model_spacing)
-    assert grid == (36, 36, 44)
-    zz, yy, xx = np.indices(shape, dtype=np.float32)
-    centre = (14.3, 40.2, 61.7)
-    radius_mm = 18.0
-    sphere = (
-        ((zz - centre[0]) * spacing[0]) ** 2
-        + ((yy - centre[1]) * spacing[1]) ** 2
-        + ((xx - centre[2]) * spacing[2]) ** 2
-    ) <= radius_mm**2
-    down = resample_linear(np, sphere.astype(np.float32), grid)
-    back = resample_linear(np, down, shape) > 0.5
-    assert back.shape == shape
-    assert dice(back, sphere) > 0.95
-    moved = np.array(np.nonzero(back)).mean(axis=1) - np.array(np.nonzero(sphere)).mean(axis=1)
-    assert np.all(np.abs(moved * np.array(spacing)) < 0.5)  # centroid within 0.5 mm
-    # A linear ramp survives both ways exactly (linear interpolation, shared grid edges).
-    ramp = (xx * 0.3 + zz).astype(np.float32)
-    coarse = resample_linear(np, ramp[:, :, 5:-5], (30, 90, 50))
-    np.testing.assert_allclose(coarse.mean(), ramp[:, :, 5:-5].mean(), rtol=1e-4)
+def test_mirror_axes_of_the_manifest_are_used_unless_switched_off(tmp_path, monkeypatch):
+    model = load_segmentation_model(_write_model(tmp_path, _pointwise_manifest(mirror_axes=[0, 2])))
+    seen: list[tuple[int, ...]] = []
+    real = model_module.mirrored_logits
+
+    def spy(runner, batch, xp, axes):
+        seen.append(tuple(axes))
+        return real(runner, batch, xp, axes)
+
+    monkeypatch.setattr(model_module, "mirrored_logits", spy)
+    image = np.random.default_rng(4).normal(size=(8, 16, 16)).astype(np.float32)
+    mirrored = sliding_window(model, image, np)
+    plain = sliding_window(model, image, np, InferenceOptions(mirror=False))
+    assert set(seen) == {(0, 2), ()}
+    np.testing.assert_allclose(mirrored, plain, rtol=1e-5, atol=1e-6)  # pointwise: equivariant
 
 
 def test_label_map_is_on_the_source_grid(unet):
