@@ -461,11 +461,11 @@ def predict_probabilities(
             normalize(xp, xp.full((1,), manifest.pad_value, xp.float32), manifest.normalization)
         )[0]
     )
-    multiple = manifest.size_multiple
-    padded = [
-        max(p, math.ceil(n / multiple) * multiple)
-        for n, p in zip(grid, manifest.patch3d, strict=True)
-    ]
+    # Every window is a whole patch, so only an image smaller than the patch is padded
+    # (as MONAI's and nnU-Net's sliding windows do): padding every axis up to a size
+    # multiple would put a wall of pad_value right after the last slice, which the
+    # model never saw beside anatomy in training.
+    padded = [max(p, n) for n, p in zip(grid, manifest.patch3d, strict=True)]
     if manifest.spatial_dims == 2:
         padded[0] = grid[0]
     pad = [(0, want - n) for want, n in zip(padded, grid, strict=True)]
@@ -613,5 +613,5 @@ class UNet(OnnxSegmentation):
     """The shipped 3-D U-Net: lungs and lesions in CT (``processors/models/unet/``)."""
 
     name: ClassVar[str] = "unet"
-    version: ClassVar[str] = "1.1.0"
+    version: ClassVar[str] = "1.2.0"
     manifest_path: ClassVar[Path] = UNET_MANIFEST
