@@ -212,19 +212,22 @@ def dispatch_once(
     return dispatcher
 
 
+def settings_sending_to_pacs(tmp_path: Path, pipeline: list[str]) -> Settings:
+    """Inline execution of ``pipeline`` on CT, every output for the destination "pacs"."""
+    return load_settings(
+        None,
+        data_dir=tmp_path / "data",
+        destinations=[PACS],
+        rules=[{**CT_RULE, "pipeline": pipeline, "destinations": ["pacs"]}],
+        executor="inline",
+    )
+
+
 def test_dispatcher_runs_the_job_and_records_outputs_and_exports(
     sessions: sessionmaker[Session], spool: Spool, tmp_path: Path
 ) -> None:
     add_series(spool, sessions, number=1, num_slices=6)
-    settings = load_settings(
-        None,
-        data_dir=tmp_path / "data",
-        destinations=[PACS],
-        rules=[
-            {**CT_RULE, "pipeline": ["gaussian", "threshold_segment"], "destinations": ["pacs"]}
-        ],
-        executor="inline",
-    )
+    settings = settings_sending_to_pacs(tmp_path, ["gaussian", "threshold_segment"])
     dispatch_once(sessions, settings, run_job)
     [job] = jobs(sessions)
     assert job.state == "succeeded", job.error
@@ -279,13 +282,7 @@ def test_outputs_of_finished_steps_are_sent_even_when_a_later_step_fails(
     sessions: sessionmaker[Session], spool: Spool, tmp_path: Path
 ) -> None:
     add_series(spool, sessions, number=1, num_slices=6)
-    settings = load_settings(
-        None,
-        data_dir=tmp_path / "data",
-        destinations=[PACS],
-        rules=[{**CT_RULE, "pipeline": ["gaussian", "median"], "destinations": ["pacs"]}],
-        executor="inline",
-    )
+    settings = settings_sending_to_pacs(tmp_path, ["gaussian", "median"])
 
     def first_step_then_crash(spec: JobSpec) -> JobResult:
         from dicom_node.jobs import worker
