@@ -32,9 +32,11 @@ import scipy.stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from timing import best_of
+
 from dicom_node.synthetic import make_phantom
 from processors.api import run_on_backend
-from processors.backend import Backend, resolve, synchronize, to_device
+from processors.backend import Backend, resolve, to_device
 from processors.base import Volume
 from processors.features import (
     GLCM_ANGLES,
@@ -72,21 +74,6 @@ class Row:
     ok: bool | None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def best_of(fn: Callable[[], Any], repeat: int, xp: Any = np) -> tuple[float, float]:
-    """(first call seconds, best of ``repeat`` further calls)."""
-    started = time.perf_counter()
-    fn()
-    synchronize(xp)
-    first = time.perf_counter() - started
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        synchronize(xp)
-        times.append(time.perf_counter() - started)
-    return first, min(times) if times else first
 
 
 # ------------------------------------------------------------------ references

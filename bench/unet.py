@@ -23,15 +23,16 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 # bench/processors.py would shadow the processors package: the repository root goes first.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from timing import best_of
+
 from processors.api import run_on_backend
-from processors.backend import resolve, synchronize, to_device
+from processors.backend import resolve, to_device
 from processors.base import Volume
 from processors.model import (
     UNET_MANIFEST,
@@ -46,21 +47,6 @@ from processors.model import (
 )
 from processors.models.train_unet import make_ct_case
 from processors.registry import discover, get_processor
-
-
-def best_of(repeat: int, call: Any, xp: Any) -> tuple[float, float]:
-    """(first call, best of ``repeat`` later calls) in seconds, synchronised."""
-    t0 = time.perf_counter()
-    call()
-    synchronize(xp)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        call()
-        synchronize(xp)
-        times.append(time.perf_counter() - t0)
-    return first, min(times)
 
 
 def main() -> None:
@@ -120,7 +106,7 @@ def main() -> None:
         ("unet labels only (segment_volume)", labels_only),
         ("threshold_segment body", threshold_call),
     ):
-        first, best = best_of(args.repeat, call, xp)
+        first, best = best_of(call, args.repeat, xp)
         rows[label] = {"first_s": round(first, 3), "best_s": round(best, 3)}
         print(f"{label:45s} first {first:7.2f} s   best {best:7.2f} s", flush=True)
     ratio = (
