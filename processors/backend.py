@@ -1,8 +1,10 @@
 """Array backend: NumPy + scipy.ndimage on the CPU, CuPy + cupyx.scipy.ndimage on a GPU.
 
-This is the only module that imports CuPy, and only when a GPU device is asked for (or
-``auto`` probes for one). Processors receive the array module ``xp`` and get the matching
-``ndimage`` from ``ndimage_for(xp)``; data moves between host and device only here.
+This is the only module that imports CuPy (``namespaces`` does, and only when a GPU device
+is asked for or ``auto`` probes for one; a test scans ``processors/`` for any other), and
+the only one that keeps compiled CuPy kernels (``raw_kernel``, ``elementwise_kernel``).
+Processors receive the array module ``xp`` and get the matching ``ndimage`` from
+``ndimage_for(xp)``; data moves between host and device only here.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -47,11 +49,20 @@ def parse_device(device: str) -> tuple[str, int]:
     return kind, int(match.group(2) or 0)
 
 
+def namespaces(gpu: bool) -> tuple[ModuleType, ModuleType]:
+    """The array module and its ``ndimage``: NumPy and SciPy's, or CuPy and cupyx's.
+
+    The one function that picks the namespace, and the one place CuPy is imported."""
+    if gpu:
+        return importlib.import_module("cupy"), importlib.import_module("cupyx.scipy.ndimage")
+    return np, importlib.import_module("scipy.ndimage")
+
+
 @cache
 def cupy_status() -> tuple[bool, str]:
     """Whether CuPy imports and sees a CUDA device, and if not, why."""
     try:
-        cupy = importlib.import_module("cupy")
+        cupy, _ = namespaces(gpu=True)
     except Exception as exc:  # ImportError, or a broken CUDA install raising anything
         return False, f"CuPy is not importable: {type(exc).__name__}: {exc}"
     try:
@@ -64,9 +75,7 @@ def cupy_status() -> tuple[bool, str]:
 
 
 def cpu_backend() -> Backend:
-    import scipy.ndimage
-
-    return Backend(np, scipy.ndimage, "cpu")
+    return Backend(*namespaces(gpu=False), "cpu")
 
 
 def resolve(device: str = "auto") -> Backend:
@@ -79,8 +88,7 @@ def resolve(device: str = "auto") -> Backend:
         if kind == "auto":
             return cpu_backend()
         raise BackendError(f"device {device!r} is not usable: {reason}")
-    cupy = importlib.import_module("cupy")
-    ndimage = importlib.import_module("cupyx.scipy.ndimage")
+    cupy, ndimage = namespaces(gpu=True)
     count = int(cupy.cuda.runtime.getDeviceCount())
     if index >= count:
         raise BackendError(f"device cuda:{index} does not exist ({count} CUDA device(s))")
@@ -94,9 +102,7 @@ def is_cupy(xp: ModuleType) -> bool:
 
 def ndimage_for(xp: ModuleType) -> ModuleType:
     """``scipy.ndimage`` for NumPy, ``cupyx.scipy.ndimage`` for CuPy."""
-    if is_cupy(xp):
-        return importlib.import_module("cupyx.scipy.ndimage")
-    return importlib.import_module("scipy.ndimage")
+    return namespaces(is_cupy(xp))[1]
 
 
 def array_module(array: Array) -> ModuleType:
@@ -104,9 +110,7 @@ def array_module(array: Array) -> ModuleType:
     if isinstance(array, np.ndarray | np.generic):
         return np
     module = type(array).__module__.split(".")[0]
-    if module == "cupy":
-        return importlib.import_module("cupy")
-    return np
+    return namespaces(gpu=module == "cupy")[0]
 
 
 def to_device(array: Array, backend: Backend) -> Array:
@@ -137,12 +141,22 @@ def synchronize(xp: ModuleType) -> None:
         xp.cuda.get_current_stream().synchronize()
 
 
-def compile_kernel(xp: ModuleType, source: str, name: str, options: tuple[str, ...] = ()) -> Any:
-    """A cached ``cupy.RawKernel`` (CuPy also keeps compiled binaries in its disk cache)."""
-    return _raw_kernel(source, name, options)
+KernelKind = Literal["RawKernel", "ElementwiseKernel"]
 
 
-@cache
-def _raw_kernel(source: str, name: str, options: tuple[str, ...]) -> Any:
-    cupy = importlib.import_module("cupy")
-    return cupy.RawKernel(source, name, options=options)
+def raw_kernel(source: str, name: str, options: tuple[str, ...] = ()) -> Any:
+    """A ``cupy.RawKernel`` for ``name`` in CUDA ``source``, made once per process."""
+    return _kernel("RawKernel", source, name, options)
+
+
+def elementwise_kernel(in_params: str, out_params: str, body: str, name: str) -> Any:
+    """A ``cupy.ElementwiseKernel``, made once per process."""
+    return _kernel("ElementwiseKernel", in_params, out_params, body, name)
+
+
+@lru_cache(maxsize=64)
+def _kernel(kind: KernelKind, *spec: str | tuple[str, ...]) -> Any:
+    """The one cache of CuPy kernel objects (each compiles lazily per device and dtypes,
+    and CuPy keeps the binaries in its disk cache too)."""
+    cupy, _ = namespaces(gpu=True)
+    return getattr(cupy, kind)(*spec)
