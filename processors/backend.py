@@ -4,13 +4,16 @@ This is the only module that imports CuPy (``namespaces`` does, and only when a 
 is asked for or ``auto`` probes for one; a test scans ``processors/`` for any other), and
 the only one that keeps compiled CuPy kernels (``raw_kernel``, ``elementwise_kernel``).
 Processors receive the array module ``xp`` and get the matching ``ndimage`` from
-``ndimage_for(xp)``; data moves between host and device only here.
+``ndimage_for(xp)``; data moves between host and device only here. A GPU backend's
+device is current only inside ``Backend.on_device()``, never switched for the process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from types import ModuleType
@@ -38,6 +41,13 @@ class Backend:
     @property
     def is_gpu(self) -> bool:
         return self.device != "cpu"
+
+    def on_device(self) -> AbstractContextManager[Any]:
+        """Where work on this backend runs: ``with cupy.cuda.Device(N)`` on a GPU (the
+        caller's device is current again after it), nothing on the CPU."""
+        if not self.is_gpu:
+            return contextlib.nullcontext()
+        return self.xp.cuda.Device(parse_device(self.device)[1])  # type: ignore[no-any-return]
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -79,7 +89,9 @@ def cpu_backend() -> Backend:
 
 
 def resolve(device: str = "auto") -> Backend:
-    """Pick the backend for ``device``: ``auto`` uses CUDA device 0 when CuPy has one."""
+    """Pick the backend for ``device``: ``auto`` uses CUDA device 0 when CuPy has one.
+
+    Nothing is switched here: the device is current only inside ``on_device()``."""
     kind, index = parse_device(device)
     if kind == "cpu":
         return cpu_backend()
@@ -92,7 +104,6 @@ def resolve(device: str = "auto") -> Backend:
     count = int(cupy.cuda.runtime.getDeviceCount())
     if index >= count:
         raise BackendError(f"device cuda:{index} does not exist ({count} CUDA device(s))")
-    cupy.cuda.Device(index).use()
     return Backend(cupy, ndimage, f"cuda:{index}")
 
 
@@ -116,12 +127,14 @@ def array_module(array: Array) -> ModuleType:
 def to_device(array: Array, backend: Backend) -> Array:
     """Move (or keep) ``array`` on the backend's device."""
     if backend.is_gpu:
-        return backend.xp.asarray(array)
+        with backend.on_device():
+            return backend.xp.asarray(array)
     return to_host(array)
 
 
 def to_host(array: Array) -> Any:
-    """A NumPy array (copying from the GPU when needed)."""
+    """A NumPy array (copying from the GPU when needed; CuPy copies from the array's own
+    device, whichever is current)."""
     if isinstance(array, np.ndarray):
         return array
     getter = getattr(array, "get", None)
@@ -160,3 +173,8 @@ def _kernel(kind: KernelKind, *spec: str | tuple[str, ...]) -> Any:
     and CuPy keeps the binaries in its disk cache too)."""
     cupy, _ = namespaces(gpu=True)
     return getattr(cupy, kind)(*spec)
+
+
+def clear_kernels() -> None:
+    """Forget every kernel (for tests)."""
+    _kernel.cache_clear()
