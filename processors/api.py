@@ -39,8 +39,10 @@ def result_to_host(result: Result) -> Result:
 def run_on_backend(
     processor: Processor, volume: Volume, params: Any, backend: Backend
 ) -> list[Result]:
-    """Run with ``volume`` already on the backend's device; results stay there."""
-    results = processor.run(volume, params, backend.xp)
+    """Run with ``volume`` already on the backend's device, that device current for the
+    run only; results stay there."""
+    with backend.on_device():
+        results = processor.run(volume, params, backend.xp)
     return stamp(results, processor.name, processor.version)
 
 

@@ -1,18 +1,23 @@
 """Array backend: NumPy + scipy.ndimage on the CPU, CuPy + cupyx.scipy.ndimage on a GPU.
 
-This is the only module that imports CuPy, and only when a GPU device is asked for (or
-``auto`` probes for one). Processors receive the array module ``xp`` and get the matching
-``ndimage`` from ``ndimage_for(xp)``; data moves between host and device only here.
+This is the only module that imports CuPy (``namespaces`` does, and only when a GPU device
+is asked for or ``auto`` probes for one; a test scans ``processors/`` for any other), and
+the only one that keeps compiled CuPy kernels (``raw_kernel``, ``elementwise_kernel``).
+Processors receive the array module ``xp`` and get the matching ``ndimage`` from
+``ndimage_for(xp)``; data moves between host and device only here. A GPU backend's
+device is current only inside ``Backend.on_device()``, never switched for the process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,6 +42,13 @@ class Backend:
     def is_gpu(self) -> bool:
         return self.device != "cpu"
 
+    def on_device(self) -> AbstractContextManager[Any]:
+        """Where work on this backend runs: ``with cupy.cuda.Device(N)`` on a GPU (the
+        caller's device is current again after it), nothing on the CPU."""
+        if not self.is_gpu:
+            return contextlib.nullcontext()
+        return self.xp.cuda.Device(parse_device(self.device)[1])  # type: ignore[no-any-return]
+
 
 def parse_device(device: str) -> tuple[str, int]:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` -> (kind, index)."""
@@ -47,11 +59,20 @@ def parse_device(device: str) -> tuple[str, int]:
     return kind, int(match.group(2) or 0)
 
 
+def namespaces(gpu: bool) -> tuple[ModuleType, ModuleType]:
+    """The array module and its ``ndimage``: NumPy and SciPy's, or CuPy and cupyx's.
+
+    The one function that picks the namespace, and the one place CuPy is imported."""
+    if gpu:
+        return importlib.import_module("cupy"), importlib.import_module("cupyx.scipy.ndimage")
+    return np, importlib.import_module("scipy.ndimage")
+
+
 @cache
 def cupy_status() -> tuple[bool, str]:
     """Whether CuPy imports and sees a CUDA device, and if not, why."""
     try:
-        cupy = importlib.import_module("cupy")
+        cupy, _ = namespaces(gpu=True)
     except Exception as exc:  # ImportError, or a broken CUDA install raising anything
         return False, f"CuPy is not importable: {type(exc).__name__}: {exc}"
     try:
@@ -64,13 +85,13 @@ def cupy_status() -> tuple[bool, str]:
 
 
 def cpu_backend() -> Backend:
-    import scipy.ndimage
-
-    return Backend(np, scipy.ndimage, "cpu")
+    return Backend(*namespaces(gpu=False), "cpu")
 
 
 def resolve(device: str = "auto") -> Backend:
-    """Pick the backend for ``device``: ``auto`` uses CUDA device 0 when CuPy has one."""
+    """Pick the backend for ``device``: ``auto`` uses CUDA device 0 when CuPy has one.
+
+    Nothing is switched here: the device is current only inside ``on_device()``."""
     kind, index = parse_device(device)
     if kind == "cpu":
         return cpu_backend()
@@ -79,12 +100,10 @@ def resolve(device: str = "auto") -> Backend:
         if kind == "auto":
             return cpu_backend()
         raise BackendError(f"device {device!r} is not usable: {reason}")
-    cupy = importlib.import_module("cupy")
-    ndimage = importlib.import_module("cupyx.scipy.ndimage")
+    cupy, ndimage = namespaces(gpu=True)
     count = int(cupy.cuda.runtime.getDeviceCount())
     if index >= count:
         raise BackendError(f"device cuda:{index} does not exist ({count} CUDA device(s))")
-    cupy.cuda.Device(index).use()
     return Backend(cupy, ndimage, f"cuda:{index}")
 
 
@@ -94,9 +113,7 @@ def is_cupy(xp: ModuleType) -> bool:
 
 def ndimage_for(xp: ModuleType) -> ModuleType:
     """``scipy.ndimage`` for NumPy, ``cupyx.scipy.ndimage`` for CuPy."""
-    if is_cupy(xp):
-        return importlib.import_module("cupyx.scipy.ndimage")
-    return importlib.import_module("scipy.ndimage")
+    return namespaces(is_cupy(xp))[1]
 
 
 def array_module(array: Array) -> ModuleType:
@@ -104,20 +121,20 @@ def array_module(array: Array) -> ModuleType:
     if isinstance(array, np.ndarray | np.generic):
         return np
     module = type(array).__module__.split(".")[0]
-    if module == "cupy":
-        return importlib.import_module("cupy")
-    return np
+    return namespaces(gpu=module == "cupy")[0]
 
 
 def to_device(array: Array, backend: Backend) -> Array:
     """Move (or keep) ``array`` on the backend's device."""
     if backend.is_gpu:
-        return backend.xp.asarray(array)
+        with backend.on_device():
+            return backend.xp.asarray(array)
     return to_host(array)
 
 
 def to_host(array: Array) -> Any:
-    """A NumPy array (copying from the GPU when needed)."""
+    """A NumPy array (copying from the GPU when needed; CuPy copies from the array's own
+    device, whichever is current)."""
     if isinstance(array, np.ndarray):
         return array
     getter = getattr(array, "get", None)
@@ -137,12 +154,27 @@ def synchronize(xp: ModuleType) -> None:
         xp.cuda.get_current_stream().synchronize()
 
 
-def compile_kernel(xp: ModuleType, source: str, name: str, options: tuple[str, ...] = ()) -> Any:
-    """A cached ``cupy.RawKernel`` (CuPy also keeps compiled binaries in its disk cache)."""
-    return _raw_kernel(source, name, options)
+KernelKind = Literal["RawKernel", "ElementwiseKernel"]
 
 
-@cache
-def _raw_kernel(source: str, name: str, options: tuple[str, ...]) -> Any:
-    cupy = importlib.import_module("cupy")
-    return cupy.RawKernel(source, name, options=options)
+def raw_kernel(source: str, name: str, options: tuple[str, ...] = ()) -> Any:
+    """A ``cupy.RawKernel`` for ``name`` in CUDA ``source``, made once per process."""
+    return _kernel("RawKernel", source, name, options)
+
+
+def elementwise_kernel(in_params: str, out_params: str, body: str, name: str) -> Any:
+    """A ``cupy.ElementwiseKernel``, made once per process."""
+    return _kernel("ElementwiseKernel", in_params, out_params, body, name)
+
+
+@lru_cache(maxsize=64)
+def _kernel(kind: KernelKind, *spec: str | tuple[str, ...]) -> Any:
+    """The one cache of CuPy kernel objects (each compiles lazily per device and dtypes,
+    and CuPy keeps the binaries in its disk cache too)."""
+    cupy, _ = namespaces(gpu=True)
+    return getattr(cupy, kind)(*spec)
+
+
+def clear_kernels() -> None:
+    """Forget every kernel (for tests)."""
+    _kernel.cache_clear()

@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 import os
 from types import ModuleType
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
 
-from processors.backend import compile_kernel, is_cupy, ndimage_for
+from processors.backend import elementwise_kernel, is_cupy, ndimage_for, raw_kernel
 from processors.base import Array, ImageResult, ProcessorParams, Result, Volume
 
 Mode = Literal["reflect", "nearest", "mirror", "constant", "wrap"]
@@ -155,7 +155,7 @@ _NLM_WEIGHT_KERNEL = r"""
 
 def _nlm_weights(xp: ModuleType, distance: Array, inv_norm: float) -> Array:
     if is_cupy(xp):
-        kernel = _elementwise_kernel(
+        kernel = elementwise_kernel(
             "float64 D, float64 inv_norm", "float64 W", _NLM_WEIGHT_KERNEL, "nlm_weight"
         )
         return kernel(distance, inv_norm)
@@ -163,21 +163,6 @@ def _nlm_weights(xp: ModuleType, distance: Array, inv_norm: float) -> Array:
     weights = _fast_exp(xp, -dist)
     weights[dist > _DISTANCE_CUTOFF] = 0.0
     return weights
-
-
-_ELEMENTWISE_CACHE: dict[tuple[str, str, str, str], Any] = {}
-
-
-def _elementwise_kernel(in_params: str, out_params: str, body: str, name: str) -> Any:
-    key = (in_params, out_params, body, name)
-    kernel = _ELEMENTWISE_CACHE.get(key)
-    if kernel is None:
-        import importlib
-
-        cupy = importlib.import_module("cupy")
-        kernel = cupy.ElementwiseKernel(in_params, out_params, body, name)
-        _ELEMENTWISE_CACHE[key] = kernel
-    return kernel
 
 
 def _box_sum(xp: ModuleType, values: Array, width: int) -> Array:
@@ -424,7 +409,7 @@ def bilateral_cuda(
     sigma_range: float,
 ) -> Array:
     """The same filter as one CUDA kernel (a thread per voxel)."""
-    kernel = compile_kernel(xp, _BILATERAL_SOURCE, "bilateral3d")
+    kernel = raw_kernel(_BILATERAL_SOURCE, "bilateral3d")
     src = xp.ascontiguousarray(image, dtype=xp.float32)
     dst = xp.empty_like(src)
     nz, ny, nx = src.shape

@@ -39,7 +39,6 @@ import importlib
 import itertools
 import math
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar, Literal
@@ -58,6 +57,7 @@ from processors.base import (
     SegmentDescription,
     Volume,
 )
+from processors.file_cache import cached_per_file_version
 from processors.model_geometry import (
     apply_reorientation,
     axis_codes,
@@ -127,41 +127,27 @@ def _onnxruntime() -> Any:
     return importlib.import_module("onnxruntime")
 
 
-FileVersion = tuple[int, int]  # (st_mtime_ns, st_size): a file replaced on disk is new
-
-
-def _file_version(path: Path) -> FileVersion:
-    stat = path.stat()
-    return (stat.st_mtime_ns, stat.st_size)
-
-
 def load_segmentation_model(manifest_path: Path | str) -> SegmentationModel:
     """Read, validate and trial-run a model (cached per version of both files, so that a
     manifest or ONNX file replaced on disk is loaded and checked again)."""
     path = Path(manifest_path).resolve()
-    try:
-        manifest_version = _file_version(path)
-    except OSError as exc:
-        raise ModelError(f"model manifest not found: {path}") from exc
-    manifest = _read_manifest(path, manifest_version)
+    if not path.is_file():
+        raise ModelError(f"model manifest not found: {path}")
+    manifest = _read_manifest(path)
     model_path = (path.parent / manifest.model).resolve()
-    try:
-        model_version = _file_version(model_path)
-    except OSError as exc:
-        raise ModelError(f"{path}: model file not found: {model_path}") from exc
-    return _load(path, manifest_version, model_path, model_version)
+    if not model_path.is_file():
+        raise ModelError(f"{path}: model file not found: {model_path}")
+    return _load(path, model_path)
 
 
-@cache
-def _read_manifest(path: Path, version: FileVersion) -> Manifest:
+@cached_per_file_version
+def _read_manifest(path: Path) -> Manifest:
     return read_manifest(path)
 
 
-@cache
-def _load(
-    path: Path, manifest_version: FileVersion, model_path: Path, model_version: FileVersion
-) -> SegmentationModel:
-    manifest = _read_manifest(path, manifest_version)
+@cached_per_file_version
+def _load(path: Path, model_path: Path) -> SegmentationModel:
+    manifest = _read_manifest(path)
     if manifest.sha256 is not None:
         digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
         if digest != manifest.sha256:
@@ -171,13 +157,9 @@ def _load(
     return model
 
 
+@cached_per_file_version
 def cpu_session(model_path: Path) -> Any:
     """An ONNX Runtime session on the CPU for this version of the file."""
-    return _cpu_session(model_path, _file_version(model_path))
-
-
-@cache
-def _cpu_session(model_path: Path, version: FileVersion) -> Any:
     ort = _onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -189,14 +171,10 @@ def _cpu_session(model_path: Path, version: FileVersion) -> Any:
         raise ModelError(f"{model_path}: ONNX Runtime cannot load the model: {exc}") from exc
 
 
+@cached_per_file_version
 def cuda_session(model_path: Path, device_id: int) -> Any | None:
     """A session on the CUDA execution provider for this version of the file, or ``None``
     where ONNX Runtime has none."""
-    return _cuda_session(model_path, _file_version(model_path), device_id)
-
-
-@cache
-def _cuda_session(model_path: Path, version: FileVersion, device_id: int) -> Any | None:
     ort = _onnxruntime()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return None

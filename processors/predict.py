@@ -9,7 +9,8 @@ file holds a dict::
      [...], "feature_params": {...FeaturesParams...}, "target": ..., "unit": [code, scheme,
      meaning] (regression), "class_names": [...] (classification), "positive_class": ...}
 
-The model file is read once per process and cached; ``run`` itself does no I/O after that.
+The model file is read once per version of the file and cached (``processors.file_cache``);
+``run`` itself only stats the file after that.
 The shipped demo models live in ``processors/models/`` (see its MODEL_CARD.md).
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import importlib.resources
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -37,6 +37,7 @@ from processors.base import (
     Volume,
 )
 from processors.features import FeaturesParams, compute_features
+from processors.file_cache import cached_per_file_version
 
 MODEL_FORMAT = "dicom-node-model/1"
 MODELS_PACKAGE = "processors.models"
@@ -101,9 +102,10 @@ def check_types(names: list[str]) -> None:
         raise ProcessorError(f"model file would load types outside the allow-list: {refused}")
 
 
-@cache
+@cached_per_file_version
 def load_model(path: Path) -> LoadedModel:
-    """Read and validate a model file (cached per path)."""
+    """Read and validate a model file (cached per version of the file, so a model
+    replaced on disk is read and checked again)."""
     from skops.io import load
 
     names = untrusted_types(path)

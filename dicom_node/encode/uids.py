@@ -4,7 +4,9 @@ Reprocessing the same input with the same processor, version and parameters give
 same Series and SOP Instance UIDs, so a retried export is idempotent at the PACS. The UIDs
 are derived by hashing (source series UID, processor name, version, parameters digest,
 output kind, index) under a configurable UID root (default ``2.25``, the UUID-derived root
-that needs no registration).
+that needs no registration). The parts are hashed as canonical JSON, so no two different
+tuples of parts hash the same bytes (joining them with ``""`` would make ``(1, 23)`` and
+``(12, 3)`` one UID).
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
-from pydicom.uid import generate_uid
 
 from dicom_node import __version__
 
 #: DICOM UIDs are at most 64 characters; a root must leave room for the hash digits.
+MAX_UID_LENGTH = 64
 MAX_ROOT_LENGTH = 40
 
 MANUFACTURER = "dicom-node"
@@ -59,16 +61,26 @@ def canonical_params(params: Mapping[str, Any] | BaseModel | None) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def derive_uid(root: str | None, *parts: object) -> str:
+UIDPart = str | int
+
+
+def parts_digest(parts: tuple[UIDPart, ...]) -> bytes:
+    """SHA-256 of the parts as a JSON array: one byte string per tuple of parts."""
+    encoded = json.dumps(list(parts), separators=(",", ":"))
+    return hashlib.sha256(encoded.encode()).digest()
+
+
+def derive_uid(root: str | None, *parts: UIDPart) -> str:
     """A UID from the hash of ``parts`` under ``root`` (``2.25`` when ``None``)."""
     checked = check_root(root)
-    sources = [str(part) for part in parts]
+    digest = parts_digest(parts)
     if checked is None:
-        # pydicom's generate_uid ignores entropy_srcs without a prefix (random UUID), so
-        # derive the 2.25 form (a 128-bit integer, like a name-based UUID) from SHA-256.
-        digest = hashlib.sha256("".join(sources).encode()).digest()[:16]
-        return f"2.25.{int.from_bytes(digest, 'big')}"
-    return str(generate_uid(prefix=f"{checked}.", entropy_srcs=sources))
+        # The 2.25 form: a 128-bit integer, like a name-based UUID.
+        return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+    # As many decimal digits of the digest as fit; a decimal number's prefix has no
+    # leading zero, so the last component is valid.
+    digits = str(int.from_bytes(digest, "big"))
+    return f"{checked}.{digits[: MAX_UID_LENGTH - len(checked) - 1]}"
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pydantic
@@ -153,3 +154,16 @@ def test_untrusted_model_file_is_refused(tmp_path):
     dump({"format": "dicom-node-model/1", "payload": Sneaky()}, path)
     with pytest.raises(ProcessorError, match="allow-list"):
         run_processor("predict", np.zeros((3, 8, 8), np.float32), model=str(path))
+
+
+def test_a_model_replaced_on_disk_is_the_one_the_next_run_uses(tmp_path):
+    path = tmp_path / "model.skops"
+    volume = Volume(
+        make_phantom((24, 64, 64), SPACING, seed=993).values, spacing=SPACING, modality="CT"
+    )
+    shutil.copyfile(model_path("demo-lesion-presence"), path)
+    (before,) = run_processor("predict", volume, model=str(path))
+    assert before.classifications and not before.measurements
+    shutil.copyfile(model_path("demo-lesion-volume"), path)  # same path, another model
+    (after,) = run_processor("predict", volume, model=str(path))
+    assert after.measurements and not after.classifications

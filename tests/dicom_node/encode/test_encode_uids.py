@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from pydicom.uid import UID
 
 from dicom_node.encode.uids import Provenance, UIDRootError, canonical_params, derive_uid
 from dicom_node.storage import is_valid_uid
@@ -40,3 +43,38 @@ def test_params_and_upstream_change_the_uids() -> None:
     assert base.parameters_text() == {"k": "3"}
     with pytest.raises(ValueError, match="name and version"):
         Provenance("", "1.0.0")
+
+
+ROOT = "1.2.826.0.1.3680043.10.999"
+
+
+@pytest.mark.parametrize("root", [None, ROOT])
+def test_parts_that_join_to_the_same_text_give_different_uids(root: str | None) -> None:
+    provenance = Provenance("kmeans", "1.0.0", "cluster", uid_root=root)
+    assert provenance.instance_uid("1.2.3", "derived", 1, 23) != provenance.instance_uid(
+        "1.2.3", "derived", 12, 3
+    )
+    assert derive_uid(root, "ab", "c") != derive_uid(root, "a", "bc")
+    assert derive_uid(root, 1) != derive_uid(root, "1")
+
+
+# Small alphabets and numbers, so that different tuples often join to the same text.
+uid_parts = st.lists(
+    st.one_of(st.text(alphabet="12.", max_size=3), st.integers(0, 40)), max_size=4
+).map(tuple)
+roots = st.lists(  # at most 5 components of at most 6 digits: within MAX_ROOT_LENGTH
+    st.one_of(st.just("0"), st.integers(1, 10**5).map(str)), min_size=1, max_size=5
+).map(".".join)
+
+
+@given(first=uid_parts, second=uid_parts, root=st.one_of(st.none(), roots))
+def test_distinct_parts_give_distinct_valid_uids(
+    first: tuple[str | int, ...], second: tuple[str | int, ...], root: str | None
+) -> None:
+    assume(first != second)
+    a, b = derive_uid(root, *first), derive_uid(root, *second)
+    assert a != b
+    for uid in (a, b):
+        assert UID(uid).is_valid
+        assert len(uid) == 64 or root is None
+        assert uid.startswith(f"{root or '2.25'}.")
