@@ -260,9 +260,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
+    backend = resolve(args.device)
+    # The bench's own device work (masks, resampling, synchronize) runs on the chosen GPU too.
+    with backend.on_device():
+        measure(args, backend)
+
+
+def measure(args: argparse.Namespace, backend: Backend) -> None:
     shape = tuple(args.shape)
     spacing = (args.spacing[0], args.spacing[1], args.spacing[2])
-    backend = resolve(args.device)
     started = time.perf_counter()
     image = make_phantom(shape, spacing, lesion_radius_mm=15.0, seed=0).values  # type: ignore[arg-type]
     print(

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from timing import best_of
 
 from processors.api import run_on_backend
-from processors.backend import resolve, to_device
+from processors.backend import Backend, parse_device, resolve, to_device
 from processors.base import Volume
 from processors.model import (
     UNET_MANIFEST,
@@ -60,6 +60,12 @@ def main() -> None:
     args = parser.parse_args()
 
     backend = resolve(args.device)
+    # The bench's own device work (masks, resampling, synchronize) runs on the chosen GPU too.
+    with backend.on_device():
+        measure(args, backend)
+
+
+def measure(args: argparse.Namespace, backend: Backend) -> None:
     xp = backend.xp
     spacing = (2.5, 0.7, 0.7)
     t0 = time.perf_counter()
@@ -83,7 +89,7 @@ def main() -> None:
     )[None, None]
     session = None
     if backend.is_gpu:
-        session = cuda_session(model.model_path, int(xp.cuda.Device().id))
+        session = cuda_session(model.model_path, parse_device(backend.device)[1])
     session = session or cpu_session(model.model_path)
     provider = session.get_providers()[0]
 
