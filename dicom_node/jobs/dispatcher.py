@@ -49,7 +49,8 @@ from dicom_node.jobs.state import (
     utcnow,
 )
 from dicom_node.jobs.worker import JobResult, JobSpec, written_steps
-from dicom_node.process import OutputRecord, upsert_outputs
+from dicom_node.outputs import upsert_outputs
+from dicom_node.process import OutputRecord
 from dicom_node.routing_store import load_routing
 from processors.registry import discover
 
