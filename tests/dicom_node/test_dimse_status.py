@@ -16,7 +16,7 @@ from dicom_node.dimse_status import STORED, Category, DimseStatus, category, loo
 
 PACKAGE = Path(dicom_node.__file__).parent
 
-SPEAKS_DIMSE = ("handlers", "scu.py")
+SPEAKS_DIMSE = ("handlers", "scu.py", "export")
 """The modules that answer or read DIMSE statuses: they name them from the table."""
 
 FOUR_HEX_DIGITS = re.compile(r"0[xX][0-9a-fA-F]{4}")
@@ -89,4 +89,4 @@ def test_no_status_code_is_spelled_outside_the_table(path: Path) -> None:
 def test_the_literal_scan_finds_codes_and_leaves_tags_and_text() -> None:
     source = 'FAILED = 0xA700\nTAG = 0x00081198\ntext = "0xC000"  # 0xB000\nok = 0x0000\n'
     assert status_literals(source + "RJ = (0x01, 0x0002)\n") == ["1: 0xA700", "4: 0x0000"]
-    assert {p.name for p in dimse_modules()} >= {"c_store.py", "scu.py"}
+    assert {p.name for p in dimse_modules()} >= {"c_store.py", "scu.py", "cstore.py"}
