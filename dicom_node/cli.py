@@ -340,13 +340,8 @@ def process(
     The database is written only with --config (the outputs table); without it, no database.
     """
     from dicom_node.encode.uids import UIDRootError
-    from dicom_node.process import (
-        ProcessError,
-        parse_params,
-        parse_pipeline,
-        process_directory,
-        record_outputs,
-    )
+    from dicom_node.outputs import record_outputs
+    from dicom_node.process import ProcessError, parse_params, parse_pipeline, process_directory
 
     settings = settings_from(config) if config is not None else None
     try:

@@ -63,7 +63,7 @@ def _session(config: Path | None) -> Iterator[Session]:
 
 
 def _plugins(session: Session) -> list[Any]:
-    from processors.registry import list_plugins
+    from dicom_node.plugin_state import list_plugins
 
     return list_plugins(session)
 
@@ -115,7 +115,7 @@ def show_command(name: str, config: ConfigOption = None) -> None:
 
 
 def _set(name: str, config: Path | None, **changes: Any) -> Any:
-    from processors.registry import set_state
+    from dicom_node.plugin_state import set_state
 
     with _session(config) as session:
         info = _find(_plugins(session), name)

@@ -6,13 +6,13 @@ series, and for one series at a time: loads its ``Volume``, runs the pipeline's 
 encodes every result (``dicom_node.encode``) with deterministic UIDs and writes it under
 ``OUTPUT/<source series UID>/<step>-<processor>-<kind>-<n>/``. Series that cannot be
 loaded are skipped with their reason; a folder with no usable series raises
-``NoUsableSeriesError``. No network; the database is written only when the caller asks
-(``record_outputs``; the CLI does so only when given ``--config``).
+``NoUsableSeriesError``. No network and no database: this is also what a job runs on a
+Dask worker (``dicom_node.jobs.worker``); recording the outputs is the node's side
+(``dicom_node.outputs``; the CLI does so only when given ``--config``).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,10 +25,7 @@ import pydicom
 from pydantic import ValidationError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from db.models import Output
 from dicom_node.encode.common import EncodeError
 from dicom_node.encode.derived import encode_derived
 from dicom_node.encode.seg import SegEncoding, encode_seg
@@ -354,45 +351,3 @@ def process_directory(
         reasons = "; ".join(f"{uid}: {why}" for uid, why in report.skipped if uid in groups)
         raise NoUsableSeriesError(f"{input_dir}: no usable series ({reasons})")
     return report
-
-
-def upsert_outputs(
-    session: Session, records: Sequence[OutputRecord], job_id: int | None = None
-) -> list[Output]:
-    """One ``outputs`` row per record (refreshed for a reprocessed input), in the caller's
-    transaction."""
-    rows: list[Output] = []
-    for record in records:
-        row = session.scalars(
-            select(Output).where(Output.sop_instance_uid == record.sop_instance_uid)
-        ).one_or_none()
-        if row is None:
-            row = Output(sop_instance_uid=record.sop_instance_uid)
-            session.add(row)
-        row.sop_class_uid = record.sop_class_uid
-        row.series_instance_uid = record.series_instance_uid
-        row.kind = record.kind
-        row.path = str(record.path.resolve())
-        row.source_series_uid = record.source_series_uid
-        row.processor_name = record.processor_name
-        row.processor_version = record.processor_version
-        row.params = record.params
-        row.created_at = dt.datetime.now(dt.UTC)
-        row.job_id = job_id if job_id is not None else row.job_id
-        rows.append(row)
-    session.flush()
-    return rows
-
-
-def record_outputs(database_url: str, records: Sequence[OutputRecord]) -> int:
-    """Insert (or refresh, for a reprocessed input) one ``outputs`` row per record."""
-    from db.session import make_engine, make_sessionmaker, upgrade
-
-    upgrade(database_url)
-    engine = make_engine(database_url)
-    try:
-        with make_sessionmaker(engine)() as session, session.begin():
-            upsert_outputs(session, records)
-    finally:
-        engine.dispose()
-    return len(records)

@@ -14,6 +14,8 @@ from pynetdicom import AE
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_node.dimse_status import STORED
+
 MAX_CONTEXTS_PER_ASSOCIATION = 128
 
 
@@ -166,7 +168,7 @@ def _store_one(assoc: object, item: SendFile, report: SendReport) -> int | None:
         report.failed.append((item.path, "no response (timeout, abort or no accepted context)"))
         return None
     status = int(response.Status)
-    if status in (0x0000, 0xB000, 0xB007, 0xB006):
+    if status in STORED:
         report.sent += 1
     else:
         comment = response.get("ErrorComment", "")

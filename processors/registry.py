@@ -1,20 +1,20 @@
-"""Processor discovery (entry-point group ``dicom_node.processors``) and admin state.
+"""Processor discovery (entry-point group ``dicom_node.processors``).
 
 Discovery never raises because of a plugin: one that fails to import, is not a valid
 processor, repeats a name, or needs what this machine lacks (CuPy) is listed as unavailable
 with the reason. ``DICOM_NODE_DISABLE_PLUGIN_AUTOLOAD=1`` loads the built-ins only (those
-registered by the ``dicom-node`` distribution itself). Enabled/disabled and pinned versions
-live in the database table ``plugin_state``; a plugin without a row is enabled.
+registered by the ``dicom-node`` distribution itself). The admin's choices (enabled, pinned
+version) come in as plain data (``PluginChoice``, ``apply_states``); the node keeps them in
+its database (``dicom_node.plugin_state``), the SDK never touches it.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from importlib.metadata import EntryPoint, entry_points
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from processors.backend import cupy_status
 from processors.base import Processor, check_processor_class
@@ -24,9 +24,6 @@ AUTOLOAD_ENV = "DICOM_NODE_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_DISTRIBUTION = "dicom-node"
 BUILTIN_MODULE_PREFIX = "processors."
 
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
 
 class UnknownProcessorError(LookupError):
     """No processor of that name was discovered."""
@@ -34,6 +31,14 @@ class UnknownProcessorError(LookupError):
 
 class ProcessorUnavailableError(RuntimeError):
     """The processor exists but cannot run here (or is disabled); the message says why."""
+
+
+@dataclass(frozen=True)
+class PluginChoice:
+    """An admin's choice for one plugin; a plugin without one is enabled and not pinned."""
+
+    enabled: bool = True
+    pinned_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -177,16 +182,9 @@ def discover(*, autoload: bool | None = None) -> list[PluginInfo]:
     return sorted([*found.values(), *extra], key=lambda i: (i.name, not i.available))
 
 
-def load_states(session: Session) -> dict[str, Any]:
-    """The ``plugin_state`` rows by name."""
-    from sqlalchemy import select
-
-    from db.models import PluginState
-
-    return {row.name: row for row in session.scalars(select(PluginState))}
-
-
-def apply_states(infos: Iterable[PluginInfo], states: Mapping[str, Any]) -> list[PluginInfo]:
+def apply_states(
+    infos: Iterable[PluginInfo], states: Mapping[str, PluginChoice]
+) -> list[PluginInfo]:
     """Fold the admin's choices (enabled, pinned version) into discovered plugins."""
     merged = []
     for info in infos:
@@ -195,7 +193,7 @@ def apply_states(infos: Iterable[PluginInfo], states: Mapping[str, Any]) -> list
             merged.append(info)
             continue
         pinned = state.pinned_version
-        updated = replace(info, enabled=bool(state.enabled), pinned_version=pinned)
+        updated = replace(info, enabled=state.enabled, pinned_version=pinned)
         if info.available and pinned and pinned != info.version:
             updated = replace(
                 updated,
@@ -204,40 +202,6 @@ def apply_states(infos: Iterable[PluginInfo], states: Mapping[str, Any]) -> list
             )
         merged.append(updated)
     return merged
-
-
-def list_plugins(
-    session: Session | None = None, *, autoload: bool | None = None
-) -> list[PluginInfo]:
-    infos = discover(autoload=autoload)
-    if session is None:
-        return infos
-    return apply_states(infos, load_states(session))
-
-
-def set_state(
-    session: Session,
-    name: str,
-    *,
-    enabled: bool | None = None,
-    pinned_version: str | None = None,
-    unpin: bool = False,
-) -> Any:
-    """Create or update the ``plugin_state`` row for ``name`` (caller commits)."""
-    from db.models import PluginState
-
-    row = session.get(PluginState, name)
-    if row is None:
-        row = PluginState(name=name, enabled=True)
-        session.add(row)
-    if enabled is not None:
-        row.enabled = enabled
-    if unpin:
-        row.pinned_version = None
-    elif pinned_version is not None:
-        row.pinned_version = pinned_version
-    row.updated_at = dt.datetime.now(dt.UTC)
-    return row
 
 
 def find(name: str, infos: Iterable[PluginInfo]) -> PluginInfo:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pynetdicom.events import Event
 
+from dicom_node.dimse_status import DimseStatus
 from dicom_node.handlers.context import ReceiverContext
-
-SUCCESS = 0x0000
 
 
 def handle_echo(event: Event, context: ReceiverContext) -> int:
-    return SUCCESS
+    return DimseStatus.SUCCESS

@@ -3,7 +3,7 @@
 Statuses (PS3.4 B.2.3): 0x0000 success, 0xA700 out of resources (the file could not be
 written), 0xA900 data set does not match SOP class (the dataset's SOP class or instance
 UID differs from the request's), 0xC000 cannot understand (unparseable header, a missing
-or invalid UID, a duplicate refused by policy).
+or invalid UID, a duplicate refused by policy); the codes come from ``dicom_node.dimse_status``.
 """
 
 from __future__ import annotations
@@ -21,16 +21,12 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom.events import Event
 
 from dicom_node.config import DuplicatePolicy
+from dicom_node.dimse_status import DimseStatus
 from dicom_node.handlers.context import ReceiverContext
 from dicom_node.index import InstanceStored, as_int, clip_text
 from dicom_node.storage import InstanceKey, InvalidUIDError, encode_file_meta, is_valid_uid
 
 log = structlog.get_logger(__name__)
-
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 
 _LAST_INDEXED_TAG = 0x00200013  # InstanceNumber: every tag the index needs comes before it
 
@@ -58,9 +54,9 @@ def header_text(header: Dataset, keyword: str) -> str | None:
     return text or None
 
 
-def failure(status: int, comment: str) -> Dataset:
+def failure(status: DimseStatus, comment: str) -> Dataset:
     response = Dataset()
-    response.Status = status
+    response.Status = int(status)
     response.ErrorComment = comment[:64]
     return response
 
@@ -89,20 +85,24 @@ def handle_store(event: Event, context: ReceiverContext) -> int | Dataset:
     except Exception as exc:
         state.instances_failed += 1
         log.warning("C-STORE refused: header not parseable", error=str(exc)[:200])
-        return failure(CANNOT_UNDERSTAND, "Cannot parse the data set")
+        return failure(DimseStatus.CANNOT_UNDERSTAND, "Cannot parse the data set")
 
     if not is_valid_uid(sop_class_uid):
         state.instances_failed += 1
         log.warning("C-STORE refused: SOP Class UID missing or invalid")
-        return failure(CANNOT_UNDERSTAND, "SOP Class UID missing or invalid")
+        return failure(DimseStatus.CANNOT_UNDERSTAND, "SOP Class UID missing or invalid")
     if sop_class_uid != request.AffectedSOPClassUID:
         state.instances_failed += 1
         log.warning("C-STORE refused: SOP class differs from the request")
-        return failure(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from request")
+        return failure(
+            DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from request"
+        )
     if sop_instance_uid != request.AffectedSOPInstanceUID:
         state.instances_failed += 1
         log.warning("C-STORE refused: SOP instance UID differs from the request")
-        return failure(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from request")
+        return failure(
+            DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from request"
+        )
     try:
         key = InstanceKey.checked(
             header_text(header, "StudyInstanceUID"),
@@ -112,7 +112,7 @@ def handle_store(event: Event, context: ReceiverContext) -> int | Dataset:
     except InvalidUIDError as exc:
         state.instances_failed += 1
         log.warning("C-STORE refused: invalid UID", reason=str(exc))
-        return failure(CANNOT_UNDERSTAND, str(exc).split(":")[0])
+        return failure(DimseStatus.CANNOT_UNDERSTAND, str(exc).split(":")[0])
 
     policy = context.settings.duplicate_policy
     duplicate = context.spool.exists(key)
@@ -122,10 +122,10 @@ def handle_store(event: Event, context: ReceiverContext) -> int | Dataset:
             log.info(
                 "C-STORE refused: duplicate SOP instance", sop_instance_uid=key.sop_instance_uid
             )
-            return failure(CANNOT_UNDERSTAND, "Duplicate SOP Instance refused")
+            return failure(DimseStatus.CANNOT_UNDERSTAND, "Duplicate SOP Instance refused")
         log.info("duplicate SOP instance ignored", sop_instance_uid=key.sop_instance_uid)
         state.instances_received += 1
-        return SUCCESS
+        return DimseStatus.SUCCESS
 
     try:
         meta = encode_file_meta(
@@ -135,7 +135,7 @@ def handle_store(event: Event, context: ReceiverContext) -> int | Dataset:
     except OSError as exc:
         state.instances_failed += 1
         log.error("C-STORE failed: cannot write to the spool", error=str(exc))
-        return failure(OUT_OF_RESOURCES, "Cannot write the instance to storage")
+        return failure(DimseStatus.OUT_OF_RESOURCES, "Cannot write the instance to storage")
     if duplicate:
         log.info("duplicate SOP instance overwritten", sop_instance_uid=key.sop_instance_uid)
 
@@ -158,4 +158,4 @@ def handle_store(event: Event, context: ReceiverContext) -> int | Dataset:
             instance_number=as_int(header_text(header, "InstanceNumber")),
         )
     )
-    return SUCCESS
+    return DimseStatus.SUCCESS

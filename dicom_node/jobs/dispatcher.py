@@ -5,7 +5,7 @@ One thread in the node's main process. Each round it
 1. claims the ``complete`` study events nobody routed yet and makes their jobs
    (``dicom_node.jobs.state.create_jobs``, with the rules and destinations of the database);
 2. collects the jobs that finished: their outputs become ``outputs`` rows and one export
-   per destination (``dicom_node.export.enqueue``), in the same transaction as the job's
+   per destination (``dicom_node.export.queue.enqueue``), in the same transaction as the job's
    ``succeeded``; a failure is retried after a backoff while attempts are left;
 3. stops jobs past ``job_timeout_seconds`` (the executor restarts their worker);
 4. claims due queued jobs while the executor has free slots and submits them.
@@ -37,7 +37,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Instance, Job, JobState, Output
 from dicom_node.config import ConfigError, Settings
-from dicom_node.export import Exporter, ExportTarget, enqueue, export_target
+from dicom_node.export.queue import enqueue
+from dicom_node.export.target import ExportTarget, export_target
+from dicom_node.export.worker import Exporter
 from dicom_node.jobs.executors import Executor, JobFuture
 from dicom_node.jobs.state import (
     claim_next,
@@ -49,7 +51,8 @@ from dicom_node.jobs.state import (
     utcnow,
 )
 from dicom_node.jobs.worker import JobResult, JobSpec, written_steps
-from dicom_node.process import OutputRecord, upsert_outputs
+from dicom_node.outputs import upsert_outputs
+from dicom_node.process import OutputRecord
 from dicom_node.routing_store import load_routing
 from processors.registry import discover
 

@@ -16,10 +16,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Export, ExportState
-from db.session import make_engine, make_sessionmaker, upgrade
-from dicom_node.export import Exporter, ExportTarget, RetryPolicy, deliver_due, enqueue
+from dicom_node.export.queue import RetryPolicy, enqueue
+from dicom_node.export.target import ExportTarget
+from dicom_node.export.worker import Exporter, deliver_due
 from dicom_node.synthetic import generate_series
 from dicom_node.testing import OrthancProcess, free_port, running_orthanc
+from tests.dicom_node.export.export_support import migrated_sessions
 
 pytestmark = pytest.mark.interop
 
@@ -36,12 +38,8 @@ def config(tmp_path: Path) -> Path:
 @pytest.fixture
 def sessions(tmp_path: Path, config: Path) -> Iterator[sessionmaker[Session]]:
     url = f"sqlite:///{tmp_path / 'data' / 'dicom-node.db'}"  # what `--config` points at
-    upgrade(url)
-    engine = make_engine(url)
-    try:
-        yield make_sessionmaker(engine)
-    finally:
-        engine.dispose()
+    with migrated_sessions(url) as sessions:
+        yield sessions
 
 
 def write_series(directory: Path, seed: str) -> list[Path]:

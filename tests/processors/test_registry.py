@@ -1,4 +1,4 @@
-"""Discovery through entry points, broken plugins, autoload switch, database state."""
+"""Discovery through entry points, broken plugins, autoload switch, the admin's choices."""
 
 from __future__ import annotations
 
@@ -157,55 +157,21 @@ def test_get_processor_refuses_unknown_unavailable_and_disabled(third_party):
         registry.get_processor("nope", infos)
     with pytest.raises(registry.ProcessorUnavailableError, match="import failed"):
         registry.get_processor("broken_import", infos)
-    disabled = registry.apply_states(infos, {"good_plugin": _State(False, None)})
+    disabled = registry.apply_states(infos, {"good_plugin": registry.PluginChoice(enabled=False)})
     with pytest.raises(registry.ProcessorUnavailableError, match="disabled"):
         registry.get_processor("good_plugin", disabled)
     assert registry.get_processor("good_plugin", infos).name == "good_plugin"
 
 
-class _State:
-    def __init__(self, enabled: bool, pinned_version: str | None) -> None:
-        self.enabled = enabled
-        self.pinned_version = pinned_version
-
-
-@pytest.fixture
-def session(tmp_path):
-    from db.session import make_engine, make_sessionmaker, upgrade
-
-    url = f"sqlite:///{tmp_path / 'node.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    with make_sessionmaker(engine)() as s:
-        yield s
-    engine.dispose()
-
-
-def _by_name(infos):
-    return {name: registry.find(name, infos) for name in {i.name for i in infos}}
-
-
-def test_state_persists_in_database(session, third_party):
-    registry.set_state(session, "good_plugin", enabled=False)
-    registry.set_state(session, "mean", pinned_version="1.0.0")
-    session.commit()
-    infos = _by_name(registry.list_plugins(session, autoload=True))
-    assert not infos["good_plugin"].enabled and infos["good_plugin"].available
-    assert infos["mean"].pinned_version == "1.0.0" and infos["mean"].available
-    assert infos["median"].enabled  # no row: enabled
-
-    registry.set_state(session, "mean", pinned_version="0.9.0")
-    registry.set_state(session, "good_plugin", enabled=True)
-    session.commit()
-    infos = _by_name(registry.list_plugins(session, autoload=True))
-    assert not infos["mean"].available
-    assert "pinned to version 0.9.0" in infos["mean"].reason
-    assert infos["good_plugin"].enabled
-
-    registry.set_state(session, "mean", unpin=True)
-    session.commit()
-    infos = _by_name(registry.list_plugins(session, autoload=True))
-    assert infos["mean"].available and infos["mean"].pinned_version is None
+def test_a_pin_to_another_version_makes_the_plugin_unavailable(third_party):
+    infos = registry.discover(autoload=True)
+    same = registry.PluginChoice(pinned_version="2.1.0")
+    other = registry.PluginChoice(pinned_version="2.0.0")
+    pinned = registry.find("good_plugin", registry.apply_states(infos, {"good_plugin": same}))
+    assert pinned.available and pinned.pinned_version == "2.1.0"
+    stale = registry.find("good_plugin", registry.apply_states(infos, {"good_plugin": other}))
+    assert not stale.available
+    assert stale.reason == "pinned to version 2.0.0, installed version is 2.1.0"
 
 
 def test_importing_processors_imports_no_gpu_library():

@@ -1,0 +1,275 @@
+"""The persistent export queue: one ``exports`` row per (destination, SOP instance).
+
+``enqueue`` adds rows (enqueueing the same instance again is the same row); ``claim``
+takes the rows whose time has come (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several
+nodes can share the work) and marks them ``sending``; ``record`` writes what became of
+each: ``delivered``, or the attempt counted with its error and the next one after an
+exponential backoff (``RetryPolicy``), or ``failed`` once ``max_attempts`` are used.
+``recover_interrupted`` puts rows a crash left ``sending`` back to ``pending``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Export, ExportState, Output
+from dicom_node.export.target import ExportTarget
+from dicom_node.export.transport import Outcome
+
+log = structlog.get_logger(__name__)
+
+
+class ExportError(ValueError):
+    """A file or output cannot be enqueued (not DICOM, no SOP UIDs)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff after the n-th failed attempt: ``min(cap, base * 2**(n-1))``, jittered down
+    by up to ``jitter`` of itself (so nodes that failed together do not retry together)."""
+
+    base_seconds: float = 2.0
+    cap_seconds: float = 600.0
+    jitter: float = 0.5
+
+    def delay(self, attempts: int, rng: random.Random | None = None) -> float:
+        exponent = min(max(attempts - 1, 0), 64)
+        full = min(self.cap_seconds, self.base_seconds * 2.0**exponent)
+        factor = 1.0 - self.jitter * (rng or random).random()
+        return full * factor
+
+
+@dataclass
+class DeliveryReport:
+    """What one ``deliver_due`` call did, by export id."""
+
+    claimed: int = 0
+    delivered: list[int] = field(default_factory=list)
+    retrying: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A row this node marked ``sending``: what sending it needs, and its attempts so far."""
+
+    id: int
+    destination: str
+    path: str
+    attempts: int
+    max_attempts: int
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _instance_uids(path: Path) -> tuple[str, str]:
+    try:
+        header = dcmread(
+            path,
+            stop_before_pixels=True,
+            force=True,
+            specific_tags=["SOPClassUID", "SOPInstanceUID"],
+        )
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise ExportError(f"{path}: not readable as DICOM: {exc}") from exc
+    sop_class, sop_instance = header.get("SOPClassUID"), header.get("SOPInstanceUID")
+    if not sop_class or not sop_instance:
+        raise ExportError(f"{path}: not a DICOM instance (no SOP Class/Instance UID)")
+    return str(sop_class), str(sop_instance)
+
+
+def enqueue(
+    session: Session,
+    target: ExportTarget,
+    files_or_outputs: Iterable[Path | Output],
+    *,
+    now: dt.datetime | None = None,
+) -> list[Export]:
+    """Add (or find) one row per instance for ``target``, due now, in the caller's transaction.
+
+    A row already ``pending``, ``sending`` or ``delivered`` is left as it is (an instance
+    exported twice is sent once); a ``failed`` one goes back to ``pending`` with its
+    attempts kept, like ``retry``. Raises ``ExportError`` for a file that is not DICOM.
+    """
+    now = now or utcnow()
+    rows: list[Export] = []
+    for item in files_or_outputs:
+        if isinstance(item, Output):
+            sop_class, sop_instance, path, output_id = (
+                item.sop_class_uid,
+                item.sop_instance_uid,
+                item.path,
+                item.id,
+            )
+        else:
+            sop_class, sop_instance = _instance_uids(item)
+            path, output_id = str(item.resolve()), None
+        row = session.scalars(
+            select(Export).where(
+                Export.destination == target.name, Export.sop_instance_uid == sop_instance
+            )
+        ).one_or_none()
+        if row is None:
+            row = Export(
+                destination=target.name,
+                host=target.host[:255],
+                port=target.port,
+                ae_title=target.ae_title,
+                sop_instance_uid=sop_instance,
+                sop_class_uid=sop_class,
+                path=path,
+                state=ExportState.PENDING.value,
+                attempts=0,
+                max_attempts=target.max_attempts,
+                next_attempt_at=now,
+                created_at=now,
+                output_id=output_id,
+            )
+            session.add(row)
+            session.flush()
+        elif row.state == ExportState.FAILED.value:
+            row.path, row.sop_class_uid = path, sop_class
+            row.output_id = output_id if output_id is not None else row.output_id
+            _to_pending(row, now)
+        rows.append(row)
+    return rows
+
+
+def _to_pending(row: Export, now: dt.datetime) -> None:
+    row.state = ExportState.PENDING.value
+    row.next_attempt_at = now
+    row.last_error = None
+
+
+def retry(session: Session, export_id: int, *, now: dt.datetime | None = None) -> Export | None:
+    """Put one export back to ``pending``, due now, attempts kept (so a failed row gets one
+    more attempt). ``None`` if there is no such export; a delivered one is sent again."""
+    row = session.get(Export, export_id)
+    if row is None:
+        return None
+    _to_pending(row, now or utcnow())
+    return row
+
+
+def recover_interrupted(
+    sessions: sessionmaker[Session], now: dt.datetime | None = None, node: str | None = None
+) -> int:
+    """Rows left ``sending`` (the node died mid-send) go back to ``pending``, due now.
+
+    With ``node``, only the rows that node claimed (and rows nobody claimed): other nodes
+    sharing the database may be sending theirs right now.
+    """
+    query = update(Export).where(Export.state == ExportState.SENDING.value)
+    if node is not None:
+        query = query.where(or_(Export.claimed_by == node, Export.claimed_by.is_(None)))
+    with sessions() as session, session.begin():
+        changed = session.execute(
+            query.values(
+                state=ExportState.PENDING.value, next_attempt_at=now or utcnow(), claimed_by=None
+            )
+        ).rowcount  # type: ignore[attr-defined]
+    if changed:
+        log.info("interrupted exports back to pending", count=changed)
+    return int(changed)
+
+
+def claim(
+    sessions: sessionmaker[Session],
+    names: Sequence[str],
+    now: dt.datetime,
+    limit: int,
+    node: str | None,
+) -> list[Claimed]:
+    """Mark up to ``limit`` due ``pending`` rows of the named destinations ``sending``, oldest
+    due first; rows another node claimed at the same moment are left to it."""
+    with sessions() as session, session.begin():
+        query = (
+            select(Export)
+            .where(
+                Export.state == ExportState.PENDING.value,
+                Export.next_attempt_at <= now,
+                Export.destination.in_(names),
+            )
+            .order_by(Export.next_attempt_at, Export.id)
+            .limit(limit)
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        claimed = []
+        for row in session.scalars(query).all():
+            changed = session.execute(
+                update(Export)
+                .where(Export.id == row.id, Export.state == ExportState.PENDING.value)
+                .values(state=ExportState.SENDING.value, claimed_by=node)
+            ).rowcount  # type: ignore[attr-defined]
+            if changed:
+                claimed.append(
+                    Claimed(row.id, row.destination, row.path, row.attempts, row.max_attempts)
+                )
+        return claimed
+
+
+def record(
+    sessions: sessionmaker[Session],
+    target: ExportTarget,
+    batch: list[Claimed],
+    outcomes: dict[int, Outcome],
+    policy: RetryPolicy,
+    rng: random.Random | None,
+    report: DeliveryReport,
+) -> None:
+    """Write each claimed row's outcome (``outcomes`` by export id) and add it to ``report``."""
+    finished = utcnow()
+    with sessions() as session, session.begin():
+        for claimed in batch:
+            outcome = outcomes[claimed.id]
+            attempts = claimed.attempts + 1
+            values: dict[str, object] = {
+                "attempts": attempts,
+                "claimed_by": None,
+                "host": target.host[:255],
+                "port": target.port,
+                "ae_title": target.ae_title,
+            }
+            if outcome.delivered:
+                values.update(
+                    state=ExportState.DELIVERED.value, delivered_at=finished, last_error=None
+                )
+                report.delivered.append(claimed.id)
+            else:
+                error = (outcome.error or "unknown error")[:2000]
+                values["last_error"] = error
+                report.errors[claimed.id] = error
+                if attempts >= claimed.max_attempts:
+                    values["state"] = ExportState.FAILED.value
+                    report.failed.append(claimed.id)
+                    log.warning(
+                        "export failed for good",
+                        export_id=claimed.id,
+                        destination=target.name,
+                        attempts=attempts,
+                        error=error,
+                    )
+                else:
+                    delay = policy.delay(attempts, rng)
+                    values["state"] = ExportState.PENDING.value
+                    values["next_attempt_at"] = finished + dt.timedelta(seconds=delay)
+                    report.retrying.append(claimed.id)
+            session.execute(
+                update(Export)
+                .where(Export.id == claimed.id, Export.state == ExportState.SENDING.value)
+                .values(**values)
+            )

@@ -1,0 +1,57 @@
+"""Where exports go: a destination by name, as the configuration describes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from dicom_node.config import Destination
+
+TransportKind = Literal["c-store", "stow-rs"]
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    """Where to send: a destination by name, as the configuration describes it."""
+
+    name: str
+    host: str
+    port: int
+    ae_title: str
+    calling_ae_title: str = "DICOMNODE"
+    max_attempts: int = 10
+    timeout: float = 60.0
+    url: str | None = None
+    associations: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("an export destination needs a name")
+        if self.url is None and not 0 < self.port < 65536:
+            raise ValueError(f"destination {self.name!r}: port {self.port} out of range")
+        if self.max_attempts < 1:
+            raise ValueError(f"destination {self.name!r}: max_attempts must be at least 1")
+        if self.timeout <= 0:
+            raise ValueError(f"destination {self.name!r}: timeout must be positive")
+        if self.associations < 1:
+            raise ValueError(f"destination {self.name!r}: associations must be at least 1")
+
+    @property
+    def kind(self) -> TransportKind:
+        """How to send: DICOMweb STOW-RS to a ``url``, else DIMSE C-STORE to host and port."""
+        return "stow-rs" if self.url is not None else "c-store"
+
+
+def export_target(destination: Destination, node_ae_title: str) -> ExportTarget:
+    """The target for a configured destination; the node's AE title calls it by default."""
+    return ExportTarget(
+        name=destination.name,
+        host=destination.host or (destination.url or ""),
+        port=destination.port,
+        ae_title=destination.ae_title,
+        calling_ae_title=destination.calling_ae_title or node_ae_title,
+        max_attempts=destination.max_attempts,
+        timeout=destination.timeout,
+        url=destination.url,
+        associations=destination.associations,
+    )

@@ -1,0 +1,196 @@
+"""The sending side of export: ``deliver_due`` and the ``Exporter`` thread that runs it.
+
+Each round claims the due rows of the configured destinations (``queue.claim``), sends
+each destination's batch with the transport of its kind (``TRANSPORTS``: C-STORE or
+STOW-RS), and records what became of every row (``queue.record``: delivered, retried
+after a backoff, or failed for good). A failure status for one instance costs only that
+instance an attempt; a destination that cannot be reached costs every instance of the
+batch one. On start the ``Exporter`` puts rows left ``sending`` by a crash back to
+``pending``, so a restart resumes what was under way (at-least-once delivery).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import structlog
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.export import cstore, stowrs
+from dicom_node.export.queue import (
+    Claimed,
+    DeliveryReport,
+    RetryPolicy,
+    claim,
+    record,
+    recover_interrupted,
+    utcnow,
+)
+from dicom_node.export.target import ExportTarget, TransportKind
+from dicom_node.export.transport import Outcome, Transport
+from dicom_node.scu import SendFile, scan_files
+
+log = structlog.get_logger(__name__)
+
+TRANSPORTS: dict[TransportKind, Transport] = {"c-store": cstore, "stow-rs": stowrs}
+"""How each kind of destination is sent to: one module per transport."""
+
+
+def _send_batch(
+    target: ExportTarget,
+    batch: list[Claimed],
+    on_sent: Callable[[int, int | None], None] | None,
+) -> dict[int, Outcome]:
+    """Read each claimed file's header, send the readable ones, an outcome per export id."""
+    outcomes: dict[int, Outcome] = {}
+    files: list[SendFile] = []
+    export_of: dict[Path, list[int]] = {}
+    for claimed in batch:
+        try:
+            found, skipped = scan_files([Path(claimed.path)])
+        except FileNotFoundError:
+            outcomes[claimed.id] = Outcome(False, f"file missing: {claimed.path}")
+            continue
+        if not found:
+            reason = skipped[0][1] if skipped else "not a DICOM file"
+            outcomes[claimed.id] = Outcome(False, f"{claimed.path}: {reason}")
+            continue
+        if found[0].path not in export_of:
+            files.append(found[0])
+        export_of.setdefault(found[0].path, []).append(claimed.id)
+    if not files:
+        return outcomes
+
+    def sent(item: SendFile, status: int | None) -> None:
+        if on_sent is not None:
+            for export_id in export_of[item.path]:
+                on_sent(export_id, status)
+
+    try:
+        by_path = TRANSPORTS[target.kind].send(target, files, sent)
+        missing = Outcome(False, f"the {target.kind} transport gave no outcome")
+    except Exception as exc:  # a transport should answer, not raise; the rows must not hang
+        log.exception("export transport raised", destination=target.name, kind=target.kind)
+        by_path, missing = {}, Outcome(False, f"{target.kind}: {type(exc).__name__}: {exc}")
+    for path, ids in export_of.items():
+        outcomes.update((export_id, by_path.get(path, missing)) for export_id in ids)
+    return outcomes
+
+
+def deliver_due(
+    sessions: sessionmaker[Session],
+    targets: Iterable[ExportTarget],
+    now: dt.datetime | None = None,
+    *,
+    policy: RetryPolicy | None = None,
+    limit: int = 500,
+    rng: random.Random | None = None,
+    on_sent: Callable[[int, int | None], None] | None = None,
+    node: str | None = None,
+) -> DeliveryReport:
+    """Send every due export of the given destinations once; record what became of each.
+
+    Rows of a destination not in ``targets`` stay pending (it may be configured again).
+    ``on_sent(export_id, status)`` is called after each C-STORE (``status`` ``None`` when
+    there was no response).
+    """
+    now = now or utcnow()
+    policy = policy or RetryPolicy()
+    by_name: dict[str, ExportTarget] = {}
+    for target in targets:
+        if target.name in by_name and by_name[target.name] != target:
+            raise ValueError(f"two export destinations are named {target.name!r}")
+        by_name[target.name] = target
+    report = DeliveryReport()
+    if not by_name:
+        return report
+    claimed = claim(sessions, sorted(by_name), now, limit, node)
+    report.claimed = len(claimed)
+    batches: dict[str, list[Claimed]] = {}
+    for item in claimed:
+        batches.setdefault(item.destination, []).append(item)
+    for name, batch in batches.items():
+        target = by_name[name]
+        outcomes = _send_batch(target, batch, on_sent)
+        record(sessions, target, batch, outcomes, policy, rng, report)
+        log.info(
+            "export batch sent",
+            destination=name,
+            instances=len(batch),
+            delivered=sum(1 for o in outcomes.values() if o.delivered),
+        )
+    return report
+
+
+class Exporter:
+    """Runs ``deliver_due`` every ``interval`` seconds on a daemon thread until ``stop``."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        targets: Iterable[ExportTarget],
+        *,
+        interval: float = 1.0,
+        policy: RetryPolicy | None = None,
+        limit: int = 500,
+        node: str | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.node = node
+        self.targets = tuple(targets)
+        self.interval = interval
+        self.policy = policy or RetryPolicy()
+        self.limit = limit
+        self.rounds = 0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Recover rows a crash left ``sending``, then start delivering."""
+        if self._thread is not None:
+            raise RuntimeError("the exporter is already running")
+        recover_interrupted(self.sessions, node=self.node)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="exporter", daemon=True)
+        self._thread.start()
+
+    def set_targets(self, targets: Iterable[ExportTarget]) -> None:
+        """Deliver to these destinations from the next round on (routing was edited)."""
+        self.targets = tuple(targets)
+
+    def wake(self) -> None:
+        """Deliver now rather than at the next interval (after an ``enqueue``)."""
+        self._wake.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the batch in flight (sends are bounded by the targets' timeouts)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                deliver_due(
+                    self.sessions,
+                    self.targets,
+                    policy=self.policy,
+                    limit=self.limit,
+                    node=self.node,
+                )
+            except Exception:  # a database hiccup must not end the exporter
+                log.exception("export round failed")
+            self.rounds += 1
+            self._wake.wait(self.interval)
+            self._wake.clear()

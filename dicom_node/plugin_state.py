@@ -1,0 +1,53 @@
+"""The admin's choices for processor plugins, kept in the database table ``plugin_state``.
+
+A plugin can be disabled, or pinned to a version (it is unavailable while another version
+is installed); a plugin without a row is enabled and not pinned. The plugin SDK
+(``processors.registry``) discovers the plugins and takes these choices as plain data
+(``PluginChoice``); reading and writing them is the node's business, here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import PluginState
+from processors.registry import PluginChoice, PluginInfo, apply_states, discover
+
+
+def load_states(session: Session) -> dict[str, PluginChoice]:
+    """Every recorded choice, by plugin name."""
+    return {
+        row.name: PluginChoice(enabled=row.enabled, pinned_version=row.pinned_version)
+        for row in session.scalars(select(PluginState))
+    }
+
+
+def list_plugins(session: Session, *, autoload: bool | None = None) -> list[PluginInfo]:
+    """The discovered plugins with the admin's choices folded in."""
+    return apply_states(discover(autoload=autoload), load_states(session))
+
+
+def set_state(
+    session: Session,
+    name: str,
+    *,
+    enabled: bool | None = None,
+    pinned_version: str | None = None,
+    unpin: bool = False,
+) -> PluginState:
+    """Create or update the ``plugin_state`` row for ``name`` (the caller commits)."""
+    row = session.get(PluginState, name)
+    if row is None:
+        row = PluginState(name=name, enabled=True)
+        session.add(row)
+    if enabled is not None:
+        row.enabled = enabled
+    if unpin:
+        row.pinned_version = None
+    elif pinned_version is not None:
+        row.pinned_version = pinned_version
+    row.updated_at = dt.datetime.now(dt.UTC)
+    return row

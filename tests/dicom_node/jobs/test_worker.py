@@ -1,0 +1,40 @@
+"""The worker side of a job: what a Dask worker process imports and runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from dicom_node.synthetic import generate_series
+
+DATABASE_PACKAGES = ("db", "sqlalchemy", "alembic", "psycopg")
+
+RUN_A_JOB = """
+import json, sys
+from dicom_node.jobs.worker import JobSpec, run_job
+
+paths = tuple(json.loads(sys.argv[1]))
+spec = JobSpec(1, "series", paths, ("gaussian", "threshold_segment"), {}, sys.argv[2])
+result = run_job(spec)
+loaded = sorted({name.split(".")[0] for name in sys.modules} & set(json.loads(sys.argv[3])))
+print(json.dumps({"outputs": sorted({r.kind for r in result.records}), "loaded": loaded}))
+"""
+
+
+def test_a_worker_runs_a_job_without_importing_the_database(tmp_path: Path) -> None:
+    files = generate_series(num_slices=4, rows=32, columns=32, uid_seed="worker-no-db").write(
+        tmp_path / "series"
+    )
+    arguments = [json.dumps([str(p) for p in files]), str(tmp_path / "out")]
+    completed = subprocess.run(
+        [sys.executable, "-c", RUN_A_JOB, *arguments, json.dumps(DATABASE_PACKAGES)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["outputs"] == ["derived", "seg", "sr"]  # load, run and every encoder
+    assert report["loaded"] == []

@@ -1,0 +1,56 @@
+"""The admin's plugin choices in the database (``plugin_state``), folded into discovery."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session
+
+from db.session import make_engine, make_sessionmaker, upgrade
+from dicom_node.plugin_state import list_plugins, load_states, set_state
+from processors.registry import PluginChoice, PluginInfo, find
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Iterator[Session]:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with make_sessionmaker(engine)() as opened:
+        yield opened
+    engine.dispose()
+
+
+def plugins(session: Session) -> dict[str, PluginInfo]:
+    infos = list_plugins(session, autoload=False)
+    return {name: find(name, infos) for name in {info.name for info in infos}}
+
+
+def test_choices_persist_and_fold_into_discovery(session: Session) -> None:
+    installed = plugins(session)["mean"].version
+    set_state(session, "median", enabled=False)
+    set_state(session, "mean", pinned_version=installed)
+    session.commit()
+    assert load_states(session) == {
+        "median": PluginChoice(enabled=False, pinned_version=None),
+        "mean": PluginChoice(enabled=True, pinned_version=installed),
+    }
+    infos = plugins(session)
+    assert not infos["median"].enabled and infos["median"].available
+    assert infos["mean"].pinned_version == installed and infos["mean"].available
+    assert infos["gaussian"].enabled and infos["gaussian"].pinned_version is None  # no row
+
+    set_state(session, "mean", pinned_version="0.0.1")
+    set_state(session, "median", enabled=True)
+    session.commit()
+    infos = plugins(session)
+    assert not infos["mean"].available
+    assert "pinned to version 0.0.1" in infos["mean"].reason
+    assert infos["median"].enabled
+
+    set_state(session, "mean", unpin=True)
+    session.commit()
+    infos = plugins(session)
+    assert infos["mean"].available and infos["mean"].pinned_version is None
