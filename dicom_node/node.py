@@ -13,6 +13,7 @@ and the exporter.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import multiprocessing
@@ -26,12 +27,11 @@ from typing import Any
 
 import pydicom.config
 import structlog
-from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_sessionmaker, upgrade
+from dicom_node.ae.pynetdicom_internals import serve_shared_listener, unrestricted_storage_service
 from dicom_node.ae.server import build_ae, event_handlers
 from dicom_node.assembler import StudyAssembler
 from dicom_node.config import Settings
@@ -50,9 +50,6 @@ log = structlog.get_logger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-ACCEPT_BACKOFF_PER_ASSOCIATION = 0.003
-
-
 def open_listener(host: str, port: int, retry_seconds: float = 10.0) -> socket.socket:
     """Bind the DICOM port; after a crash, a dying receiver may hold it for a moment."""
     deadline = time.monotonic() + retry_seconds
@@ -66,51 +63,6 @@ def open_listener(host: str, port: int, retry_seconds: float = 10.0) -> socket.s
             continue
         listener.setblocking(False)
         return listener
-
-
-class CheapCopyContext(PresentationContext):
-    """pynetdicom deep-copies every supported context for every association: 170 storage
-    classes x 39 transfer syntaxes took 40 ms of each association's ~75 ms set-up. The
-    UIDs are immutable, so a copy needs only a new transfer syntax list."""
-
-    @classmethod
-    def copy_of(cls, context: PresentationContext) -> CheapCopyContext:
-        clone = object.__new__(cls)
-        clone.__dict__.update(context.__dict__)
-        clone._transfer_syntax = list(context._transfer_syntax)
-        return clone
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> CheapCopyContext:
-        return CheapCopyContext.copy_of(self)
-
-
-def shared_listener_server(listener: socket.socket) -> type[ThreadedAssociationServer]:
-    """pynetdicom's server class, accepting on a socket other processes accept on too."""
-
-    class SharedListenerServer(ThreadedAssociationServer):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.contexts = [CheapCopyContext.copy_of(context) for context in self.contexts]
-
-        def server_bind(self) -> None:
-            if self.socket is not None:
-                self.socket.close()
-            self.socket = listener
-            self.server_address = listener.getsockname()
-
-        def server_activate(self) -> None:
-            pass
-
-        def get_request(self) -> tuple[socket.socket, Any]:
-            busy = sum(1 for assoc in self.ae.active_associations if assoc.is_acceptor)
-            if busy:
-                time.sleep(min(ACCEPT_BACKOFF_PER_ASSOCIATION * busy, 0.02))
-            # Non-blocking: another receiver may have taken it (OSError is ignored).
-            connection, address = listener.accept()
-            connection.setblocking(True)
-            return connection, address
-
-    return SharedListenerServer
 
 
 def relax_dataset_validation() -> None:
@@ -141,9 +93,13 @@ class Receiver:
         )
         self._ae: Any = None
         self._server: Any = None
+        self._pynetdicom_switches = contextlib.ExitStack()
 
     def start(self) -> None:
         settings = self.settings
+        self._pynetdicom_switches.enter_context(
+            unrestricted_storage_service(settings.accept_unknown_sop_classes)
+        )
         self.indexer.start()
         context = ReceiverContext(
             settings=settings,
@@ -151,15 +107,7 @@ class Receiver:
             indexer=self.indexer,
         )
         self._ae = build_ae(settings)
-        self._server = self._ae.make_server(
-            (settings.host, settings.port),
-            evt_handlers=event_handlers(context),
-            server_class=shared_listener_server(self.listener),
-        )
-        self._ae._servers.append(self._server)
-        threading.Thread(
-            target=self._server.serve_forever, name="dicom-acceptor", daemon=True
-        ).start()
+        self._server = serve_shared_listener(self._ae, self.listener, event_handlers(context))
 
     def _established(self) -> list[Any]:
         return [assoc for assoc in self._ae.active_associations if assoc.is_established]
@@ -178,6 +126,7 @@ class Receiver:
             # Connections that never sent an A-ASSOCIATE-RQ (port probes) are just dropped.
             self._ae.shutdown()
             self._ae = None
+        self._pynetdicom_switches.close()
         self.indexer.stop()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import Settings
@@ -19,8 +19,8 @@ ACCEPTED_TRANSFER_SYNTAXES = [str(uid) for uid in AllTransferSyntaxes]
 
 
 def build_ae(settings: Settings) -> AE:
-    # pynetdicom keeps this switch process-wide; a node process serves one configuration.
-    _config.UNRESTRICTED_STORAGE_SERVICE = settings.accept_unknown_sop_classes
+    """The SCP's AE. Unknown SOP classes are accepted only while the receiver holds
+    ``pynetdicom_internals.unrestricted_storage_service`` (pynetdicom has no per-AE switch)."""
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu_size
     ae.maximum_associations = settings.max_associations

@@ -4,7 +4,6 @@ transfer syntaxes, duplicates, and the allow-list."""
 from __future__ import annotations
 
 import copy
-import time
 from io import BytesIO
 from pathlib import Path
 
@@ -12,12 +11,13 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
-from pynetdicom import AE, build_context
+from pynetdicom import AE, _config, build_context
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from sqlalchemy import func, select
 
 from db.models import Association, Instance
+from dicom_node.ae.pynetdicom_internals import paused_reactor
 from dicom_node.config import DuplicatePolicy, Settings
 from dicom_node.node import Node
 from dicom_node.scu import echo, scan_files, send
@@ -129,15 +129,9 @@ def _raw_store(port: int, dataset, affected_sop_class: str, affected_sop_instanc
         else:
             request.DataSet = BytesIO(encode(dataset, False, True))
         context = assoc.accepted_contexts[0]
-        # Pause the association's reactor as pynetdicom's own send_c_* methods do.
-        assoc._reactor_checkpoint.clear()
-        while not assoc._is_paused:
-            time.sleep(0.0001)
-        try:
+        with paused_reactor(assoc):
             assoc.dimse.send_msg(request, context.context_id)
             _, response = assoc.dimse.get_msg(block=True)
-        finally:
-            assoc._reactor_checkpoint.set()
         return int(response.Status)
     finally:
         assoc.release()
@@ -256,17 +250,35 @@ def test_spool_write_failure_is_out_of_resources(
     assert count_instances(node) == 1
 
 
-def test_cheap_context_copies_are_independent() -> None:
-    import copy as copy_module
+def _accepts_sop_class(port: int, sop_class: str) -> bool:
+    ae = AE(ae_title="RAWSCU")
+    ae.requested_contexts = [build_context(sop_class, [ExplicitVRLittleEndian])]
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    try:
+        return bool(assoc.accepted_contexts)
+    finally:
+        assoc.release()
 
-    from dicom_node.ae.server import build_ae
-    from dicom_node.node import CheapCopyContext
 
-    original = build_ae(local_settings(Path("/nonexistent"))).supported_contexts[5]
-    cheap = CheapCopyContext.copy_of(original)
-    clone = copy_module.deepcopy(cheap)
-    clone.transfer_syntax.clear()
-    clone.context_id = 7
-    assert cheap.transfer_syntax == original.transfer_syntax != []
-    assert cheap.abstract_syntax == clone.abstract_syntax == original.abstract_syntax
-    assert cheap.context_id is None
+def test_unknown_sop_classes_accepted_only_while_a_node_that_allows_them_serves(
+    tmp_path: Path, small_ct: SyntheticSeries
+) -> None:
+    """pynetdicom's switch for them is process-wide: the receiver holds it while it serves."""
+    dataset = copy.deepcopy(small_ct.datasets[0])
+    dataset.SOPClassUID = siemens_csa_non_image = "1.3.12.2.1107.5.9.1"
+    accepting = Node(local_settings(tmp_path / "accepting", accept_unknown_sop_classes=True))
+    accepting.start()
+    try:
+        assert _accepts_sop_class(accepting.settings.port, siemens_csa_non_image)
+        port, uid = accepting.settings.port, dataset.SOPInstanceUID
+        assert _raw_store(port, dataset, siemens_csa_non_image, uid) == 0
+        assert count_instances(accepting) == 1
+    finally:
+        accepting.stop(1)
+    assert _config.UNRESTRICTED_STORAGE_SERVICE is False
+    refusing = Node(local_settings(tmp_path / "refusing"))
+    refusing.start()
+    try:
+        assert not _accepts_sop_class(refusing.settings.port, siemens_csa_non_image)
+    finally:
+        refusing.stop(1)
