@@ -25,7 +25,6 @@ import threading
 import time
 from typing import Any
 
-import pydicom.config
 import structlog
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -63,12 +62,6 @@ def open_listener(host: str, port: int, retry_seconds: float = 10.0) -> socket.s
             continue
         listener.setblocking(False)
         return listener
-
-
-def relax_dataset_validation() -> None:
-    """Store what the modality sent: value checks cost a third of a C-STORE and fix nothing."""
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 
 
 class Receiver:
@@ -164,7 +157,6 @@ def _receiver_process(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, terminated.handler)
     configure_logging(settings.log_level, settings.log_format)
-    relax_dataset_validation()
     engine = make_engine(settings.effective_database_url)
     receiver = Receiver(settings, make_sessionmaker(engine), listener)
     receiver.start()
@@ -197,7 +189,6 @@ class Node:
 
     def start(self) -> None:
         settings = self.settings
-        relax_dataset_validation()
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
         upgrade(settings.effective_database_url)
         self.engine = make_engine(settings.effective_database_url)

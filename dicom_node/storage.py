@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.dataset import Dataset
 from pydicom.filereader import dcmread
 from pydicom.tag import Tag
 
@@ -160,11 +161,31 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def read_index_fields(path: Path) -> dict[str, object]:
-    """The header fields the index needs, read without the pixel data."""
+def header_text(header: Dataset, keyword: str) -> str | None:
+    """A header value as text, straight from the raw bytes.
+
+    pydicom's ``Dataset.get`` converts and validates each element under its process-wide
+    validation mode: that cost more than writing the file, and a strict mode would refuse
+    what the sender wrote. The index needs short ASCII strings (UIDs, codes, numbers).
+    """
+    element = header.get_item(keyword)
+    if element is None:
+        return None
+    value = element.value
+    if isinstance(value, bytes):
+        text = value.decode("latin-1").strip(" \x00")
+    elif value is None:
+        return None
+    else:
+        text = str(value).strip()
+    return text or None
+
+
+def read_index_fields(path: Path) -> dict[str, str | None]:
+    """The header fields the index needs, as written, read without the pixel data."""
     dataset = dcmread(path, stop_before_pixels=True, specific_tags=_INDEX_TAG_VALUES)
-    fields: dict[str, object] = {keyword: dataset.get(keyword) for keyword in INDEX_TAGS}
-    fields["TransferSyntaxUID"] = str(dataset.file_meta.TransferSyntaxUID)
+    fields = {keyword: header_text(dataset, keyword) for keyword in INDEX_TAGS}
+    fields["TransferSyntaxUID"] = header_text(dataset.file_meta, "TransferSyntaxUID")
     return fields
 
 

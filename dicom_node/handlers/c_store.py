@@ -24,7 +24,13 @@ from dicom_node.config import DuplicatePolicy
 from dicom_node.dimse_status import DimseStatus
 from dicom_node.handlers.context import ReceiverContext
 from dicom_node.index import InstanceStored, as_int, clip_text
-from dicom_node.storage import InstanceKey, InvalidUIDError, encode_file_meta, is_valid_uid
+from dicom_node.storage import (
+    InstanceKey,
+    InvalidUIDError,
+    encode_file_meta,
+    header_text,
+    is_valid_uid,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -33,25 +39,6 @@ _LAST_INDEXED_TAG = 0x00200013  # InstanceNumber: every tag the index needs come
 
 def _past_index_tags(tag: BaseTag, _vr: str | None, _length: int) -> bool:
     return bool(tag > _LAST_INDEXED_TAG)
-
-
-def header_text(header: Dataset, keyword: str) -> str | None:
-    """A header value as text, straight from the raw bytes.
-
-    pydicom's ``Dataset.get`` converts and validates each element, which cost more than
-    writing the file; the index only needs short ASCII strings (UIDs, codes, numbers).
-    """
-    element = header.get_item(keyword)
-    if element is None:
-        return None
-    value = element.value
-    if isinstance(value, bytes):
-        text = value.decode("latin-1").strip(" \x00")
-    elif value is None:
-        return None
-    else:
-        text = str(value).strip()
-    return text or None
 
 
 def failure(status: DimseStatus, comment: str) -> Dataset:

@@ -8,8 +8,9 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
+from pydicom import config, dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import DataElement
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, _config, build_context
 from pynetdicom.dimse_primitives import C_STORE
@@ -154,7 +155,9 @@ def test_unparseable_dataset_then_node_still_serves(node: Node, small_ct: Synthe
 
 def test_invalid_uid_refused_and_never_a_path(node: Node, small_ct: SyntheticSeries) -> None:
     dataset = copy.deepcopy(small_ct.datasets[0])
-    dataset.StudyInstanceUID = "../../../escape"
+    dataset["StudyInstanceUID"] = DataElement(
+        "StudyInstanceUID", "UI", "../../../escape", validation_mode=config.IGNORE
+    )
     status = _raw_store(node.settings.port, dataset, CTImageStorage, dataset.SOPInstanceUID)
     assert status == 0xC000
     data_dir = node.settings.data_dir
@@ -248,6 +251,31 @@ def test_spool_write_failure_is_out_of_resources(
     monkeypatch.undo()
     assert _raw_store(node.settings.port, dataset, CTImageStorage, dataset.SOPInstanceUID) == 0
     assert count_instances(node) == 1
+
+
+def test_invalid_values_are_stored_as_received_and_indexed(
+    node: Node, small_ct: SyntheticSeries
+) -> None:
+    """The receive path never converts a received value, so it needs no validation switch:
+    under pydicom's strictest reading mode a dataset with invalid values is still stored."""
+    dataset = copy.deepcopy(small_ct.datasets[0])
+    for keyword, vr, value in [
+        ("SeriesNumber", "IS", "0000000000000012"),  # 16 characters, IS allows 12
+        ("SeriesDescription", "LO", "x" * 70),  # LO allows 64
+        ("StudyDate", "DA", "2023-13-45"),
+        ("FrameOfReferenceUID", "UI", "1.2.abc"),
+    ]:
+        dataset[keyword] = DataElement(keyword, vr, value, validation_mode=config.IGNORE)
+    sent = encode(dataset, False, True)
+    with config.strict_reading():
+        assert _raw_store(node.settings.port, sent, CTImageStorage, dataset.SOPInstanceUID) == 0
+        assert count_instances(node) == 1
+    with node.sessions() as session:  # type: ignore[misc]
+        instance = session.scalars(select(Instance)).one()
+        series = instance.series
+        indexed = (series.series_number, series.series_description, series.study.study_date)
+        assert indexed == (12, "x" * 64, "2023-13-")
+    assert Path(instance.path).read_bytes().endswith(sent)
 
 
 def _accepts_sop_class(port: int, sop_class: str) -> bool:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 from io import BytesIO
 from pathlib import Path
 
@@ -7,6 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydicom import dcmread
+from pydicom.config import disable_value_validation, strict_reading
+from pydicom.dataelem import DataElement
 from pydicom.uid import generate_uid
 
 from dicom_node.storage import (
@@ -127,3 +130,18 @@ def test_read_index_fields(tmp_path: Path, small_ct) -> None:  # type: ignore[no
     assert fields["SOPInstanceUID"] == small_ct.datasets[0].SOPInstanceUID
     assert fields["Modality"] == "CT"
     assert fields["TransferSyntaxUID"] == "1.2.840.10008.1.2.1"
+
+
+def test_read_index_fields_takes_values_as_written(tmp_path: Path, small_ct) -> None:  # type: ignore[no-untyped-def]
+    """Reconcile indexes what the spool holds, invalid values included, whatever pydicom's
+    process-wide validation mode is: the index reads the raw elements."""
+    dataset = copy.deepcopy(small_ct.datasets[0])
+    path = tmp_path / "invalid.dcm"
+    with disable_value_validation():  # written as a careless sender would
+        dataset["SeriesNumber"] = DataElement("SeriesNumber", "IS", "0000000000000007")
+        dataset["StudyDate"] = DataElement("StudyDate", "DA", "2023-13-45")
+        dataset.save_as(path, enforce_file_format=True)
+    with strict_reading():
+        fields = read_index_fields(path)
+    assert (fields["SeriesNumber"], fields["StudyDate"]) == ("0000000000000007", "2023-13-45")
+    assert fields["TransferSyntaxUID"] == dataset.file_meta.TransferSyntaxUID
