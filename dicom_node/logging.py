@@ -13,6 +13,8 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
     logging.basicConfig(level=numeric, stream=sys.stderr, format="%(message)s", force=True)
     # pynetdicom logs whole datasets at DEBUG and the peer's details at INFO.
     logging.getLogger("pynetdicom").setLevel(max(numeric, logging.WARNING))
+    # Dask's client and cluster log every connection and worker start at INFO.
+    logging.getLogger("distributed").setLevel(max(numeric, logging.WARNING))
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"

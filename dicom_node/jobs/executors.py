@@ -10,12 +10,19 @@ job past its timeout. The node's own process never runs plugin code with this ex
 GPU: workers that advertise a ``GPU`` resource (``dask_worker_gpus`` for the embedded
 cluster; ``dask-cuda-worker ... --resources GPU=1`` for a cluster) get the jobs whose
 pipeline needs CuPy or whose device is ``cuda``; see ``docs/operations.md``.
+
+Nothing is left in Dask's process-wide config: the embedded cluster gets its settings as
+arguments (the scheduler's ``allowed_failures``), for the time it is made (the workers'
+pre-spawn environment, which each nanny keeps for its restarts) or from a worker plugin
+(``_workers_may_start_processes``). Dask itself copies the workers' pre-spawn environment
+(``OMP_NUM_THREADS`` and the like, ``PYTHONHASHSEED``) into the environment of the process
+that runs the nannies, the node's; that is Dask's design and not undone here.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import logging
+import multiprocessing
 import os
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -95,6 +102,33 @@ class InlineExecutor:
         return None
 
 
+def _worker_environ(settings: Settings) -> dict[str, str]:
+    """Set before a worker process starts: Dask pins each worker's BLAS/OpenMP to one
+    thread; a job is one task, so let each worker's libraries use its share of the cores."""
+    threads = str(max(1, (os.cpu_count() or 1) // settings.effective_dask_workers))
+    return {
+        "MALLOC_TRIM_THRESHOLD_": "65536",
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "OPENBLAS_NUM_THREADS": threads,
+    }
+
+
+def _workers_may_start_processes() -> Any:
+    """A worker plugin: the embedded cluster's worker processes may start processes of
+    their own (a plugin's process pool). Dask's switch for this,
+    ``distributed.worker.daemon``, is read from the process-wide config by the nanny at
+    every (re)start of a worker, so no scope around the cluster's creation holds it;
+    each worker process clears its own daemon flag instead."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class WorkersMayStartProcesses(WorkerPlugin):
+        def setup(self, worker: object) -> None:
+            multiprocessing.current_process().daemon = False
+
+    return WorkersMayStartProcesses()
+
+
 class DaskExecutor:
     def __init__(self, settings: Settings, run: Callable[[JobSpec], JobResult] = run_job) -> None:
         import dask
@@ -102,41 +136,29 @@ class DaskExecutor:
 
         self._run = run
         self._cluster: Any = None
-        # Dask pins each worker's BLAS/OpenMP to one thread; a job is one task, so let
-        # each worker's libraries use its share of the cores instead.
-        threads = str(max(1, (os.cpu_count() or 1) // settings.effective_dask_workers))
-        dask.config.set(
-            {
-                "distributed.nanny.pre-spawn-environ": {
-                    "MALLOC_TRIM_THRESHOLD_": 65536,
-                    "OMP_NUM_THREADS": threads,
-                    "MKL_NUM_THREADS": threads,
-                    "OPENBLAS_NUM_THREADS": threads,
-                },
-                "distributed.scheduler.allowed-failures": 0,
-                "distributed.worker.daemon": False,
-                "distributed.admin.tick.limit": "30s",
-                "logging": {"distributed": "warning"},
-            }
-        )
-        logging.getLogger("distributed").setLevel(logging.WARNING)
         if settings.scheduler_address:
             self.client: Any = Client(settings.scheduler_address, timeout=30)  # type: ignore[no-untyped-call]
         else:
             resources = {"GPU": settings.dask_worker_gpus} if settings.dask_worker_gpus else None
-            self._cluster = LocalCluster(  # type: ignore[no-untyped-call]
-                n_workers=settings.effective_dask_workers,
-                threads_per_worker=1,
-                processes=True,
-                memory_limit=settings.dask_memory_limit,
-                # No dashboard; the scheduler's HTTP endpoints (/health, /metrics) get a
-                # free port instead of 8787, which another cluster may hold.
-                dashboard_address=":0",
-                host="127.0.0.1",
-                resources=resources,
-                silence_logs=40,
-            )
+            # Each nanny reads this when it is made and keeps it for its worker's restarts.
+            with dask.config.set(
+                {"distributed.nanny.pre-spawn-environ": _worker_environ(settings)}
+            ):
+                self._cluster = LocalCluster(  # type: ignore[no-untyped-call]
+                    n_workers=settings.effective_dask_workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    memory_limit=settings.dask_memory_limit,
+                    # No dashboard; the scheduler's HTTP endpoints (/health, /metrics) get a
+                    # free port instead of 8787, which another cluster may hold.
+                    dashboard_address=":0",
+                    host="127.0.0.1",
+                    resources=resources,
+                    silence_logs=40,
+                    scheduler_kwargs={"allowed_failures": 0},
+                )
             self.client = Client(self._cluster)  # type: ignore[no-untyped-call]
+            self.client.register_plugin(_workers_may_start_processes(), name="may-start-processes")
         workers = self.client.scheduler_info().get("workers", {})
         log.info(
             "dask executor ready",

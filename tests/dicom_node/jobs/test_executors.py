@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from collections.abc import Iterator
@@ -28,6 +29,14 @@ def fail(job: JobSpec) -> JobResult:
 
 def crash(job: JobSpec) -> JobResult:
     os._exit(9)
+
+
+def start_a_process(job: JobSpec) -> JobResult:
+    child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    return echo(job)
 
 
 def hang(job: JobSpec) -> JobResult:
@@ -84,3 +93,52 @@ def test_dask_crash_and_timeout_fail_only_that_job(tmp_path: Path) -> None:
         assert executor.submit(spec(4)).result(timeout=60).job_id == 4
     finally:
         executor.close()
+
+
+DASK_SWITCHES = (
+    "distributed.nanny.pre-spawn-environ",
+    "distributed.scheduler.allowed-failures",
+    "distributed.worker.daemon",
+    "distributed.admin.tick.limit",
+    "logging",
+)
+
+
+@pytest.fixture
+def without_thread_pins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dask's nannies copy their pre-spawn environment into this process's environment,
+    where it overrides Dask's config for the next cluster: start from none."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.setenv(name, "")  # recorded, so that the test's changes are undone
+        monkeypatch.delenv(name)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("without_thread_pins")
+def test_dask_settings_stay_with_the_embedded_cluster(tmp_path: Path) -> None:
+    import dask
+    import distributed  # noqa: F401  (its settings join dask's config on import)
+
+    def switches() -> dict[str, object]:
+        return {key: dask.config.get(key, None) for key in DASK_SWITCHES}
+
+    before = switches()
+    executor = DaskExecutor(local_settings(tmp_path, executor="dask", dask_workers=1), echo)
+    try:
+        assert switches() == before
+        client = executor.client
+        assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures) == 0
+        threads = {str(os.cpu_count() or 1)}
+        assert set(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values()) == threads
+        # A job may start processes of its own, also on a worker restarted after a crash.
+        executor._run = start_a_process  # type: ignore[method-assign]
+        assert executor.submit(spec(1)).result(timeout=60).job_id == 1
+        executor._run = crash  # type: ignore[method-assign]
+        with pytest.raises(Exception) as died:
+            executor.submit(spec(2)).result(timeout=60)
+        assert "worker process died" in executor.describe_failure(died.value)
+        executor._run = start_a_process  # type: ignore[method-assign]
+        assert executor.submit(spec(3)).result(timeout=60).job_id == 3
+    finally:
+        executor.close()
+    assert switches() == before
