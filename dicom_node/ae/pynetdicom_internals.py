@@ -1,6 +1,7 @@
 """Every place the node reaches below pynetdicom's public API, and why.
 
-Checked against pynetdicom 3.0.4; ``pyproject.toml`` pins ``PYNETDICOM_CHECKED``.
+Read against pynetdicom 3.0.4; its guard test and ``tests/dicom_node/test_handlers.py``
+also pass on 3.0.0, 3.0.1 and 3.0.3. ``pyproject.toml`` pins ``PYNETDICOM_CHECKED``.
 ``tests/dicom_node/ae/test_pynetdicom_internals.py`` fails, naming the internal, when
 one of these stops being what the code here expects: re-check this module before
 widening the pin.
