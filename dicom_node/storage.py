@@ -8,19 +8,19 @@ outside the spool.
 from __future__ import annotations
 
 import os
-import re
 import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.filereader import dcmread
 from pydicom.tag import Tag
+from pydicom.valuerep import validate_value
 
 SPOOL_SUFFIX = ".dcm"
-_UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 # Tags needed to index an instance; reading stops before anything larger.
 INDEX_TAGS = (
     "SOPClassUID",
@@ -47,8 +47,19 @@ class InvalidUIDError(ValueError):
 
 
 def is_valid_uid(value: object) -> bool:
-    """PS3.5 9.1: dot-separated decimal components, no leading zeros, at most 64 chars."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_PATTERN.match(value))
+    """A non-empty string that pydicom's UI validator accepts (PS3.5 9.1: dot-separated
+    decimal components without leading zeros, at most 64 characters).
+
+    Not ``pydicom.uid.UID.is_valid``: its pattern ends in ``$``, which also matches before
+    a final newline, so it accepts ``"1.2\n"``.
+    """
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        validate_value("UI", value, config.RAISE)
+    except ValueError:
+        return False
+    return True
 
 
 def require_uid(name: str, value: object) -> str:

@@ -5,12 +5,13 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
-from pydicom import dcmread
+from pydicom import config, dcmread
 from pydicom.config import disable_value_validation, strict_reading
 from pydicom.dataelem import DataElement
 from pydicom.uid import generate_uid
+from pydicom.valuerep import validate_value
 
 from dicom_node.storage import (
     InstanceKey,
@@ -41,6 +42,10 @@ def test_valid_uids(uid: str) -> None:
         "../../etc/passwd",
         "1.2/3",
         "1.2 ",
+        "1.2\n",
+        "1.2\n3",
+        "\u0661.2",
+        b"1.2",
         None,
         12,
         "1." + "2" * 63,
@@ -58,11 +63,29 @@ def test_generated_uids_are_valid_and_path_safe(components: list[int]) -> None:
         assert "/" not in uid and ".." not in uid
 
 
-@given(st.text(max_size=70))
+UID_LIKE_TEXT = st.text(alphabet="0123456789./\n\\\x00 a\u0661", max_size=70)
+
+
+@given(st.text(max_size=70) | UID_LIKE_TEXT)
+@example("1.2\n")
 def test_anything_accepted_is_path_safe(text: str) -> None:
     if is_valid_uid(text):
         assert set(text) <= set("0123456789.")
         assert ".." not in text and not text.startswith(".")
+
+
+def pydicom_accepts_uid(text: str) -> bool:
+    try:
+        validate_value("UI", text, config.RAISE)
+    except ValueError:
+        return False
+    return True
+
+
+@given(st.text(max_size=70) | UID_LIKE_TEXT)
+@example("1.2\n")
+def test_uid_check_is_pydicoms_validator_less_the_empty_value(text: str) -> None:
+    assert is_valid_uid(text) == (text != "" and pydicom_accepts_uid(text))
 
 
 def test_key_refuses_invalid_uid() -> None:
