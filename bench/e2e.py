@@ -17,7 +17,6 @@ same Orthanc. The ratio shows what the node's orchestration adds to that floor.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -92,7 +91,7 @@ def node_run(work: Path, files: list[Path], quiet: float, workers: int) -> dict[
         finally:
             node.stop()
     due = last_received.timestamp() + quiet
-    steps = {s["step"]: s["seconds"] for s in json.loads(job.step_timings)}
+    steps = {s["step"]: s["seconds"] for s in job.step_timings or []}
     breakdown = {
         "total (ack -> in Orthanc, minus quiet)": stored - acknowledged - quiet,
         "wait for completion + dispatch": as_utc(job.started_at).timestamp() - due,

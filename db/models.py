@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import datetime as dt
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     DateTime,
+    Enum,
     ForeignKey,
     Index,
     Integer,
@@ -21,10 +24,35 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 UID = String(64)
 AE_TITLE = String(16)
+
+JSON_DOCUMENT = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+"""JSON (binary ``jsonb`` on PostgreSQL); Python ``None`` is SQL NULL, not JSON ``null``."""
+
+STATE_LENGTH = 16
+
+
+def state_type(states: type[StrEnum], name: str) -> Enum:
+    """A column of ``states`` members, stored as their (lowercase) values.
+
+    A VARCHAR with a named CHECK constraint rather than a PostgreSQL ENUM type: the same
+    schema on SQLite and PostgreSQL, and a new state is an ordinary transactional migration
+    (drop and re-create the CHECK), where ``ALTER TYPE ... ADD VALUE`` cannot be undone
+    and its value cannot be used in the transaction that adds it.
+    """
+    return Enum(
+        states,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=STATE_LENGTH,
+        values_callable=lambda members: [member.value for member in members],
+    )
+
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -65,7 +93,9 @@ class Association(Base):
     peer_port: Mapped[int] = mapped_column(Integer)
     accepted: Mapped[bool] = mapped_column(Boolean)
     reject_reason: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[AssociationStatus] = mapped_column(
+        state_type(AssociationStatus, "association_status")
+    )
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     instances_received: Mapped[int] = mapped_column(Integer, default=0)
@@ -78,7 +108,9 @@ class Study(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
-    status: Mapped[str] = mapped_column(String(16), default=StudyStatus.RECEIVING.value)
+    status: Mapped[StudyStatus] = mapped_column(
+        state_type(StudyStatus, "study_status"), default=StudyStatus.RECEIVING
+    )
     study_date: Mapped[str | None] = mapped_column(String(8))
     first_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
@@ -121,6 +153,11 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
+class StudyEventKind(StrEnum):
+    COMPLETE = "complete"
+    REOPENED = "reopened"
+
+
 class StudyEvent(Base):
     """A study's state change; the routing stage consumes the unconsumed ``complete`` events."""
 
@@ -128,7 +165,7 @@ class StudyEvent(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    event: Mapped[str] = mapped_column(String(16))
+    event: Mapped[StudyEventKind] = mapped_column(state_type(StudyEventKind, "study_event_kind"))
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     num_instances: Mapped[int] = mapped_column(Integer)
     consumed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -159,13 +196,13 @@ class Output(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     sop_class_uid: Mapped[str] = mapped_column(UID)
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[OutputKind] = mapped_column(state_type(OutputKind, "output_kind"))
     path: Mapped[str] = mapped_column(Text)
     series_instance_uid: Mapped[str] = mapped_column(UID)
     source_series_uid: Mapped[str] = mapped_column(UID, index=True)
     processor_name: Mapped[str] = mapped_column(String(128))
     processor_version: Mapped[str] = mapped_column(String(64))
-    params: Mapped[str] = mapped_column(Text)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON_DOCUMENT)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
 
@@ -194,7 +231,9 @@ class Export(Base):
     sop_instance_uid: Mapped[str] = mapped_column(UID)
     sop_class_uid: Mapped[str] = mapped_column(UID)
     path: Mapped[str] = mapped_column(Text)
-    state: Mapped[str] = mapped_column(String(16), default=ExportState.PENDING.value)
+    state: Mapped[ExportState] = mapped_column(
+        state_type(ExportState, "export_state"), default=ExportState.PENDING
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
@@ -223,9 +262,9 @@ class JobState(StrEnum):
 class Job(Base):
     """One rule's pipeline on one series. State changes go through ``dicom_node.jobs.state``.
 
-    ``pipeline``, ``params`` and ``destinations`` are JSON copies of the rule as it was when
-    the job was made, so editing a rule does not change a job already queued.
-    ``step_timings`` is a JSON list of ``{"step", "seconds"}``; ``claimed_by`` the node
+    ``pipeline``, ``params`` and ``destinations`` are copies of the rule as it was when the
+    job was made, so editing a rule does not change a job already queued.
+    ``step_timings`` is a list of ``{"step", "seconds"}``; ``claimed_by`` the node
     that runs it and ``worker`` the executor's worker that ran it.
     """
 
@@ -236,16 +275,18 @@ class Job(Base):
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     series_instance_uid: Mapped[str] = mapped_column(UID)
     rule_name: Mapped[str] = mapped_column(String(128))
-    pipeline: Mapped[str] = mapped_column(Text)
-    params: Mapped[str] = mapped_column(Text)
-    destinations: Mapped[str] = mapped_column(Text)
+    pipeline: Mapped[list[str]] = mapped_column(JSON_DOCUMENT)
+    params: Mapped[dict[str, dict[str, Any]]] = mapped_column(JSON_DOCUMENT)
+    destinations: Mapped[list[str]] = mapped_column(JSON_DOCUMENT)
     priority: Mapped[int] = mapped_column(Integer, default=0)
-    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)
+    state: Mapped[JobState] = mapped_column(
+        state_type(JobState, "job_state"), default=JobState.QUEUED
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=1)
     not_before: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
-    step_timings: Mapped[str | None] = mapped_column(Text)
+    step_timings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON_DOCUMENT)
     claimed_by: Mapped[str | None] = mapped_column(String(128))
     worker: Mapped[str | None] = mapped_column(String(255))
     num_outputs: Mapped[int] = mapped_column(Integer, default=0)
@@ -259,8 +300,18 @@ class Job(Base):
     )
 
 
+class RoutingEntryKind(StrEnum):
+    RULE = "rule"
+    DESTINATION = "destination"
+
+
+class RoutingOrigin(StrEnum):
+    CONFIG = "config"
+    API = "api"
+
+
 class RoutingEntry(Base):
-    """A routing rule or destination, as JSON that ``dicom_node.config`` validates.
+    """A routing rule or destination, as the JSON document ``dicom_node.config`` validates.
 
     ``origin`` is ``config`` for entries copied from the configuration file at start (the
     file wins for those names) and ``api`` for entries an administrator made.
@@ -268,9 +319,11 @@ class RoutingEntry(Base):
 
     __tablename__ = "routing_entries"
 
-    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    kind: Mapped[RoutingEntryKind] = mapped_column(
+        state_type(RoutingEntryKind, "routing_entry_kind"), primary_key=True
+    )
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     position: Mapped[int] = mapped_column(Integer, default=0)
-    definition: Mapped[str] = mapped_column(Text)
-    origin: Mapped[str] = mapped_column(String(16))
+    definition: Mapped[dict[str, Any]] = mapped_column(JSON_DOCUMENT)
+    origin: Mapped[RoutingOrigin] = mapped_column(state_type(RoutingOrigin, "routing_origin"))
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -15,7 +15,7 @@ import structlog
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance, Series, Study, StudyEvent, StudyStatus
+from db.models import Instance, Series, Study, StudyEvent, StudyEventKind, StudyStatus
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +47,7 @@ def complete_quiet_studies(
     now = now or dt.datetime.now(dt.UTC)
     cutoff = now - dt.timedelta(seconds=quiet_seconds)
     query = select(Study).where(
-        Study.status == StudyStatus.RECEIVING.value, Study.last_received_at <= cutoff
+        Study.status == StudyStatus.RECEIVING, Study.last_received_at <= cutoff
     )
     if session.get_bind().dialect.name == "postgresql":
         # Several nodes share the database: each quiet study is completed by one of them.
@@ -57,13 +57,18 @@ def complete_quiet_studies(
         num_instances = count_instances(session, study.id)
         changed = session.execute(
             update(Study)
-            .where(Study.id == study.id, Study.status == StudyStatus.RECEIVING.value)
-            .values(status=StudyStatus.COMPLETE.value, completed_at=now)
+            .where(Study.id == study.id, Study.status == StudyStatus.RECEIVING)
+            .values(status=StudyStatus.COMPLETE, completed_at=now)
         ).rowcount  # type: ignore[attr-defined]
         if not changed:
             continue
         session.add(
-            StudyEvent(study_id=study.id, event="complete", at=now, num_instances=num_instances)
+            StudyEvent(
+                study_id=study.id,
+                event=StudyEventKind.COMPLETE,
+                at=now,
+                num_instances=num_instances,
+            )
         )
         completed.append(StudyCompleted(study.id, study.study_instance_uid, num_instances, now))
     return completed

@@ -28,6 +28,7 @@ from db.models import (
     Series,
     Study,
     StudyEvent,
+    StudyEventKind,
     StudyStatus,
 )
 from dicom_node.storage import InstanceKey, Spool, is_valid_uid, read_index_fields
@@ -132,7 +133,7 @@ def write_batch(session: Session, records: Sequence[IndexRecord]) -> list[Path]:
                     reject_reason=record.reject_reason,
                     status=(
                         AssociationStatus.OPEN if record.accepted else AssociationStatus.REJECTED
-                    ).value,
+                    ),
                     started_at=record.started_at,
                     ended_at=None if record.accepted else record.started_at,
                     instances_received=0,
@@ -145,7 +146,7 @@ def write_batch(session: Session, records: Sequence[IndexRecord]) -> list[Path]:
             association = session.get(Association, record.association_id)
             if association is None:
                 continue
-            association.status = record.status.value
+            association.status = record.status
             association.ended_at = record.ended_at
             association.instances_received = record.instances_received
             association.instances_failed = record.instances_failed
@@ -178,7 +179,7 @@ def _upsert_study(session: Session, studies: dict[str, Study], record: InstanceS
     if study is None:
         study = Study(
             study_instance_uid=uid,
-            status=StudyStatus.RECEIVING.value,
+            status=StudyStatus.RECEIVING,
             study_date=clip_text(record.study_date, 8),
             first_received_at=record.received_at,
             last_received_at=record.received_at,
@@ -189,11 +190,16 @@ def _upsert_study(session: Session, studies: dict[str, Study], record: InstanceS
         return study
     if as_utc(study.last_received_at) < record.received_at:
         study.last_received_at = record.received_at
-    if study.status == StudyStatus.COMPLETE.value:
-        study.status = StudyStatus.RECEIVING.value
+    if study.status == StudyStatus.COMPLETE:
+        study.status = StudyStatus.RECEIVING
         study.completed_at = None
         session.add(
-            StudyEvent(study_id=study.id, event="reopened", at=record.received_at, num_instances=0)
+            StudyEvent(
+                study_id=study.id,
+                event=StudyEventKind.REOPENED,
+                at=record.received_at,
+                num_instances=0,
+            )
         )
         log.info("study reopened", study_id=study.id)
     return study

@@ -8,12 +8,13 @@ worker runs it without one; the node records what comes back, and the offline
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Output
+from db.models import Output, OutputKind
 from dicom_node.process import OutputRecord
 
 
@@ -32,12 +33,13 @@ def upsert_outputs(
             session.add(row)
         row.sop_class_uid = record.sop_class_uid
         row.series_instance_uid = record.series_instance_uid
-        row.kind = record.kind
+        row.kind = OutputKind(record.kind)
         row.path = str(record.path.resolve())
         row.source_series_uid = record.source_series_uid
         row.processor_name = record.processor_name
         row.processor_version = record.processor_version
-        row.params = record.params
+        # The record carries the canonical parameter text that the UIDs hash.
+        row.params = json.loads(record.params)
         row.created_at = dt.datetime.now(dt.UTC)
         row.job_id = job_id if job_id is not None else row.job_id
         rows.append(row)

@@ -9,34 +9,32 @@ same validation as the file: an invalid entry is refused with its name.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from db.models import RoutingEntry
+from db.models import RoutingEntry, RoutingEntryKind, RoutingOrigin
 from dicom_node.config import ConfigError, Destination, Rule, Settings
 
-RULE = "rule"
-DESTINATION = "destination"
-CONFIG_ORIGIN = "config"
 
-
-def _store(session: Session, kind: str, items: Sequence[BaseModel], names: list[str]) -> None:
+def _store(
+    session: Session, kind: RoutingEntryKind, items: Sequence[BaseModel], names: list[str]
+) -> None:
     existing = {
         entry.name: entry
         for entry in session.scalars(select(RoutingEntry).where(RoutingEntry.kind == kind))
     }
     for position, (name, item) in enumerate(zip(names, items, strict=True)):
-        definition = json.dumps(item.model_dump(mode="json", exclude_defaults=True))
+        definition = item.model_dump(mode="json", exclude_defaults=True)
         entry = existing.get(name)
         if entry is None:
             entry = RoutingEntry(kind=kind, name=name)
             session.add(entry)
-        entry.position, entry.definition, entry.origin = position, definition, CONFIG_ORIGIN
-    stale = [n for n, e in existing.items() if e.origin == CONFIG_ORIGIN and n not in names]
+        entry.position, entry.definition = position, definition
+        entry.origin = RoutingOrigin.CONFIG
+    stale = [n for n, e in existing.items() if e.origin == RoutingOrigin.CONFIG and n not in names]
     if stale:
         session.execute(
             delete(RoutingEntry).where(RoutingEntry.kind == kind, RoutingEntry.name.in_(stale))
@@ -47,11 +45,11 @@ def sync_from_settings(session: Session, settings: Settings) -> None:
     """Copy the configuration's destinations and rules into the table."""
     _store(
         session,
-        DESTINATION,
+        RoutingEntryKind.DESTINATION,
         settings.destinations,
         [destination.name for destination in settings.destinations],
     )
-    _store(session, RULE, settings.rules, [rule.name for rule in settings.rules])
+    _store(session, RoutingEntryKind.RULE, settings.rules, [r.name for r in settings.rules])
 
 
 def load_routing(session: Session, settings: Settings) -> Settings:
@@ -65,9 +63,11 @@ def load_routing(session: Session, settings: Settings) -> Settings:
     destinations: list[Destination] = []
     rules: list[Rule] = []
     for entry in entries:
-        model: type[Destination] | type[Rule] = Destination if entry.kind == DESTINATION else Rule
+        model: type[Destination] | type[Rule] = (
+            Destination if entry.kind == RoutingEntryKind.DESTINATION else Rule
+        )
         try:
-            item = model.model_validate_json(entry.definition)
+            item = model.model_validate(entry.definition)
         except ValidationError as exc:
             raise ConfigError(f"{entry.kind} {entry.name!r} in the database: {exc}") from exc
         if isinstance(item, Destination):

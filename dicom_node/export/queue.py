@@ -131,7 +131,7 @@ def enqueue(
                 sop_instance_uid=sop_instance,
                 sop_class_uid=sop_class,
                 path=path,
-                state=ExportState.PENDING.value,
+                state=ExportState.PENDING,
                 attempts=0,
                 max_attempts=target.max_attempts,
                 next_attempt_at=now,
@@ -140,7 +140,7 @@ def enqueue(
             )
             session.add(row)
             session.flush()
-        elif row.state == ExportState.FAILED.value:
+        elif row.state == ExportState.FAILED:
             row.path, row.sop_class_uid = path, sop_class
             row.output_id = output_id if output_id is not None else row.output_id
             _to_pending(row, now)
@@ -149,7 +149,7 @@ def enqueue(
 
 
 def _to_pending(row: Export, now: dt.datetime) -> None:
-    row.state = ExportState.PENDING.value
+    row.state = ExportState.PENDING
     row.next_attempt_at = now
     row.last_error = None
 
@@ -172,13 +172,13 @@ def recover_interrupted(
     With ``node``, only the rows that node claimed (and rows nobody claimed): other nodes
     sharing the database may be sending theirs right now.
     """
-    query = update(Export).where(Export.state == ExportState.SENDING.value)
+    query = update(Export).where(Export.state == ExportState.SENDING)
     if node is not None:
         query = query.where(or_(Export.claimed_by == node, Export.claimed_by.is_(None)))
     with sessions() as session, session.begin():
         changed = session.execute(
             query.values(
-                state=ExportState.PENDING.value, next_attempt_at=now or utcnow(), claimed_by=None
+                state=ExportState.PENDING, next_attempt_at=now or utcnow(), claimed_by=None
             )
         ).rowcount  # type: ignore[attr-defined]
     if changed:
@@ -199,7 +199,7 @@ def claim(
         query = (
             select(Export)
             .where(
-                Export.state == ExportState.PENDING.value,
+                Export.state == ExportState.PENDING,
                 Export.next_attempt_at <= now,
                 Export.destination.in_(names),
             )
@@ -212,8 +212,8 @@ def claim(
         for row in session.scalars(query).all():
             changed = session.execute(
                 update(Export)
-                .where(Export.id == row.id, Export.state == ExportState.PENDING.value)
-                .values(state=ExportState.SENDING.value, claimed_by=node)
+                .where(Export.id == row.id, Export.state == ExportState.PENDING)
+                .values(state=ExportState.SENDING, claimed_by=node)
             ).rowcount  # type: ignore[attr-defined]
             if changed:
                 claimed.append(
@@ -245,16 +245,14 @@ def record(
                 "ae_title": target.ae_title,
             }
             if outcome.delivered:
-                values.update(
-                    state=ExportState.DELIVERED.value, delivered_at=finished, last_error=None
-                )
+                values.update(state=ExportState.DELIVERED, delivered_at=finished, last_error=None)
                 report.delivered.append(claimed.id)
             else:
                 error = (outcome.error or "unknown error")[:2000]
                 values["last_error"] = error
                 report.errors[claimed.id] = error
                 if attempts >= claimed.max_attempts:
-                    values["state"] = ExportState.FAILED.value
+                    values["state"] = ExportState.FAILED
                     report.failed.append(claimed.id)
                     log.warning(
                         "export failed for good",
@@ -265,11 +263,11 @@ def record(
                     )
                 else:
                     delay = policy.delay(attempts, rng)
-                    values["state"] = ExportState.PENDING.value
+                    values["state"] = ExportState.PENDING
                     values["next_attempt_at"] = finished + dt.timedelta(seconds=delay)
                     report.retrying.append(claimed.id)
             session.execute(
                 update(Export)
-                .where(Export.id == claimed.id, Export.state == ExportState.SENDING.value)
+                .where(Export.id == claimed.id, Export.state == ExportState.SENDING)
                 .values(**values)
             )

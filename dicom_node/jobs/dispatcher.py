@@ -25,7 +25,6 @@ job twice produces the same instances, and the PACS keeps one copy.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from dicom_node.jobs.state import (
     consume_completed_studies,
     create_jobs,
     requeue_interrupted,
-    timings_text,
+    timings_document,
     transition,
     utcnow,
 )
@@ -215,8 +214,8 @@ class Dispatcher:
             job_id=job.id,
             series_instance_uid=job.series_instance_uid,
             paths=_series_paths(session, job.series_id),
-            pipeline=tuple(json.loads(job.pipeline)),
-            params=json.loads(job.params),
+            pipeline=tuple(job.pipeline),
+            params=job.params,
             output_dir=str(Path(self.settings.outputs_dir) / f"job-{job.id}"),
             device=self.settings.processing_device,
             uid_root=self.settings.uid_root,
@@ -258,7 +257,7 @@ class Dispatcher:
         """Enqueue ``rows`` for the job's destinations; notes on those that are gone."""
         destinations = {d.name: d for d in self.routing.destinations}
         notes = []
-        for name in json.loads(job.destinations):
+        for name in job.destinations:
             destination = destinations.get(name)
             if destination is None:
                 notes.append(f"destination {name!r} is no longer defined; not sent there")
@@ -270,7 +269,7 @@ class Dispatcher:
         """A step of a running job wrote these: record them and send them now."""
         with self.sessions.begin() as session:
             job = session.get(Job, job_id)
-            if job is None or job.state != JobState.RUNNING.value:
+            if job is None or job.state != JobState.RUNNING:
                 return
             self._export(session, job, upsert_outputs(session, records, job_id))
         if self.exporter is not None:
@@ -290,7 +289,7 @@ class Dispatcher:
                 expected=JobState.RUNNING,
                 finished_at=utcnow(),
                 worker=result.worker,
-                step_timings=timings_text(result.timings),
+                step_timings=timings_document(result.timings),
                 num_outputs=len(rows),
                 error="; ".join(notes) or None,
             )

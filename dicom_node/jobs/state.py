@@ -11,7 +11,6 @@ a conditional UPDATE, so two nodes sharing a PostgreSQL database never both move
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ import structlog
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.models import Job, JobState, StudyEvent
+from db.models import Job, JobState, StudyEvent, StudyEventKind
 from dicom_node.config import Destination, Settings
 from dicom_node.routing import RouteDecision, matched, route
 
@@ -59,17 +58,17 @@ def transition(
     sources = {expected} if isinstance(expected, JobState) else set(expected)
     for source in sources:
         if to not in TRANSITIONS[source]:
-            raise InvalidTransitionError(f"a job cannot go from {source.value} to {to.value}")
+            raise InvalidTransitionError(f"a job cannot go from {source} to {to}")
     if "error" in values and values["error"] is not None:
         values["error"] = str(values["error"])[:ERROR_TEXT_LIMIT]
     changed = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state.in_([s.value for s in sources]))
-        .values(state=to.value, **values)
+        .where(Job.id == job_id, Job.state.in_(sources))
+        .values(state=to, **values)
         .execution_options(synchronize_session=False)
     ).rowcount  # type: ignore[attr-defined]
     if changed:
-        log.info("job state", job_id=job_id, state=to.value, **_loggable(values))
+        log.info("job state", job_id=job_id, state=str(to), **_loggable(values))
     return bool(changed)
 
 
@@ -117,9 +116,9 @@ def create_jobs(
         values = {
             "study_id": decision.study_id,
             "series_instance_uid": decision.series_instance_uid,
-            "pipeline": json.dumps(list(decision.pipeline)),
-            "params": json.dumps({s: decision.rule.step_params(s) for s in decision.pipeline}),
-            "destinations": json.dumps(job_destinations(settings, decision)),
+            "pipeline": list(decision.pipeline),
+            "params": {s: decision.rule.step_params(s) for s in decision.pipeline},
+            "destinations": job_destinations(settings, decision),
             "priority": decision.priority,
             "max_attempts": settings.job_max_attempts,
             "not_before": decision.not_before or now,
@@ -133,7 +132,7 @@ def create_jobs(
             job = Job(
                 series_id=decision.series_id,
                 rule_name=decision.rule_name,
-                state=JobState.QUEUED.value,
+                state=JobState.QUEUED,
                 attempts=0,
                 num_outputs=0,
                 created_at=now,
@@ -142,16 +141,15 @@ def create_jobs(
             session.add(job)
             session.flush()
             log.info("job queued", job_id=job.id, **decision.log_fields())
-        elif job.state == JobState.RUNNING.value:
+        elif job.state == JobState.RUNNING:
             log.warning("study completed again while its job runs", job_id=job.id)
             continue
         else:
-            previous = JobState(job.state)
             reset = {"attempts": 0, "error": None, "started_at": None, "finished_at": None}
-            if previous is JobState.QUEUED:
+            if job.state == JobState.QUEUED:
                 session.execute(update(Job).where(Job.id == job.id).values(**values))
             else:
-                transition(session, job.id, JobState.QUEUED, expected=previous, **values, **reset)
+                transition(session, job.id, JobState.QUEUED, expected=job.state, **values, **reset)
             session.refresh(job)
         jobs.append(job)
     return jobs
@@ -161,7 +159,7 @@ def consume_completed_studies(session: Session, limit: int = 100) -> list[int]:
     """Claim the ``complete`` study events not yet routed; returns their study ids."""
     query = (
         select(StudyEvent)
-        .where(StudyEvent.event == "complete", StudyEvent.consumed_at.is_(None))
+        .where(StudyEvent.event == StudyEventKind.COMPLETE, StudyEvent.consumed_at.is_(None))
         .order_by(StudyEvent.id)
         .limit(limit)
     )
@@ -188,7 +186,7 @@ def claim_next(session: Session, node: str, now: dt.datetime | None = None) -> J
     now = now or utcnow()
     query = (
         select(Job)
-        .where(Job.state == JobState.QUEUED.value, Job.not_before <= now)
+        .where(Job.state == JobState.QUEUED, Job.not_before <= now)
         .order_by(Job.priority.desc(), Job.not_before, Job.id)
         .limit(5)
     )
@@ -218,9 +216,7 @@ def requeue_interrupted(session: Session, node: str) -> list[int]:
     Jobs running on other nodes sharing the database are theirs and left alone.
     """
     ids = list(
-        session.scalars(
-            select(Job.id).where(Job.state == JobState.RUNNING.value, Job.claimed_by == node)
-        )
+        session.scalars(select(Job.id).where(Job.state == JobState.RUNNING, Job.claimed_by == node))
     )
     requeued = [
         job_id
@@ -250,10 +246,10 @@ def retry(session: Session, job_id: int, *, force: bool = False) -> Job | None:
     job = session.get(Job, job_id, populate_existing=True)
     if job is None:
         return None
-    state = JobState(job.state)
+    state = job.state
     if state is JobState.QUEUED or (state is JobState.RUNNING and not force):
         hint = " (--force takes a job whose node is gone)" if state is JobState.RUNNING else ""
-        raise InvalidTransitionError(f"job {job_id} is {state.value}; nothing to retry{hint}")
+        raise InvalidTransitionError(f"job {job_id} is {state}; nothing to retry{hint}")
     transition(
         session,
         job_id,
@@ -268,8 +264,8 @@ def retry(session: Session, job_id: int, *, force: bool = False) -> Job | None:
     return job
 
 
-def timings_text(timings: Sequence[tuple[str, float]]) -> str:
-    return json.dumps([{"step": step, "seconds": round(seconds, 4)} for step, seconds in timings])
+def timings_document(timings: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
+    return [{"step": step, "seconds": round(seconds, 4)} for step, seconds in timings]
 
 
 def job_as_dict(job: Job) -> dict[str, Any]:
@@ -278,7 +274,7 @@ def job_as_dict(job: Job) -> dict[str, Any]:
         "study_id": job.study_id,
         "series_instance_uid": job.series_instance_uid,
         "rule": job.rule_name,
-        "pipeline": json.loads(job.pipeline),
+        "pipeline": job.pipeline,
         "state": job.state,
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
@@ -286,8 +282,8 @@ def job_as_dict(job: Job) -> dict[str, Any]:
         "worker": job.worker,
         "claimed_by": job.claimed_by,
         "outputs": job.num_outputs,
-        "destinations": json.loads(job.destinations),
-        "step_timings": json.loads(job.step_timings) if job.step_timings else [],
+        "destinations": job.destinations,
+        "step_timings": job.step_timings or [],
         "created_at": job.created_at.isoformat() if job.created_at else None,
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,14 @@ from dicom_node.node import Node
 from dicom_node.scu import scan_files, send
 from dicom_node.synthetic import SyntheticSeries
 from dicom_node.testing import local_settings
-from dicom_node.testing_postgres import running_postgres
 
 pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    with running_postgres() as url:
-        upgrade(url)
-        yield url
+def postgres_url(postgres_server: str) -> str:
+    upgrade(postgres_server)
+    return postgres_server
 
 
 def test_migration_creates_every_table(postgres_url: str) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from db.models import Output
+from db.models import Output, OutputKind
 from db.session import make_engine, make_sessionmaker
 from dicom_node.outputs import record_outputs
 from dicom_node.process import OutputRecord
@@ -23,7 +23,7 @@ def record(tmp_path: Path, uid: str, kind: str) -> OutputRecord:
         source_series_uid="1.2.3",
         processor_name="threshold_segment",
         processor_version="1.0.0",
-        params="{}",
+        params='{"preset":"body"}',  # canonical JSON, as Provenance writes it
     )
 
 
@@ -38,9 +38,10 @@ def test_a_reprocessed_input_refreshes_its_rows(tmp_path: Path) -> None:
         with make_sessionmaker(engine)() as session:
             rows = session.scalars(select(Output).order_by(Output.sop_instance_uid)).all()
             assert [(r.kind, r.processor_version) for r in rows] == [
-                ("seg", "1.0.1"),
-                ("sr", "1.0.0"),
+                (OutputKind.SEG, "1.0.1"),
+                (OutputKind.SR, "1.0.0"),
             ]
+            assert rows[0].params == {"preset": "body"}  # a document, not text
             assert rows[0].path == str((tmp_path / "1.2.3.4.1.dcm").resolve())
     finally:
         engine.dispose()

@@ -12,7 +12,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
-from db.models import Export, ExportState, Output
+from db.models import Export, ExportState, Output, OutputKind
 from db.session import make_engine, make_sessionmaker, upgrade
 from dicom_node.cli import app
 from dicom_node.config import Settings
@@ -53,13 +53,13 @@ def test_enqueue_outputs_links_them(
         output = Output(
             sop_instance_uid=str(header.SOPInstanceUID),
             sop_class_uid=str(header.SOPClassUID),
-            kind="derived",
+            kind=OutputKind.DERIVED,
             path=str(series_files[0]),
             series_instance_uid=str(header.SeriesInstanceUID),
             source_series_uid=str(header.SeriesInstanceUID),
             processor_name="gaussian",
             processor_version="1",
-            params="{}",
+            params={},
         )
         session.add(output)
         session.flush()

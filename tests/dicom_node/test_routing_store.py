@@ -1,0 +1,80 @@
+"""Rules and destinations in the database: copied from the file, read back validated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import RoutingEntry, RoutingEntryKind, RoutingOrigin
+from dicom_node.config import ConfigError, Settings
+from dicom_node.routing_store import load_routing, sync_from_settings
+from tests.dicom_node import test_routing
+from tests.dicom_node.test_routing import settings_with
+
+sessions = test_routing.sessions  # a migrated SQLite database
+
+CT_RULE = {"name": "ct", "match": {"Modality": "CT"}, "pipeline": ["gaussian"]}
+
+
+def stored_entries(sessions: sessionmaker[Session]) -> dict[tuple[str, str], Any]:
+    with sessions() as session:
+        return {
+            (entry.kind, entry.name): (entry.origin, entry.position, entry.definition)
+            for entry in session.scalars(select(RoutingEntry))
+        }
+
+
+def test_routing_entries_sync_from_the_file_and_keep_admin_entries(
+    sessions: sessionmaker[Session],
+) -> None:
+    settings = settings_with(
+        {**CT_RULE, "destinations": ["pacs"]}, {"name": "b", "pipeline": ["x"]}
+    )
+    with sessions.begin() as session:
+        sync_from_settings(session, settings)
+        session.add(
+            RoutingEntry(
+                kind=RoutingEntryKind.RULE,
+                name="admin",
+                definition={"name": "admin", "pipeline": ["median"]},
+                origin=RoutingOrigin.API,
+                position=9,
+            )
+        )
+    with sessions.begin() as session:
+        sync_from_settings(session, settings_with({**CT_RULE, "destinations": ["pacs"]}))
+    with sessions() as session:
+        loaded = load_routing(session, Settings())
+    assert [r.name for r in loaded.rules] == ["ct", "admin"]
+    assert [d.name for d in loaded.destinations] == ["pacs"]
+    assert loaded.rules[0].destinations == ("pacs",)
+    with sessions.begin() as session:
+        session.add(
+            RoutingEntry(
+                kind=RoutingEntryKind.RULE,
+                name="bad",
+                definition={"name": "bad"},
+                origin=RoutingOrigin.API,
+                position=10,
+            )
+        )
+    with sessions() as session, pytest.raises(ConfigError, match="rule 'bad'"):
+        load_routing(session, Settings())
+
+
+def test_a_second_sync_updates_the_entries_in_place(sessions: sessionmaker[Session]) -> None:
+    with sessions.begin() as session:
+        sync_from_settings(session, settings_with(CT_RULE, {"name": "b", "pipeline": ["x"]}))
+    changed = {**CT_RULE, "pipeline": ["median"]}
+    with sessions.begin() as session:
+        sync_from_settings(session, settings_with({"name": "b", "pipeline": ["x"]}, changed))
+    entries = stored_entries(sessions)
+    assert entries[(RoutingEntryKind.RULE, "ct")] == (
+        RoutingOrigin.CONFIG,
+        1,
+        {"name": "ct", "match": {"Modality": "CT"}, "pipeline": ["median"]},
+    )
+    assert entries[(RoutingEntryKind.RULE, "b")][1] == 0
