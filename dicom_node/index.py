@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import (
     Association,
     AssociationStatus,
+    Base,
     Instance,
     Series,
     Study,
@@ -31,11 +32,12 @@ from db.models import (
     StudyEventKind,
     StudyStatus,
 )
+from db.upsert import insert_for
 from dicom_node.storage import InstanceKey, Spool, is_valid_uid, read_index_fields
 
 log = structlog.get_logger(__name__)
 
-Row = TypeVar("Row")
+Row = TypeVar("Row", bound=Base)
 
 
 def utcnow() -> dt.datetime:
@@ -106,14 +108,25 @@ def write_batch(session: Session, records: Sequence[IndexRecord]) -> list[Path]:
     """Apply records in order inside the caller's transaction.
 
     Returns spool files made obsolete (an instance re-sent under another study or
-    series); the caller deletes them once the transaction has committed.
+    series); the caller deletes them once the transaction has committed. Studies, series
+    and instances are inserted with ``ON CONFLICT DO NOTHING``: another node indexing the
+    same study at the same time is not an error.
     """
     stored = [record for record in records if isinstance(record, InstanceStored)]
-    studies = _load_by_uid(
-        session, Study, Study.study_instance_uid, {r.key.study_instance_uid for r in stored}
+    studies = _insert_missing(
+        session,
+        Study,
+        Study.study_instance_uid,
+        {r.key.study_instance_uid: _study_row(r) for r in reversed(stored)},
     )
-    series_rows = _load_by_uid(
-        session, Series, Series.series_instance_uid, {r.key.series_instance_uid for r in stored}
+    series_rows = _insert_missing(
+        session,
+        Series,
+        Series.series_instance_uid,
+        {
+            r.key.series_instance_uid: _series_row(studies[r.key.study_instance_uid], r)
+            for r in reversed(stored)
+        },
     )
     instances = _load_by_uid(
         session, Instance, Instance.sop_instance_uid, {r.key.sop_instance_uid for r in stored}
@@ -152,8 +165,9 @@ def write_batch(session: Session, records: Sequence[IndexRecord]) -> list[Path]:
             association.instances_failed = record.instances_failed
             association.bytes_received = record.bytes_received
         else:
-            study = _upsert_study(session, studies, record)
-            series = _upsert_series(session, series_rows, study, record)
+            study = studies[record.key.study_instance_uid]
+            _receive_into(session, study, record)
+            series = _place_series(series_rows[record.key.series_instance_uid], study)
             if record.key.sop_instance_uid in instances:
                 old_path = _update_instance(instances[record.key.sop_instance_uid], series, record)
                 if old_path is not None:
@@ -161,8 +175,50 @@ def write_batch(session: Session, records: Sequence[IndexRecord]) -> list[Path]:
             else:
                 new_instances[record.key.sop_instance_uid] = _instance_row(series, record)
     if new_instances:
-        # One executemany instead of an ORM object per instance: the indexer's main cost.
-        session.execute(insert(Instance), list(new_instances.values()))
+        obsolete += _insert_instances(session, new_instances, series_rows, stored)
+    return obsolete
+
+
+def _insert_missing(
+    session: Session, model: type[Row], column: Any, rows: dict[str, dict[str, object]]
+) -> dict[str, Row]:
+    """Insert the rows (by unique ``column`` value) the table lacks; return all of them."""
+    if not rows:
+        return {}
+    session.execute(
+        insert_for(session, model).on_conflict_do_nothing(index_elements=[column.key]),
+        list(rows.values()),
+    )
+    return _load_by_uid(session, model, column, set(rows))
+
+
+def _insert_instances(
+    session: Session,
+    rows: dict[str, dict[str, object]],
+    series_rows: dict[str, Series],
+    stored: Sequence[InstanceStored],
+) -> list[Path]:
+    """Insert new instances in one statement (the indexer's main cost). One that another
+    node indexed meanwhile is updated like a re-sent instance; returns obsolete files."""
+    inserted = set(
+        session.scalars(
+            insert_for(session, Instance)
+            .on_conflict_do_nothing(index_elements=[Instance.sop_instance_uid.key])
+            .returning(Instance.sop_instance_uid),
+            list(rows.values()),
+        )
+    )
+    raced = set(rows) - inserted
+    if not raced:
+        return []
+    latest = {r.key.sop_instance_uid: r for r in stored if r.key.sop_instance_uid in raced}
+    obsolete = []
+    for uid, instance in _load_by_uid(session, Instance, Instance.sop_instance_uid, raced).items():
+        record = latest[uid]
+        series = series_rows[record.key.series_instance_uid]
+        old_path = _update_instance(instance, series, record)
+        if old_path is not None:
+            obsolete.append(old_path)
     return obsolete
 
 
@@ -173,21 +229,29 @@ def _load_by_uid(session: Session, model: type[Row], column: Any, uids: set[str]
     return {getattr(row, column.key): row for row in rows}
 
 
-def _upsert_study(session: Session, studies: dict[str, Study], record: InstanceStored) -> Study:
-    uid = record.key.study_instance_uid
-    study = studies.get(uid)
-    if study is None:
-        study = Study(
-            study_instance_uid=uid,
-            status=StudyStatus.RECEIVING,
-            study_date=clip_text(record.study_date, 8),
-            first_received_at=record.received_at,
-            last_received_at=record.received_at,
-        )
-        session.add(study)
-        session.flush()
-        studies[uid] = study
-        return study
+def _study_row(record: InstanceStored) -> dict[str, object]:
+    return {
+        "study_instance_uid": record.key.study_instance_uid,
+        "status": StudyStatus.RECEIVING,
+        "study_date": clip_text(record.study_date, 8),
+        "first_received_at": record.received_at,
+        "last_received_at": record.received_at,
+    }
+
+
+def _series_row(study: Study, record: InstanceStored) -> dict[str, object]:
+    return {
+        "series_instance_uid": record.key.series_instance_uid,
+        "study_id": study.id,
+        "modality": clip_text(record.modality, 16),
+        "series_number": record.series_number,
+        "series_description": clip_text(record.series_description, 64),
+        "body_part_examined": clip_text(record.body_part_examined, 16),
+    }
+
+
+def _receive_into(session: Session, study: Study, record: InstanceStored) -> None:
+    """A new instance for ``study``: it was received later, and reopens it if complete."""
     if as_utc(study.last_received_at) < record.received_at:
         study.last_received_at = record.received_at
     if study.status == StudyStatus.COMPLETE:
@@ -202,27 +266,10 @@ def _upsert_study(session: Session, studies: dict[str, Study], record: InstanceS
             )
         )
         log.info("study reopened", study_id=study.id)
-    return study
 
 
-def _upsert_series(
-    session: Session, series_rows: dict[str, Series], study: Study, record: InstanceStored
-) -> Series:
-    uid = record.key.series_instance_uid
-    series = series_rows.get(uid)
-    if series is None:
-        series = Series(
-            series_instance_uid=uid,
-            study_id=study.id,
-            modality=clip_text(record.modality, 16),
-            series_number=record.series_number,
-            series_description=clip_text(record.series_description, 64),
-            body_part_examined=clip_text(record.body_part_examined, 16),
-        )
-        session.add(series)
-        session.flush()
-        series_rows[uid] = series
-    elif series.study_id != study.id:
+def _place_series(series: Series, study: Study) -> Series:
+    if series.study_id != study.id:
         log.warning("series moved to another study", series_id=series.id, study_id=study.id)
         series.study_id = study.id
     return series
@@ -342,7 +389,8 @@ class Indexer:
                 with self._sessions.begin() as session:
                     obsolete = write_batch(session, batch)
             except (IntegrityError, OperationalError) as exc:
-                # Another node inserted the same study/series, or the database was busy.
+                # The database was busy (inserts of a key another node made meanwhile
+                # do not get here: they are ON CONFLICT DO NOTHING).
                 log.warning("index batch retried", attempt=attempt, error=type(exc).__name__)
                 threading.Event().wait(0.05 * attempt)
                 continue

@@ -10,41 +10,67 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import Output, OutputKind
+from db.upsert import insert_for
 from dicom_node.process import OutputRecord
+
+REFRESHED_COLUMNS = (
+    "sop_class_uid",
+    "series_instance_uid",
+    "kind",
+    "path",
+    "source_series_uid",
+    "processor_name",
+    "processor_version",
+    "params",
+    "created_at",
+)
+"""What a reprocessed input's row takes from the new record (``job_id`` only if given)."""
 
 
 def upsert_outputs(
     session: Session, records: Sequence[OutputRecord], job_id: int | None = None
 ) -> list[Output]:
     """One ``outputs`` row per record (refreshed for a reprocessed input), in the caller's
-    transaction."""
-    rows: list[Output] = []
-    for record in records:
-        row = session.scalars(
-            select(Output).where(Output.sop_instance_uid == record.sop_instance_uid)
-        ).one_or_none()
-        if row is None:
-            row = Output(sop_instance_uid=record.sop_instance_uid)
-            session.add(row)
-        row.sop_class_uid = record.sop_class_uid
-        row.series_instance_uid = record.series_instance_uid
-        row.kind = OutputKind(record.kind)
-        row.path = str(record.path.resolve())
-        row.source_series_uid = record.source_series_uid
-        row.processor_name = record.processor_name
-        row.processor_version = record.processor_version
-        # The record carries the canonical parameter text that the UIDs hash.
-        row.params = json.loads(record.params)
-        row.created_at = dt.datetime.now(dt.UTC)
-        row.job_id = job_id if job_id is not None else row.job_id
-        rows.append(row)
-    session.flush()
-    return rows
+    transaction; another node recording the same output meanwhile is not an error."""
+    if not records:
+        return []
+    values = {
+        record.sop_instance_uid: {
+            "sop_instance_uid": record.sop_instance_uid,
+            "sop_class_uid": record.sop_class_uid,
+            "series_instance_uid": record.series_instance_uid,
+            "kind": OutputKind(record.kind),
+            "path": str(record.path.resolve()),
+            "source_series_uid": record.source_series_uid,
+            "processor_name": record.processor_name,
+            "processor_version": record.processor_version,
+            # The record carries the canonical parameter text that the UIDs hash.
+            "params": json.loads(record.params),
+            "created_at": dt.datetime.now(dt.UTC),
+            "job_id": job_id,
+        }
+        for record in records
+    }
+    upsert = insert_for(session, Output)
+    refreshed: dict[str, Any] = {name: upsert.excluded[name] for name in REFRESHED_COLUMNS}
+    refreshed["job_id"] = func.coalesce(upsert.excluded.job_id, Output.job_id)
+    session.execute(
+        upsert.on_conflict_do_update(index_elements=[Output.sop_instance_uid.key], set_=refreshed),
+        list(values.values()),
+    )
+    rows = session.scalars(
+        select(Output)
+        .where(Output.sop_instance_uid.in_(list(values)))
+        .execution_options(populate_existing=True)
+    )
+    by_uid = {row.sop_instance_uid: row for row in rows}
+    return [by_uid[record.sop_instance_uid] for record in records]
 
 
 def record_outputs(database_url: str, records: Sequence[OutputRecord]) -> int:

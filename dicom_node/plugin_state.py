@@ -9,11 +9,13 @@ is installed); a plugin without a row is enabled and not pinned. The plugin SDK
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import PluginState
+from db.upsert import insert_for
 from processors.registry import PluginChoice, PluginInfo, apply_states, discover
 
 
@@ -38,16 +40,22 @@ def set_state(
     pinned_version: str | None = None,
     unpin: bool = False,
 ) -> PluginState:
-    """Create or update the ``plugin_state`` row for ``name`` (the caller commits)."""
-    row = session.get(PluginState, name)
-    if row is None:
-        row = PluginState(name=name, enabled=True)
-        session.add(row)
+    """Create or update the ``plugin_state`` row for ``name`` (the caller commits); two
+    admins (or nodes) setting it at once do not collide."""
+    changes: dict[str, Any] = {"updated_at": dt.datetime.now(dt.UTC)}
     if enabled is not None:
-        row.enabled = enabled
+        changes["enabled"] = enabled
     if unpin:
-        row.pinned_version = None
+        changes["pinned_version"] = None
     elif pinned_version is not None:
-        row.pinned_version = pinned_version
-    row.updated_at = dt.datetime.now(dt.UTC)
-    return row
+        changes["pinned_version"] = pinned_version
+    session.execute(
+        insert_for(session, PluginState)
+        .values(name=name, **{"enabled": True, **changes})
+        .on_conflict_do_update(index_elements=[PluginState.name.key], set_=changes)
+    )
+    return session.scalars(
+        select(PluginState)
+        .where(PluginState.name == name)
+        .execution_options(populate_existing=True)
+    ).one()

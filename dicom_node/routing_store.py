@@ -15,30 +15,46 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from db.models import RoutingEntry, RoutingEntryKind, RoutingOrigin
+from db.models import RoutingEntry, RoutingEntryKind, RoutingOrigin, utcnow
+from db.upsert import insert_for
 from dicom_node.config import ConfigError, Destination, Rule, Settings
 
 
 def _store(
     session: Session, kind: RoutingEntryKind, items: Sequence[BaseModel], names: list[str]
 ) -> None:
-    existing = {
-        entry.name: entry
-        for entry in session.scalars(select(RoutingEntry).where(RoutingEntry.kind == kind))
-    }
-    for position, (name, item) in enumerate(zip(names, items, strict=True)):
-        definition = item.model_dump(mode="json", exclude_defaults=True)
-        entry = existing.get(name)
-        if entry is None:
-            entry = RoutingEntry(kind=kind, name=name)
-            session.add(entry)
-        entry.position, entry.definition = position, definition
-        entry.origin = RoutingOrigin.CONFIG
-    stale = [n for n, e in existing.items() if e.origin == RoutingOrigin.CONFIG and n not in names]
-    if stale:
-        session.execute(
-            delete(RoutingEntry).where(RoutingEntry.kind == kind, RoutingEntry.name.in_(stale))
+    """Insert or overwrite the file's entries of ``kind`` (nodes starting together on one
+    database both do, without a conflict); remove those the file no longer has."""
+    if names:
+        upsert = insert_for(session, RoutingEntry).values(
+            [
+                {
+                    "kind": kind,
+                    "name": name,
+                    "position": position,
+                    "definition": item.model_dump(mode="json", exclude_defaults=True),
+                    "origin": RoutingOrigin.CONFIG,
+                    "updated_at": utcnow(),
+                }
+                for position, (name, item) in enumerate(zip(names, items, strict=True))
+            ]
         )
+        session.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[RoutingEntry.kind.key, RoutingEntry.name.key],
+                set_={
+                    column: upsert.excluded[column]
+                    for column in ("position", "definition", "origin", "updated_at")
+                },
+            )
+        )
+    session.execute(
+        delete(RoutingEntry).where(
+            RoutingEntry.kind == kind,
+            RoutingEntry.origin == RoutingOrigin.CONFIG,
+            RoutingEntry.name.not_in(names),
+        )
+    )
 
 
 def sync_from_settings(session: Session, settings: Settings) -> None:

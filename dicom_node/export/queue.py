@@ -23,6 +23,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Export, ExportState, Output
+from db.upsert import insert_for
 from dicom_node.export.target import ExportTarget
 from dicom_node.export.transport import Outcome
 
@@ -99,6 +100,7 @@ def enqueue(
     now: dt.datetime | None = None,
 ) -> list[Export]:
     """Add (or find) one row per instance for ``target``, due now, in the caller's transaction.
+    Another node adding the same row meanwhile is not an error (``ON CONFLICT DO NOTHING``).
 
     A row already ``pending``, ``sending`` or ``delivered`` is left as it is (an instance
     exported twice is sent once); a ``failed`` one goes back to ``pending`` with its
@@ -117,13 +119,9 @@ def enqueue(
         else:
             sop_class, sop_instance = _instance_uids(item)
             path, output_id = str(item.resolve()), None
-        row = session.scalars(
-            select(Export).where(
-                Export.destination == target.name, Export.sop_instance_uid == sop_instance
-            )
-        ).one_or_none()
-        if row is None:
-            row = Export(
+        session.execute(
+            insert_for(session, Export)
+            .values(
                 destination=target.name,
                 host=target.host[:255],
                 port=target.port,
@@ -138,9 +136,16 @@ def enqueue(
                 created_at=now,
                 output_id=output_id,
             )
-            session.add(row)
-            session.flush()
-        elif row.state == ExportState.FAILED:
+            .on_conflict_do_nothing(
+                index_elements=[Export.destination.key, Export.sop_instance_uid.key]
+            )
+        )
+        row = session.scalars(
+            select(Export).where(
+                Export.destination == target.name, Export.sop_instance_uid == sop_instance
+            )
+        ).one()
+        if row.state == ExportState.FAILED:
             row.path, row.sop_class_uid = path, sop_class
             row.output_id = output_id if output_id is not None else row.output_id
             _to_pending(row, now)

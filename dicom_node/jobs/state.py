@@ -19,6 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobState, StudyEvent, StudyEventKind
+from db.upsert import insert_for
 from dicom_node.config import Destination, Settings
 from dicom_node.routing import RouteDecision, matched, route
 
@@ -105,7 +106,8 @@ def create_jobs(
 ) -> list[Job]:
     """Route the study and queue one job per matched (series, rule), in the caller's
     transaction. A series and rule that already have a job get it queued again (the study
-    completed again, with more instances) unless it is running."""
+    completed again, with more instances) unless it is running. Two nodes routing the same
+    study at once make one job (``INSERT ... ON CONFLICT DO NOTHING``)."""
     now = now or utcnow()
     decisions = route(settings, session, study_id)
     for decision in decisions:
@@ -123,13 +125,9 @@ def create_jobs(
             "max_attempts": settings.job_max_attempts,
             "not_before": decision.not_before or now,
         }
-        job = session.scalars(
-            select(Job).where(
-                Job.series_id == decision.series_id, Job.rule_name == decision.rule_name
-            )
-        ).one_or_none()
-        if job is None:
-            job = Job(
+        new_id = session.scalar(
+            insert_for(session, Job)
+            .values(
                 series_id=decision.series_id,
                 rule_name=decision.rule_name,
                 state=JobState.QUEUED,
@@ -138,8 +136,15 @@ def create_jobs(
                 created_at=now,
                 **values,
             )
-            session.add(job)
-            session.flush()
+            .on_conflict_do_nothing(index_elements=[Job.series_id.key, Job.rule_name.key])
+            .returning(Job.id)
+        )
+        job = session.scalars(
+            select(Job)
+            .where(Job.series_id == decision.series_id, Job.rule_name == decision.rule_name)
+            .execution_options(populate_existing=True)
+        ).one()
+        if new_id is not None:
             log.info("job queued", job_id=job.id, **decision.log_fields())
         elif job.state == JobState.RUNNING:
             log.warning("study completed again while its job runs", job_id=job.id)

@@ -36,3 +36,9 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'empty.db'}"
     return new_postgres_database(request.getfixturevalue("postgres_server"))
+
+
+@pytest.fixture
+def postgres_database(postgres_server: str) -> str:
+    """The URL of a new, empty database on the PostgreSQL server."""
+    return new_postgres_database(postgres_server)

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, func, inspect, select
+from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance, Series, Study, StudyEvent
+from db.models import Instance, Job, JobState, Series, Study, StudyEvent
 from db.session import make_engine, make_sessionmaker, upgrade
+from db.testing import writer_gets_in_first
 from dicom_node.assembler import StudyAssembler
+from dicom_node.index import write_batch
 from dicom_node.node import Node
 from dicom_node.scu import scan_files, send
+from dicom_node.storage import Spool
 from dicom_node.synthetic import SyntheticSeries
 from dicom_node.testing import local_settings
+from tests.dicom_node.test_index import record
 
 pytestmark = pytest.mark.postgres
 
@@ -25,6 +31,15 @@ pytestmark = pytest.mark.postgres
 def postgres_url(postgres_server: str) -> str:
     upgrade(postgres_server)
     return postgres_server
+
+
+@pytest.fixture
+def sessions(postgres_database: str) -> Iterator[sessionmaker[Session]]:
+    """A migrated database of the test's own."""
+    upgrade(postgres_database)
+    engine = make_engine(postgres_database)
+    yield make_sessionmaker(engine)
+    engine.dispose()
 
 
 def test_migration_creates_every_table(postgres_url: str) -> None:
@@ -151,3 +166,56 @@ def test_two_dispatchers_route_and_run_a_study_once(
     with sessions() as session:
         outputs = session.scalar(select(func.count(Output.id)).where(Output.job_id == jobs[0].id))
     assert outputs == len(small_ct.datasets)  # the derived series, once
+
+
+def test_another_node_indexing_the_same_study_and_instance_meanwhile(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The other node's insert lands between this one's look-up and its insert: of the
+    study (the first insert of the transaction) and, later in it, of the same instance."""
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    earlier = now - dt.timedelta(seconds=5)
+    mine = [
+        record("1.1", "1.1.9", "1.1.1", tmp_path / "mine-1", now),
+        record("1.1", "1.1.9", "1.1.3", tmp_path / "mine-3", now),
+    ]
+    theirs = [record("1.1", "1.1.9", "1.1.2", tmp_path / "theirs-2", earlier)]
+    engine = sessions.kw["bind"]
+    racing = writer_gets_in_first(engine, "studies", lambda other: write_batch(other, theirs))
+    with racing as race, sessions.begin() as session:
+        assert write_batch(session, mine[:1]) == []
+    assert race.happened
+    theirs = [record("1.1", "1.1.9", "1.1.3", tmp_path / "theirs-3", earlier)]
+    racing = writer_gets_in_first(engine, "instances", lambda other: write_batch(other, theirs))
+    with racing as race, sessions.begin() as session:
+        assert write_batch(session, mine[1:]) == [tmp_path / "theirs-3"]
+    assert race.happened
+    with sessions() as session:
+        assert session.scalar(select(func.count(Study.id))) == 1
+        assert session.scalar(select(func.count(Series.id))) == 1
+        paths = session.scalars(select(Instance.path).order_by(Instance.sop_instance_uid))
+        assert list(paths) == [str(tmp_path / name) for name in ("mine-1", "theirs-2", "mine-3")]
+
+
+def test_two_nodes_making_the_same_job_at_once(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    from dicom_node.jobs.state import create_jobs
+    from tests.dicom_node.test_routing import add_series, settings_with, study_id
+
+    add_series(Spool(tmp_path / "spool", fsync=False), sessions, number=1)
+    settings = settings_with({"name": "ct", "match": {"Modality": "CT"}, "pipeline": ["gaussian"]})
+    target = study_id(sessions)
+
+    def other_node(other: Session) -> None:
+        create_jobs(other, settings, target)
+
+    racing = writer_gets_in_first(sessions.kw["bind"], "jobs", other_node)
+    with racing as race, sessions.begin() as session:
+        made = [job.id for job in create_jobs(session, settings, target)]
+    assert race.happened
+    with sessions() as session:
+        stored = list(session.scalars(select(Job)))
+    assert [(job.id, job.state, job.pipeline) for job in stored] == [
+        (made[0], JobState.QUEUED, ["gaussian"])
+    ]

@@ -6,13 +6,23 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Association, AssociationStatus, Instance, Series, Study, StudyEvent
+from db.models import (
+    Association,
+    AssociationStatus,
+    Instance,
+    Series,
+    Study,
+    StudyEvent,
+    StudyStatus,
+)
 from db.session import make_engine, make_sessionmaker, upgrade
+from db.testing import writer_gets_in_first
 from dicom_node.index import (
     AssociationClosed,
     AssociationOpened,
     Indexer,
     InstanceStored,
+    as_utc,
     reconcile,
     stored_record_from_file,
     write_batch,
@@ -141,3 +151,24 @@ def test_reconcile_indexes_spooled_files_the_database_lacks(tmp_path: Path, smal
     assert garbage.exists(), "a file that cannot be indexed is kept for a person to look at"
     assert not (first.parent / ".incoming-xyz").exists()
     assert reconcile(spool, sessions) == 0
+
+
+def test_another_node_indexing_the_same_study_meanwhile_is_not_an_error(tmp_path: Path) -> None:
+    """Between this node's look-up and its insert, another node inserts the same study and
+    series (with another instance of them): one study, one series, both instances."""
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    mine = [record("1.1", "1.1.1", "1.1.1.1", tmp_path / "1", NOW)]
+    theirs = [record("1.1", "1.1.1", "1.1.1.2", tmp_path / "2", NOW - dt.timedelta(seconds=5))]
+    racing = writer_gets_in_first(engine, "studies", lambda other: write_batch(other, theirs))
+    with racing as race, sessions.begin() as session:
+        assert write_batch(session, mine) == []
+    assert race.happened
+    with sessions() as session:
+        study = session.scalars(select(Study)).one()
+        assert session.scalar(select(func.count(Series.id))) == 1
+        assert session.scalar(select(func.count(Instance.id))) == 2
+        assert (study.status, as_utc(study.last_received_at)) == (StudyStatus.RECEIVING, NOW)
+    engine.dispose()

@@ -8,8 +8,9 @@ from pathlib import Path
 from sqlalchemy import select
 
 from db.models import Output, OutputKind
-from db.session import make_engine, make_sessionmaker
-from dicom_node.outputs import record_outputs
+from db.session import make_engine, make_sessionmaker, upgrade
+from db.testing import writer_gets_in_first
+from dicom_node.outputs import record_outputs, upsert_outputs
 from dicom_node.process import OutputRecord
 
 
@@ -45,3 +46,22 @@ def test_a_reprocessed_input_refreshes_its_rows(tmp_path: Path) -> None:
             assert rows[0].path == str((tmp_path / "1.2.3.4.1.dcm").resolve())
     finally:
         engine.dispose()
+
+
+def test_an_output_another_node_records_meanwhile_is_refreshed_not_an_error(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    mine = record(tmp_path, "1.2.3.4.1", "seg")
+    theirs = replace(mine, path=tmp_path / "theirs.dcm")
+    racing = writer_gets_in_first(engine, "outputs", lambda other: upsert_outputs(other, [theirs]))
+    with racing as race, sessions.begin() as session:
+        [row] = upsert_outputs(session, [mine], job_id=None)
+    assert race.happened
+    with sessions() as session:
+        stored = session.scalars(select(Output)).one()
+    assert (stored.id, stored.path) == (row.id, str(mine.path.resolve()))
+    engine.dispose()

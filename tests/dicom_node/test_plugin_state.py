@@ -6,9 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from db.session import make_engine, make_sessionmaker, upgrade
+from db.testing import writer_gets_in_first
 from dicom_node.plugin_state import list_plugins, load_states, set_state
 from processors.registry import PluginChoice, PluginInfo, find
 
@@ -54,3 +56,18 @@ def test_choices_persist_and_fold_into_discovery(session: Session) -> None:
     session.commit()
     infos = plugins(session)
     assert infos["mean"].available and infos["mean"].pinned_version is None
+
+
+def test_two_admins_setting_a_new_plugins_state_at_once(session: Session) -> None:
+    """The other one's row lands between this one's look-up and its insert."""
+
+    def other_admin(other: Session) -> None:
+        set_state(other, "median", pinned_version="9.9")
+
+    engine = session.get_bind()
+    assert isinstance(engine, Engine)
+    with writer_gets_in_first(engine, "plugin_state", other_admin) as race:
+        set_state(session, "median", enabled=False)
+        session.commit()
+    assert race.happened
+    assert load_states(session) == {"median": PluginChoice(enabled=False, pinned_version="9.9")}

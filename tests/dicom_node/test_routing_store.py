@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import RoutingEntry, RoutingEntryKind, RoutingOrigin
+from db.testing import writer_gets_in_first
 from dicom_node.config import ConfigError, Settings
 from dicom_node.routing_store import load_routing, sync_from_settings
 from tests.dicom_node import test_routing
@@ -78,3 +79,26 @@ def test_a_second_sync_updates_the_entries_in_place(sessions: sessionmaker[Sessi
         {"name": "ct", "match": {"Modality": "CT"}, "pipeline": ["median"]},
     )
     assert entries[(RoutingEntryKind.RULE, "b")][1] == 0
+
+
+def test_nodes_starting_together_both_sync_without_a_conflict(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Another node copies the same file into the table between this node's look-up and
+    its insert."""
+    settings = settings_with(CT_RULE)
+    engine = sessions.kw["bind"]
+
+    def other_node(other: Session) -> None:
+        sync_from_settings(other, settings)
+
+    racing = writer_gets_in_first(engine, "routing_entries", other_node)
+    with racing as race, sessions.begin() as session:
+        sync_from_settings(session, settings)
+    assert race.happened
+    assert set(stored_entries(sessions)) == {
+        (RoutingEntryKind.DESTINATION, "pacs"),
+        (RoutingEntryKind.RULE, "ct"),
+    }
+    with sessions() as session:
+        assert [rule.name for rule in load_routing(session, Settings()).rules] == ["ct"]

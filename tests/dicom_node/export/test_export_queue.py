@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from db.models import Export, ExportState, Output, OutputKind
 from db.session import make_engine, make_sessionmaker, upgrade
+from db.testing import writer_gets_in_first
 from dicom_node.cli import app
 from dicom_node.config import Settings
 from dicom_node.export.queue import ExportError, RetryPolicy, enqueue, recover_interrupted
@@ -43,6 +44,21 @@ def test_enqueue_is_one_row_per_destination_and_instance(
     not_dicom.write_text("hello")
     with sessions() as session, pytest.raises(ExportError, match=r"notes\.txt"):
         enqueue(session, pacs, [not_dicom])
+
+
+def test_enqueue_while_another_node_enqueues_the_same_instance(
+    sessions: sessionmaker[Session], series_files: list[Path], settings: Settings
+) -> None:
+    pacs = target_for(settings)
+
+    def other_node(other: Session) -> None:
+        enqueue(other, pacs, series_files[:1], now=T0)
+
+    racing = writer_gets_in_first(sessions.kw["bind"], "exports", other_node)
+    with racing as race, sessions() as session, session.begin():
+        (row,) = enqueue(session, pacs, series_files[:1], now=T0)
+    assert race.happened
+    assert [(r.id, r.state) for r in rows(sessions)] == [(row.id, ExportState.PENDING)]
 
 
 def test_enqueue_outputs_links_them(

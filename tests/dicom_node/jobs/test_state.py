@@ -20,6 +20,7 @@ from db.models import (
     Output,
     StudyEvent,
 )
+from db.testing import writer_gets_in_first
 from dicom_node.assembler import complete_quiet_studies
 from dicom_node.config import Settings, load_settings
 from dicom_node.index import as_utc
@@ -104,6 +105,25 @@ def test_a_job_per_matched_series_and_rule_with_a_copy_of_the_rule(
     assert len(jobs(sessions)) == 3
     assert ct.id in {j.id for j in again} and other.id not in {j.id for j in again}
     assert {j.id: j.state for j in jobs(sessions)}[ct.id] is JobState.QUEUED
+
+
+def test_another_node_making_the_same_job_meanwhile_is_not_an_error(
+    sessions: sessionmaker[Session], spool: Spool
+) -> None:
+    """Two nodes route the same study at once: one job, queued once, for both of them."""
+    add_series(spool, sessions, number=1)
+    settings = settings_with(CT_RULE)
+    target = study_id(sessions)
+    engine = sessions.kw["bind"]
+
+    def other_node(other: Session) -> None:
+        create_jobs(other, settings, target, LATER)
+
+    with writer_gets_in_first(engine, "jobs", other_node) as race:
+        [job] = make_jobs(sessions, settings)
+    assert race.happened
+    [stored] = jobs(sessions)
+    assert (stored.id, stored.state, stored.attempts) == (job.id, JobState.QUEUED, 0)
 
 
 def test_claim_by_priority_then_age_and_only_when_due(
