@@ -2,6 +2,9 @@
 
 The phantom is an elliptical body (soft tissue) with two lungs, a spine, and a spherical
 lesion whose position and radius are known, so later stages can be checked against truth.
+A CT series also has what a scanner sees around a patient: a curved table (two thin
+carbon-fibre shells around a foam core) under a foam mattress, and a blanket on the front
+of the body, a few millimetres off its sides, that hangs down to the table; none of it is body.
 """
 
 from __future__ import annotations
@@ -26,6 +29,16 @@ HU_LUNG = -850.0
 HU_SOFT_TISSUE = 40.0
 HU_LESION = 90.0
 HU_BONE = 700.0
+HU_FOAM = -930.0
+HU_TABLE_SHELL = 300.0
+HU_BLANKET = -300.0
+
+#: Around the patient (mm): mattress under the body, table shell and core, blanket.
+MATTRESS_MM = 6.0
+TABLE_SHELL_MM = 2.5
+TABLE_CORE_MM = 7.0
+BLANKET_MM = 2.0
+BLANKET_GAP_MM = 3.0
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
@@ -67,8 +80,12 @@ def make_phantom(
     lesion_radius_mm: float = 15.0,
     noise_sigma: float = 12.0,
     seed: int = 0,
+    table: bool = False,
 ) -> Phantom:
-    """The phantom in Hounsfield units on a ``shape`` grid with ``spacing`` (z, y, x) in mm."""
+    """The phantom in Hounsfield units on a ``shape`` grid with ``spacing`` (z, y, x) in mm.
+
+    ``table`` adds the table, mattress and blanket (labels ``table`` and ``blanket``).
+    """
     nz, ny, nx = shape
     sz, sy, sx = spacing
     z = (np.arange(nz, dtype=np.float32) - (nz - 1) / 2) * sz
@@ -94,6 +111,9 @@ def make_phantom(
     ) ** 2 <= lesion_radius_mm**2
 
     values = np.full(shape, HU_AIR, dtype=np.float32)
+    around: dict[str, npt.NDArray[np.bool_]] = {}
+    if table:
+        around = _table_and_blanket(xx, yy, half_width, half_depth, values, shape)
     values[body] = HU_SOFT_TISSUE
     values[lungs] = HU_LUNG
     values[spine] = HU_BONE
@@ -111,8 +131,43 @@ def make_phantom(
         "lung": np.asarray(lungs, dtype=bool),
         "bone": np.asarray(spine, dtype=bool),
         "lesion": np.asarray(lesion & body, dtype=bool),
+        **around,
     }
     return Phantom(values, labels, center_voxel, lesion_radius_mm)
+
+
+def _table_and_blanket(
+    xx: npt.NDArray[np.float32],
+    yy: npt.NDArray[np.float32],
+    half_width: float,
+    half_depth: float,
+    values: npt.NDArray[np.float32],
+    shape: tuple[int, int, int],
+) -> dict[str, npt.NDArray[np.bool_]]:
+    """Paint the mattress, table and blanket into ``values`` (posterior is +y); their masks."""
+    # The table top curves up at the sides (a cradle) below a mattress under the body.
+    top = half_depth + MATTRESS_MM - 0.15 * xx**2 / half_width
+    depth = yy - top
+    wide = np.abs(xx) <= 1.3 * half_width
+    shell = TABLE_SHELL_MM
+    mattress = wide & (depth < 0) & (depth >= -MATTRESS_MM)
+    core = wide & (depth >= shell) & (depth < shell + TABLE_CORE_MM)
+    shells = wide & (depth >= 0) & (depth < 2 * shell + TABLE_CORE_MM) & ~core
+    # A blanket resting on the front of the body and falling away from it towards the
+    # sides (a few millimetres off the skin there), hanging down to the table.
+    near, far = BLANKET_GAP_MM, BLANKET_GAP_MM + BLANKET_MM
+    outer = (xx / (half_width + far)) ** 2 + (yy / (half_depth + BLANKET_MM)) ** 2 <= 1.0
+    inner = (xx / (half_width + near)) ** 2 + (yy / half_depth) ** 2 <= 1.0
+    draped = (np.abs(xx) >= half_width + near) & (np.abs(xx) < half_width + far)
+    blanket = ((outer & ~inner & (yy <= 0)) | (draped & (yy > 0) & (depth < 0))) & ~shells
+    masks = {
+        "table": np.broadcast_to(shells, shape),
+        "blanket": np.broadcast_to(blanket, shape),
+    }
+    values[np.broadcast_to(mattress | core, shape)] = HU_FOAM
+    values[masks["table"]] = HU_TABLE_SHELL
+    values[masks["blanket"]] = HU_BLANKET
+    return {name: np.asarray(mask, dtype=bool) for name, mask in masks.items()}
 
 
 def _uid(seed: str | None, *parts: object) -> str:
@@ -198,16 +253,22 @@ def generate_series(
     patient_name: str = "Phantom^Synthetic",
     series_description: str | None = None,
     lesion_radius_mm: float = 15.0,
+    table: bool = True,
 ) -> SyntheticSeries:
     """A CT (int16 with rescale, HU) or MR (uint16) series of the phantom.
 
-    ``uid_seed`` makes the UIDs reproducible; otherwise each call gets new ones.
+    ``uid_seed`` makes the UIDs reproducible; otherwise each call gets new ones. ``table``
+    puts the patient on a table under a blanket (CT only: neither gives MR signal).
     """
     if modality not in ("CT", "MR"):
         raise ValueError(f"modality must be CT or MR, not {modality!r}")
     spacing = (slice_thickness, pixel_spacing, pixel_spacing)
     phantom = make_phantom(
-        (num_slices, rows, columns), spacing, lesion_radius_mm=lesion_radius_mm, seed=seed
+        (num_slices, rows, columns),
+        spacing,
+        lesion_radius_mm=lesion_radius_mm,
+        seed=seed,
+        table=table and modality == "CT",
     )
     study_uid = study_instance_uid or _uid(uid_seed, "study")
     series_uid = _uid(uid_seed, "series", modality, study_uid)

@@ -1,4 +1,10 @@
-"""K-means intensity classes (optionally with spatial features) -> LabelResult.
+"""K-means tissue classes (optionally with spatial features) -> LabelResult.
+
+The classes are fitted inside the body (CT) or foreground (MR) mask of
+``processors.segment.body_mask`` by default, so k classes are k tissues and not the air
+around the patient; voxels outside the mask are label 0 and no segment. Each class is named
+for what it is where the modality allows: on CT by the HU of its centre (``CT_TISSUES``),
+elsewhere by its rank ("tissue class 2 of 3 (intermediate intensity)").
 
 CPU: ``sklearn.cluster.KMeans``. GPU: Lloyd's algorithm written against ``xp``, seeded with
 k-means++ on a small subsample. Labels are 1..k ordered by cluster mean intensity, so the
@@ -7,6 +13,7 @@ same tissue gets the same label whichever backend ran.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 from typing import ClassVar
 
@@ -16,19 +23,75 @@ from pydantic import Field
 from processors.backend import is_cupy, to_host
 from processors.base import (
     Array,
+    Code,
     Codes,
     LabelResult,
     MeasurementResult,
-    ProcessorParams,
+    ProcessorError,
     Result,
     SegmentDescription,
     Volume,
 )
-from processors.segment import intensity_unit, segment_statistics
+from processors.segment import BodyMaskParams, body_mask, intensity_unit, segment_statistics
 
 
-class KMeansParams(ProcessorParams):
+@dataclass(frozen=True)
+class CTTissue:
+    """What a class whose centre lies in [lower, upper) HU is called on CT."""
+
+    lower: float
+    upper: float
+    name: str
+    category: Code
+    type: Code
+
+
+FAT = Code("256674009", "SCT", "Fat")
+INF = float("inf")
+
+#: Class centres, not voxels: a class is a mixture, so the ranges meet halfway between the
+#: tissues' own values (gas -1000, lung -900..-500, fat -120..-80, water 0, muscle and
+#: organs 30..80, contrast-enhanced blood up to ~150, bone 300..1500).
+CT_TISSUES: tuple[CTTissue, ...] = (
+    # Gas and aerated lung fall in one class (a class is a mixture: bowel gas with its
+    # wall's partial volume looks like lung); coded as the air both are mostly made of.
+    CTTissue(-INF, -400.0, "Air / lung", Codes.PHYSICAL_OBJECT, Codes.AIR),
+    CTTissue(-400.0, -30.0, "Fat", Codes.TISSUE, FAT),
+    CTTissue(-30.0, 150.0, "Soft tissue / fluid", Codes.TISSUE, Codes.SOFT_TISSUE),
+    CTTissue(150.0, INF, "Bone", Codes.TISSUE, Codes.BONE),
+)
+
+
+def ct_tissue(centre_hu: float) -> CTTissue:
+    return next(t for t in CT_TISSUES if t.lower <= centre_hu < t.upper)
+
+
+def class_segments(
+    volume: Volume, centres: list[float], present: list[int]
+) -> list[SegmentDescription]:
+    """One segment per present label (1..k, by increasing centre), named for its tissue."""
+    k = len(centres)
+    segments = []
+    for label in present:
+        centre = centres[label - 1]
+        if volume.modality == "CT":
+            tissue = ct_tissue(centre)
+            name = f"{tissue.name} ({centre:.0f} HU)"
+            segments.append(SegmentDescription(label, name, tissue.category, tissue.type))
+            continue
+        rank = "low" if label == 1 else "high" if label == k else "intermediate"
+        name = f"Tissue class {label} of {k} ({rank} intensity)"
+        segments.append(SegmentDescription(label, name, Codes.TISSUE, Codes.TISSUE))
+    return segments
+
+
+class KMeansParams(BodyMaskParams):
     k: int = Field(default=3, ge=2, le=16, description="number of classes")
+    inside_body: bool = Field(
+        default=True,
+        description="cluster only the body (CT) or foreground (MR) voxels; the rest is "
+        "label 0 and no segment (false: the whole volume, air included)",
+    )
     spatial_weight: float = Field(
         default=0.0, ge=0, le=10, description="weight of voxel position (0: intensity only)"
     )
@@ -45,21 +108,27 @@ class KMeansParams(ProcessorParams):
     seed: int = Field(default=0, ge=0)
 
 
-def build_features(xp: ModuleType, volume: Volume, spatial_weight: float) -> Array:
-    """(n_voxels, d) float32 features: standardised intensity [+ weighted position]."""
+def build_features(
+    xp: ModuleType, volume: Volume, spatial_weight: float, inside: Array | None = None
+) -> tuple[Array, float, float]:
+    """(n, d) float32 features of the voxels ``inside`` (all when None): intensity
+    standardised over those voxels [+ weighted position]; and the intensity's mean and
+    standard deviation, to read the centres back in the image's units."""
     image = volume.array.astype(xp.float32)
-    mean = float(image.mean())
-    std = float(image.std()) or 1.0
-    columns = [((image - mean) / std).ravel()]
+    chosen = None if inside is None else inside.ravel()
+    values = image.ravel() if chosen is None else image.ravel()[chosen]
+    mean = float(values.mean())
+    std = float(values.std()) or 1.0
+    columns = [(values - mean) / std]
     if spatial_weight > 0:
         for axis, (n, spacing) in enumerate(zip(volume.shape, volume.spacing, strict=True)):
             extent = max(n * spacing, 1e-6)
             coord = (xp.arange(n, dtype=xp.float32) - (n - 1) / 2.0) * (spacing / extent)
             shape = [1, 1, 1]
             shape[axis] = n
-            grid = xp.broadcast_to(coord.reshape(shape), volume.shape)
-            columns.append((spatial_weight * grid).ravel())
-    return xp.stack(columns, axis=1)
+            grid = xp.broadcast_to(coord.reshape(shape), volume.shape).ravel()
+            columns.append(spatial_weight * (grid if chosen is None else grid[chosen]))
+    return xp.stack(columns, axis=1), mean, std
 
 
 def _squared_distances(xp: ModuleType, x: Array, centres: Array) -> Array:
@@ -129,21 +198,31 @@ def kmeans_sklearn(
     return labels, model.cluster_centers_
 
 
-def intensity_classes(xp: ModuleType, volume: Volume, params: KMeansParams) -> Array:
-    """Labels 1..k for intensity-only k-means, without an (n_voxels, 1) feature matrix.
+def sample_index(xp: ModuleType, n: int, params: KMeansParams) -> Array | None:
+    """Sorted random rows to fit on (``params.sample_size`` of ``n``), or None for all."""
+    if params.sample_size is None or params.sample_size >= n:
+        return None
+    rng = np.random.default_rng(params.seed)
+    return xp.asarray(np.sort(rng.choice(n, size=params.sample_size, replace=False)))
+
+
+def intensity_classes(
+    xp: ModuleType, volume: Volume, params: KMeansParams, inside: Array | None
+) -> tuple[Array, list[float]]:
+    """Labels 1..k (0 outside ``inside``) for intensity-only k-means, without an
+    (n_voxels, 1) feature matrix; and the class centres in the image's units.
 
     The centres are fitted as in the general case (standardised intensity, on the sample
     when one is asked for); in one dimension the nearest centre of a voxel is found by
     where its value falls between the midpoints of the sorted centres.
     """
     flat = volume.array.ravel()
-    mean = float(flat.mean(dtype=xp.float64))
-    std = float(flat.std(dtype=xp.float64)) or 1.0
-    values = flat
-    if params.sample_size is not None and params.sample_size < flat.shape[0]:
-        rng = np.random.default_rng(params.seed)
-        pick = np.sort(rng.choice(flat.shape[0], size=params.sample_size, replace=False))
-        values = flat[xp.asarray(pick)]
+    values = flat if inside is None else flat[inside.ravel()]
+    mean = float(values.mean(dtype=xp.float64))
+    std = float(values.std(dtype=xp.float64)) or 1.0
+    pick = sample_index(xp, values.shape[0], params)
+    if pick is not None:
+        values = values[pick]
     fit = ((values.astype(xp.float32) - mean) / std)[:, None]
     options = dict(max_iter=params.max_iter, tol=params.tol, n_init=params.n_init, seed=params.seed)
     if is_cupy(xp):
@@ -152,53 +231,68 @@ def intensity_classes(xp: ModuleType, volume: Volume, params: KMeansParams) -> A
         _, centres = kmeans_sklearn(fit, params.k, sample=None, **options)  # type: ignore[arg-type]
     ordered = np.sort(np.asarray(to_host(centres), dtype=np.float64)[:, 0]) * std + mean
     midpoints = xp.asarray((ordered[1:] + ordered[:-1]) / 2.0)
-    labels = xp.searchsorted(midpoints, flat) + 1
-    return labels.astype(xp.uint16).reshape(volume.shape)
+    labels = (xp.searchsorted(midpoints, flat) + 1).astype(xp.uint16)
+    if inside is not None:
+        labels = xp.where(inside.ravel(), labels, xp.uint16(0))
+    return labels.reshape(volume.shape), ordered.tolist()
+
+
+def feature_classes(
+    xp: ModuleType, volume: Volume, params: KMeansParams, inside: Array | None
+) -> tuple[Array, list[float]]:
+    """Labels 1..k (0 outside ``inside``) for k-means on intensity and position, ordered
+    by the intensity of the centres; and those intensities in the image's units."""
+    x, mean, std = build_features(xp, volume, params.spatial_weight, inside)
+    pick = sample_index(xp, x.shape[0], params)
+    sample = None if pick is None else x[pick]
+    options = dict(max_iter=params.max_iter, tol=params.tol, n_init=params.n_init, seed=params.seed)
+    if is_cupy(xp):
+        labels, centres = kmeans_xp(xp, x, params.k, sample=sample, **options)  # type: ignore[arg-type]
+    else:
+        labels, centres = kmeans_sklearn(x, params.k, sample=sample, **options)  # type: ignore[arg-type]
+    intensity = xp.asarray(centres)[:, 0]
+    rank = xp.empty(params.k, dtype=xp.int64)
+    rank[xp.argsort(intensity)] = xp.arange(1, params.k + 1, dtype=xp.int64)
+    ranked = rank[xp.asarray(labels)].astype(xp.uint16)
+    if inside is None:
+        label_map = ranked
+    else:
+        label_map = xp.zeros(volume.array.size, dtype=xp.uint16)
+        label_map[inside.ravel()] = ranked
+    ordered = np.sort(np.asarray(to_host(intensity), dtype=np.float64)) * std + mean
+    return label_map.reshape(volume.shape), ordered.tolist()
 
 
 class KMeansCluster:
-    """K intensity classes; reference ``sklearn.cluster.KMeans`` (adjusted Rand >= 0.99)."""
+    """K tissue classes inside the body; reference ``sklearn.cluster.KMeans`` (adjusted
+    Rand >= 0.99)."""
 
     name: ClassVar[str] = "kmeans"
-    version: ClassVar[str] = "1.1.0"
+    version: ClassVar[str] = "2.0.0"
     family: ClassVar[str] = "cluster"
     Params: ClassVar[type[KMeansParams]] = KMeansParams
 
     def run(self, volume: Volume, params: KMeansParams, xp: ModuleType) -> list[Result]:
-        if params.spatial_weight == 0:
-            label_map = intensity_classes(xp, volume, params)
-        else:
-            label_map = self._feature_classes(xp, volume, params)
+        inside = body_mask(xp, volume, params) if params.inside_body else None
+        if inside is not None and int(inside.sum()) < params.k:
+            raise ProcessorError(
+                f"the body mask holds fewer voxels than k={params.k}: nothing to cluster "
+                "(inside_body=false clusters the whole volume)"
+            )
+        classify = intensity_classes if params.spatial_weight == 0 else feature_classes
+        label_map, centres = classify(xp, volume, params, inside)
         sizes = to_host(xp.bincount(label_map.ravel(), minlength=params.k + 1))
         present = [label for label in range(1, params.k + 1) if int(sizes[label]) > 0]
-        segments = tuple(
-            SegmentDescription(label, f"Intensity class {label}", Codes.TISSUE, Codes.TISSUE)
-            for label in present
-        )
         stats = segment_statistics(
             xp, volume.array, label_map, params.k, volume.voxel_volume_mm3, intensity_unit(volume)
         )
+        where = " inside the body" if inside is not None else ""
         return [
-            LabelResult(label_map, segments, volume, f"K-means, {params.k} classes"),
+            LabelResult(
+                label_map,
+                tuple(class_segments(volume, centres, present)),
+                volume,
+                f"K-means, {params.k} classes{where}",
+            ),
             MeasurementResult(tuple(stats), description="Cluster statistics"),
         ]
-
-    def _feature_classes(self, xp: ModuleType, volume: Volume, params: KMeansParams) -> Array:
-        x = build_features(xp, volume, params.spatial_weight)
-        sample = None
-        if params.sample_size is not None and params.sample_size < x.shape[0]:
-            rng = np.random.default_rng(params.seed)
-            pick = np.sort(rng.choice(x.shape[0], size=params.sample_size, replace=False))
-            sample = x[xp.asarray(pick)]
-        options = dict(
-            max_iter=params.max_iter, tol=params.tol, n_init=params.n_init, seed=params.seed
-        )
-        if is_cupy(xp):
-            labels, centres = kmeans_xp(xp, x, params.k, sample=sample, **options)  # type: ignore[arg-type]
-        else:
-            labels, centres = kmeans_sklearn(x, params.k, sample=sample, **options)  # type: ignore[arg-type]
-        # Relabel 1..k by increasing intensity centre.
-        intensity = xp.asarray(centres)[:, 0]
-        rank = xp.empty(params.k, dtype=xp.int64)
-        rank[xp.argsort(intensity)] = xp.arange(1, params.k + 1, dtype=xp.int64)
-        return rank[xp.asarray(labels)].astype(xp.uint16).reshape(volume.shape)

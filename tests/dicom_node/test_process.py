@@ -102,7 +102,7 @@ def test_real_file_and_database_record(tmp_path: Path) -> None:
         assert [r.kind for r in rows] == ["seg", "sr"]
         for row in rows:
             assert row.source_series_uid == source.SeriesInstanceUID
-            assert row.processor_name == "kmeans" and row.processor_version == "1.1.0"
+            assert row.processor_name == "kmeans" and row.processor_version == "2.0.0"
             assert row.params["k"] == 3 and Path(row.path).is_file()
             assert pydicom.dcmread(row.path).SOPInstanceUID == row.sop_instance_uid
     engine.dispose()
