@@ -51,6 +51,7 @@ from dicom_node.jobs.state import (
 )
 from dicom_node.jobs.worker import JobResult, JobSpec, written_steps
 from dicom_node.outputs import upsert_outputs
+from dicom_node.plugin_state import load_states
 from dicom_node.process import OutputRecord
 from dicom_node.routing_store import load_routing
 from processors.registry import discover
@@ -219,6 +220,7 @@ class Dispatcher:
             output_dir=str(Path(self.settings.outputs_dir) / f"job-{job.id}"),
             device=self.settings.processing_device,
             uid_root=self.settings.uid_root,
+            plugin_choices=load_states(session),
         )
 
     def collect(self) -> int:

@@ -22,6 +22,7 @@ from dicom_node.encode.common import EncodeError
 from dicom_node.process import OutputRecord, ProcessError, build_steps, process_series
 from dicom_node.volume import SeriesError
 from processors.base import ProcessorError
+from processors.registry import PluginChoice, apply_states, discover
 
 STEPS_DIR = ".steps"
 """Under a job's output folder: one JSON file per finished step, listing its outputs, so
@@ -73,6 +74,9 @@ class JobSpec:
     output_dir: str
     device: str = "cpu"
     uid_root: str | None = None
+    plugin_choices: dict[str, PluginChoice] = field(default_factory=dict)
+    """The admins' choices (``plugin_state``) when the job was submitted: a disabled
+    processor, or one pinned to a version other than the installed one, fails the job."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,12 @@ def run_job(spec: JobSpec) -> JobResult:
     shutil.rmtree(steps_dir, ignore_errors=True)  # an earlier attempt's
     steps_dir.mkdir(parents=True)
     try:
-        steps = build_steps(spec.pipeline, params=params, uid_root=spec.uid_root)
+        steps = build_steps(
+            spec.pipeline,
+            params=params,
+            uid_root=spec.uid_root,
+            plugins=apply_states(discover(), spec.plugin_choices),
+        )
         records = process_series(
             [Path(p) for p in spec.paths],
             steps,

@@ -36,6 +36,7 @@ from dicom_node.jobs.state import (
     transition,
 )
 from dicom_node.jobs.worker import JobResult, JobSpec, run_job, written_steps
+from dicom_node.plugin_state import set_state
 from dicom_node.routing_store import sync_from_settings
 from dicom_node.storage import Spool
 from tests.dicom_node import test_routing
@@ -246,6 +247,32 @@ def test_dispatcher_runs_the_job_and_records_outputs_and_exports(
     assert {e.output_id for e in exports} == {o.id for o in outputs}
     assert {(e.destination, e.state) for e in exports} == {("pacs", ExportState.PENDING)}
     assert all(Path(o.path).is_file() for o in outputs)
+
+
+@pytest.mark.parametrize(
+    ("choice", "reason"),
+    [
+        ({"enabled": False}, "processor 'gaussian' is disabled"),
+        ({"pinned_version": "0.0.1"}, "pinned to version 0.0.1"),
+    ],
+)
+def test_a_job_does_not_run_a_processor_the_admin_disabled_or_pinned_away(
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    tmp_path: Path,
+    choice: dict[str, object],
+    reason: str,
+) -> None:
+    add_series(spool, sessions, number=1, num_slices=4)
+    settings = settings_sending_to_pacs(tmp_path, ["gaussian"])
+    with sessions.begin() as session:
+        set_state(session, "gaussian", **choice)  # type: ignore[arg-type]
+    dispatch_once(sessions, settings, run_job)
+    [job] = jobs(sessions)
+    assert job.state is JobState.FAILED
+    assert job.error is not None and reason in job.error
+    with sessions() as session:
+        assert list(session.scalars(select(Output))) == []
 
 
 def test_dispatcher_retries_a_failed_attempt_then_fails_the_job(
