@@ -6,7 +6,7 @@ frames omitted, references to the source instances, the source study, and determ
 Series/SOP Instance UIDs (``dicom_node.encode.uids``).
 
 BINARY, not LABELMAP: the Label Map Segmentation SOP class is not read by most PACS and
-viewers yet, nor by the ``dciodvfy`` Debian ships (see DESIGN.md). A label map whose
+viewers yet, nor by the ``dciodvfy`` Debian ships (see docs/outputs.md). A label map whose
 values are floats in 0..1 with exactly one segment is a probability map: FRACTIONAL.
 The transfer syntax is Explicit VR Little Endian: BINARY frames are 1 bit per pixel, so
 they are already 8x smaller than bytes, and every PACS and validator reads it.

@@ -1,7 +1,7 @@
 """The plugin SDK does no I/O: no database, no network, no DICOM, no files but model files.
 
 A static scan of every module under ``processors/`` (imports inside functions included):
-the SDK and the built-ins get arrays and return arrays (DESIGN.md, "Processor"); what the
+the SDK and the built-ins get arrays and return arrays (docs/architecture.md, "Contracts"); what the
 node stores, sends or reads from the spool happens in ``dicom_node/``.
 """
 
