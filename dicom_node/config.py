@@ -27,11 +27,13 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from processors.errors import BadInputError
+
 ENV_PREFIX = "DICOM_NODE_"
 DEFAULT_CONFIG_PATH = Path("config/node.toml")
 
 
-class ConfigError(Exception):
+class ConfigError(BadInputError):
     """The configuration cannot be used; the message names the offending key."""
 
 

@@ -42,10 +42,11 @@ from processors.base import (
     Result,
     Volume,
 )
+from processors.errors import BadInputError
 from processors.registry import PluginInfo, discover, get_processor
 
 
-class ProcessError(RuntimeError):
+class ProcessError(BadInputError):
     """The command cannot run at all (bad pipeline, no usable series)."""
 
 

@@ -15,11 +15,12 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.dimse_status import STORED
+from processors.errors import OperationFailedError
 
 MAX_CONTEXTS_PER_ASSOCIATION = 128
 
 
-class AssociationFailedError(Exception):
+class AssociationFailedError(OperationFailedError):
     """The peer could not be reached, or it rejected or aborted the association."""
 
 

@@ -20,6 +20,8 @@ from pydicom.filereader import dcmread
 from pydicom.tag import Tag
 from pydicom.valuerep import validate_value
 
+from processors.errors import BadInputError
+
 SPOOL_SUFFIX = ".dcm"
 # Tags needed to index an instance; reading stops before anything larger.
 INDEX_TAGS = (
@@ -42,7 +44,7 @@ IMPLEMENTATION_VERSION_NAME = "DICOMNODE_01"
 PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
-class InvalidUIDError(ValueError):
+class InvalidUIDError(BadInputError):
     """A UID that is missing or not a valid DICOM UID."""
 
 

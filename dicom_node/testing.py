@@ -19,13 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from processors.errors import OperationFailedError
+
 if TYPE_CHECKING:
     from dicom_node.config import Settings
 
 DCMTK_ENV = {"TCP_NODELAY": "1"}  # without it Nagle's algorithm slows DCMTK tools tenfold
 
 
-class ToolMissingError(RuntimeError):
+class ToolMissingError(OperationFailedError):
     """A required external program is not installed."""
 
 

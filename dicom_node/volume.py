@@ -21,6 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from processors.base import Volume
+from processors.errors import BadInputError
 
 #: Cosines closer than this are "the same orientation".
 ORIENTATION_TOLERANCE = 1e-4
@@ -28,7 +29,7 @@ ORIENTATION_TOLERANCE = 1e-4
 SPACING_TOLERANCE = 0.1
 
 
-class SeriesError(ValueError):
+class SeriesError(BadInputError):
     """The instances do not form one regular 3-D volume; the message says why."""
 
 

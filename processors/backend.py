@@ -21,12 +21,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from processors.errors import BadInputError
+
 Array = Any
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(?::(\d+))?)$")
 
 
-class BackendError(Exception):
+class BackendError(BadInputError):
     """The requested device cannot be used; the message says why."""
 
 

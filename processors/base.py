@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
+from processors.errors import OperationFailedError
+
 #: A NumPy or CuPy array. CuPy has no type stubs, so arrays are typed loosely.
 Array = Any
 
@@ -26,7 +28,7 @@ FAMILIES = ("denoise", "enhance", "segment", "cluster", "features", "predict", "
 AXIAL_ORIENTATION: tuple[float, float, float, float, float, float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
-class ProcessorError(Exception):
+class ProcessorError(OperationFailedError):
     """A processor cannot run on this input; the message says why."""
 
 

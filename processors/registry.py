@@ -18,6 +18,7 @@ from typing import Any
 
 from processors.backend import cupy_status
 from processors.base import Processor, check_processor_class
+from processors.errors import BadInputError
 
 ENTRY_POINT_GROUP = "dicom_node.processors"
 AUTOLOAD_ENV = "DICOM_NODE_DISABLE_PLUGIN_AUTOLOAD"
@@ -25,11 +26,12 @@ BUILTIN_DISTRIBUTION = "dicom-node"
 BUILTIN_MODULE_PREFIX = "processors."
 
 
-class UnknownProcessorError(LookupError):
+# LookupError and RuntimeError too: dicom_node.process catches the two by those names.
+class UnknownProcessorError(BadInputError, LookupError):
     """No processor of that name was discovered."""
 
 
-class ProcessorUnavailableError(RuntimeError):
+class ProcessorUnavailableError(BadInputError, RuntimeError):
     """The processor exists but cannot run here (or is disabled); the message says why."""
 
 

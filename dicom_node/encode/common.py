@@ -10,6 +10,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 
 from processors.base import Code, Volume
+from processors.errors import OperationFailedError
 
 if TYPE_CHECKING:
     from dicom_node.encode.uids import Provenance
@@ -21,7 +22,7 @@ PRIVATE_SCHEME = "99DCMNODE"
 SERIES_NUMBER = {"seg": 9100, "derived": 9200, "sr": 9300}
 
 
-class EncodeError(ValueError):
+class EncodeError(OperationFailedError):
     """A result cannot be written as DICOM against these sources; the message says why."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from dicom_node import __version__
+from processors.errors import BadInputError
 
 #: DICOM UIDs are at most 64 characters; a root must leave room for the hash digits.
 MAX_UID_LENGTH = 64
@@ -28,7 +29,8 @@ MAX_ROOT_LENGTH = 40
 MANUFACTURER = "dicom-node"
 
 
-class UIDRootError(ValueError):
+# ValueError too: config.py checks the uid_root setting with it in a pydantic validator.
+class UIDRootError(BadInputError, ValueError):
     """The configured UID root is not usable."""
 
 

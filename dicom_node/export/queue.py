@@ -26,11 +26,12 @@ from db.models import Export, ExportState, Output
 from db.upsert import insert_for
 from dicom_node.export.target import ExportTarget
 from dicom_node.export.transport import Outcome
+from processors.errors import BadInputError
 
 log = structlog.get_logger(__name__)
 
 
-class ExportError(ValueError):
+class ExportError(BadInputError):
     """A file or output cannot be enqueued (not DICOM, no SOP UIDs)."""
 
 

@@ -22,6 +22,7 @@ from db.models import Job, JobState, StudyEvent, StudyEventKind
 from db.upsert import insert_for
 from dicom_node.config import Destination, Settings
 from dicom_node.routing import RouteDecision, matched, route
+from processors.errors import BadInputError
 
 log = structlog.get_logger(__name__)
 
@@ -35,7 +36,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 ERROR_TEXT_LIMIT = 4000
 
 
-class InvalidTransitionError(ValueError):
+class InvalidTransitionError(BadInputError):
     """A state change the job life cycle does not have (say, succeeded -> running)."""
 
 

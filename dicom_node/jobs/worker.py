@@ -22,6 +22,7 @@ from dicom_node.encode.common import EncodeError
 from dicom_node.process import OutputRecord, ProcessError, build_steps, process_series
 from dicom_node.volume import SeriesError
 from processors.base import ProcessorError
+from processors.errors import OperationFailedError
 from processors.registry import PluginChoice, apply_states, discover
 
 STEPS_DIR = ".steps"
@@ -60,7 +61,7 @@ def written_steps(output_dir: Path, seen: set[str]) -> list[tuple[str, list[Outp
     return found
 
 
-class JobError(RuntimeError):
+class JobError(OperationFailedError):
     """The job cannot succeed as it stands; the message says why."""
 
 

@@ -1,0 +1,90 @@
+"""One base for every error raised on purpose, in two kinds the command line maps to exit
+codes; the SDK that holds it imports nothing from the node."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from processors.errors import BadInputError, DicomNodeError, OperationFailedError
+
+BAD_INPUT = [
+    "dicom_node.config.ConfigError",
+    "dicom_node.export.queue.ExportError",
+    "dicom_node.process.ProcessError",
+    "dicom_node.process.NoUsableSeriesError",
+    "dicom_node.volume.SeriesError",
+    "dicom_node.encode.uids.UIDRootError",
+    "dicom_node.storage.InvalidUIDError",
+    "dicom_node.jobs.state.InvalidTransitionError",
+    "processors.backend.BackendError",
+    "processors.registry.UnknownProcessorError",
+    "processors.registry.ProcessorUnavailableError",
+]
+FAILED = [
+    "dicom_node.scu.AssociationFailedError",
+    "dicom_node.encode.common.EncodeError",
+    "dicom_node.jobs.worker.JobError",
+    "dicom_node.testing.ToolMissingError",
+    "processors.base.ProcessorError",
+    "processors.model_manifest.ModelError",
+]
+KINDS = (BadInputError, OperationFailedError)
+# Builtins that callers catch some of these by (a pydantic validator, dicom_node.process).
+BUILTIN_MIXINS = {
+    "dicom_node.encode.uids.UIDRootError": ValueError,
+    "processors.registry.UnknownProcessorError": LookupError,
+    "processors.registry.ProcessorUnavailableError": RuntimeError,
+}
+
+
+def error_class(dotted: str) -> type[Exception]:
+    module, _, name = dotted.rpartition(".")
+    found = getattr(importlib.import_module(module), name)
+    assert isinstance(found, type) and issubclass(found, Exception)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("dotted", "kind"),
+    [(name, BadInputError) for name in BAD_INPUT]
+    + [(name, OperationFailedError) for name in FAILED],
+)
+def test_every_error_raised_on_purpose_is_of_one_kind(dotted: str, kind: type) -> None:
+    cls = error_class(dotted)
+    assert issubclass(cls, kind) and issubclass(cls, DicomNodeError)
+    other = OperationFailedError if kind is BadInputError else BadInputError
+    assert not issubclass(cls, other)
+    mixin = BUILTIN_MIXINS.get(dotted)
+    if mixin is not None:
+        assert issubclass(cls, mixin)
+
+
+def test_no_error_class_is_left_out() -> None:
+    """A new ``class SomethingError`` in the node or the SDK gets its kind here too."""
+    root = Path(__file__).resolve().parents[2]
+    declared = set()
+    for package in ("dicom_node", "processors", "db"):
+        for path in (root / package).rglob("*.py"):
+            module = ".".join(path.relative_to(root).with_suffix("").parts)
+            for name in re.findall(r"^class (\w+Error)\(", path.read_text(), re.MULTILINE):
+                declared.add(f"{module}.{name}")
+    bases = {f"processors.errors.{cls.__name__}" for cls in (DicomNodeError, *KINDS)}
+    assert declared - bases == set(BAD_INPUT) | set(FAILED)
+
+
+def test_the_sdk_imports_nothing_from_the_node() -> None:
+    code = (
+        "import sys, processors, processors.errors, processors.registry, processors.backend\n"
+        "processors.registry.discover()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dicom_node', 'db')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
