@@ -381,6 +381,17 @@ class Settings(BaseSettings):
         check_root(value)
         return value
 
+    @field_validator("processing_device")
+    @classmethod
+    def _check_processing_device(cls, value: str) -> str:
+        from processors.backend import BackendError, parse_device
+
+        try:
+            parse_device(value)
+        except BackendError as exc:
+            raise ValueError(str(exc)) from exc
+        return value.strip().lower()
+
     @field_validator("data_dir")
     @classmethod
     def _absolute_data_dir(cls, value: Path) -> Path:
@@ -462,6 +473,10 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
             values = tomllib.loads(config_path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise ConfigError(f"config file not found: {config_path}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read the config file {config_path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{config_path}: not UTF-8 text: {exc.reason}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{config_path}: not valid TOML: {exc}") from exc
     values.update(overrides)

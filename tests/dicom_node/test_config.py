@@ -55,6 +55,9 @@ def test_settings_are_frozen() -> None:
         ('duplicate_policy = "maybe"', "duplicate_policy"),
         ("no_such_key = 1", "no_such_key"),
         ('allowed_peers = [{ ae_title = "CT1", host = "not-an-address" }]', "allowed_peers.0.host"),
+        ('processing_device = "gpu"', "processing_device"),
+        ('processing_device = "cuda:x"', "processing_device"),
+        ('processing_device = ""', "processing_device"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path: Path, toml: str, key: str) -> None:
@@ -71,6 +74,25 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
         load_settings(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "absent.toml")
+
+
+def test_a_config_file_that_cannot_be_read(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_settings(tmp_path)  # a folder
+    binary = tmp_path / "node.toml"
+    binary.write_bytes(b"port = 1\xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(binary)
+
+
+@pytest.mark.parametrize(
+    ("written", "kept"),
+    [(" CUDA:1 ", "cuda:1"), ("cuda", "cuda"), ("Auto", "auto"), ("cpu", "cpu")],
+)
+def test_processing_device_is_checked_and_normalised(written: str, kept: str) -> None:
+    """Checked with the backend's own parser; whether this machine can use it is the
+    command's question (``serve`` asks before it starts)."""
+    assert load_settings(None, processing_device=written).processing_device == kept
 
 
 def test_allowed_peer_matching() -> None:
