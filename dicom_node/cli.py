@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -12,51 +12,39 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from db.models import JobState
 from dicom_node import __version__
+from dicom_node.cli_base import (
+    ConfigOption,
+    OneLineErrorGroup,
+    add_row,
+    console,
+    errors,
+    new_table,
+    print_table,
+    printed_as_json_or_empty,
+    settings_from,
+)
 from dicom_node.cli_plugins import plugins_app
-from dicom_node.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
+from dicom_node.config import Settings, validate_ae_title
+from processors.errors import BadInputError, OperationFailedError
 
 app = typer.Typer(
     name="dicom-node",
     help="A DICOM node that receives studies, processes them and sends results to the PACS.",
     no_args_is_help=True,
     add_completion=False,
+    cls=OneLineErrorGroup,
 )
-db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
+db_app = typer.Typer(
+    help="Database schema management.", no_args_is_help=True, cls=OneLineErrorGroup
+)
 app.add_typer(db_app, name="db")
 app.add_typer(plugins_app, name="plugins", help="Processor plugins: list, show, enable, pin.")
-
-console = Console()
-errors = Console(stderr=True)
-
-EXIT_CONFIG = 2
-EXIT_FAILED = 1
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help=f"TOML settings file (default: {DEFAULT_CONFIG_PATH} when it exists).",
-        dir_okay=False,
-    ),
-]
-
-
-def settings_from(config: Path | None) -> Settings:
-    """Load settings or exit with code 2 and a message naming the bad key."""
-    if config is None and DEFAULT_CONFIG_PATH.is_file():
-        config = DEFAULT_CONFIG_PATH
-    try:
-        return load_settings(config)
-    except ConfigError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_CONFIG) from exc
 
 
 def progress_bar(label: str) -> Progress:
@@ -69,17 +57,6 @@ def progress_bar(label: str) -> Progress:
         console=errors,
         transient=False,
     )
-
-
-def printed_as_json_or_empty(rows: list[dict[str, Any]], as_json: bool, empty: str) -> bool:
-    """Print ``rows`` as JSON, or say ``empty`` when there are none; False: print a table."""
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return True
-    if not rows:
-        console.print(empty)
-        return True
-    return False
 
 
 def _version(value: bool) -> None:
@@ -99,22 +76,52 @@ def main(
 
 def check_rule_pipelines(settings: Settings) -> None:
     """Refuse to start when a routing rule names a processor that is not installed and
-    available, or gives it parameters it does not take (exit code 2, naming the rule)."""
+    available, or gives it parameters it does not take (``ConfigError`` naming the rule)."""
     if not settings.rules:
         return
     from dicom_node.config import check_rules_against_plugins
     from processors import registry
 
     usable = [info for info in registry.discover() if info.available and info.processor]
+    check_rules_against_plugins(
+        settings,
+        [info.name for info in usable],
+        {info.name: info.processor.Params for info in usable if info.processor},
+    )
+
+
+def check_device(device: str, setting: str) -> None:
+    """Refuse a device this machine cannot use: a misspelling, or CUDA without CuPy and a
+    GPU (``BackendError`` naming ``setting``). Selects no device: the run does that."""
+    from processors.backend import BackendError, cupy_status, parse_device
+
     try:
-        check_rules_against_plugins(
-            settings,
-            [info.name for info in usable],
-            {info.name: info.processor.Params for info in usable if info.processor},
-        )
-    except ConfigError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_CONFIG) from exc
+        kind, _index = parse_device(device)
+    except BackendError as exc:
+        raise BackendError(f"{setting}: {exc}") from exc
+    if kind != "cuda":
+        return  # cpu, or auto: a GPU when there is one
+    usable, reason = cupy_status()
+    if not usable:
+        raise BackendError(f"{setting} {device!r} cannot be used on this machine: {reason}")
+
+
+def refuse_unusable_device(settings: Settings) -> None:
+    """The jobs of an inline executor or of the embedded Dask cluster run on this machine:
+    refuse a ``processing_device`` it cannot use. A remote cluster's workers have their own."""
+    if settings.executor == "dask" and settings.scheduler_address:
+        return
+    check_device(settings.processing_device, "processing_device")
+
+
+def make_output_folder(folder: Path) -> None:
+    """Create the output folder (and its parents) before any work, or say why it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(f"cannot make the output folder {folder}: {exc.strerror}") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInputError(f"cannot write to the output folder {folder}")
 
 
 @app.command()
@@ -124,6 +131,7 @@ def serve(config: ConfigOption = None) -> None:
     from dicom_node.node import Node, StopFlag
 
     settings = settings_from(config)
+    refuse_unusable_device(settings)
     check_rule_pipelines(settings)
     configure_logging(settings.log_level, settings.log_format)
     node = Node(settings)
@@ -132,36 +140,47 @@ def serve(config: ConfigOption = None) -> None:
     signal.signal(signal.SIGINT, stop.handler)
     try:
         node.start()
-    except OSError as exc:
-        errors.print(f"[bold red]error:[/] cannot start the node: {exc}", highlight=False)
+    except BaseException as exc:
         node.stop(grace_seconds=0)
-        raise typer.Exit(EXIT_FAILED) from exc
+        if isinstance(exc, OSError):  # the port in use, the data folder not writable
+            raise OperationFailedError(f"cannot start the node: {exc}") from exc
+        raise
     while not stop.requested:
         time.sleep(0.2)
         node.check_children()
     node.stop()
 
 
+def _ae_title(value: str) -> str:
+    try:
+        return validate_ae_title(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+PortArgument = Annotated[int, typer.Argument(min=1, max=65535)]
+CallingAETitle = Annotated[
+    str, typer.Option("--aet", help="Our (calling) AE title.", callback=_ae_title)
+]
+CalledAETitle = Annotated[
+    str, typer.Option("--aec", help="The peer's AE title.", callback=_ae_title)
+]
+
+
 @app.command()
 def echo(
     host: str,
-    port: int,
-    calling_ae: Annotated[str, typer.Option("--aet", help="Our (calling) AE title.")] = "DICOMNODE",
-    called_ae: Annotated[str, typer.Option("--aec", help="The peer's AE title.")] = "ANY-SCP",
+    port: PortArgument,
+    calling_ae: CallingAETitle = "DICOMNODE",
+    called_ae: CalledAETitle = "ANY-SCP",
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 10.0,
 ) -> None:
     """Send a C-ECHO to HOST PORT."""
-    from dicom_node.scu import AssociationFailedError
     from dicom_node.scu import echo as send_echo
 
-    try:
-        status = send_echo(host, port, calling_ae=calling_ae, called_ae=called_ae, timeout=timeout)
-    except AssociationFailedError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_FAILED) from exc
+    status = send_echo(host, port, calling_ae=calling_ae, called_ae=called_ae, timeout=timeout)
     if status != 0:
-        errors.print(f"C-ECHO failed: status 0x{status:04X}")
-        raise typer.Exit(EXIT_FAILED)
+        raise OperationFailedError(f"C-ECHO {host}:{port} failed: status 0x{status:04X}")
     console.print(f"C-ECHO {host}:{port} ({called_ae}): success")
 
 
@@ -174,51 +193,44 @@ def _parse_destination(value: str) -> tuple[str, int]:
 
 @app.command()
 def send(
-    paths: Annotated[list[Path], typer.Argument(help="Files or folders (recursed).")],
+    paths: Annotated[
+        list[Path], typer.Argument(help="Files or folders (recursed).", exists=True, readable=True)
+    ],
     to: Annotated[str, typer.Option("--to", help="Destination HOST:PORT.")],
-    calling_ae: Annotated[str, typer.Option("--aet", help="Our (calling) AE title.")] = "DICOMNODE",
-    called_ae: Annotated[str, typer.Option("--aec", help="The peer's AE title.")] = "ANY-SCP",
+    calling_ae: CallingAETitle = "DICOMNODE",
+    called_ae: CalledAETitle = "ANY-SCP",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each response.")] = 60.0,
 ) -> None:
     """C-STORE DICOM files to another node; exits non-zero if any instance fails."""
-    from dicom_node.scu import AssociationFailedError, SendFile, scan_files
+    from dicom_node.scu import SendFile, scan_files
     from dicom_node.scu import send as send_files
 
     host, port = _parse_destination(to)
-    try:
-        files, skipped = scan_files(paths)
-    except FileNotFoundError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_FAILED) from exc
+    files, skipped = scan_files(paths)
     for path, reason in skipped:
-        errors.print(f"skipped {path}: {reason}", highlight=False)
+        errors.print(f"skipped {path}: {reason}", highlight=False, markup=False, soft_wrap=True)
     if not files:
-        errors.print("[bold red]error:[/] no DICOM instances found to send")
-        raise typer.Exit(EXIT_FAILED)
+        raise BadInputError("no DICOM instances found to send")
     with progress_bar("sending") as progress:
         task = progress.add_task("send", total=len(files))
 
         def advance(_item: SendFile, _status: int | None) -> None:
             progress.advance(task)
 
-        try:
-            report = send_files(
-                files,
-                host,
-                port,
-                calling_ae=calling_ae,
-                called_ae=called_ae,
-                timeout=timeout,
-                on_progress=advance,
-            )
-        except AssociationFailedError as exc:
-            errors.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(EXIT_FAILED) from exc
+        report = send_files(
+            files,
+            host,
+            port,
+            calling_ae=calling_ae,
+            called_ae=called_ae,
+            timeout=timeout,
+            on_progress=advance,
+        )
     for path, reason in report.failed:
-        errors.print(f"failed {path}: {reason}", highlight=False)
+        errors.print(f"failed {path}: {reason}", highlight=False, markup=False, soft_wrap=True)
     console.print(f"sent {report.sent} of {len(files)} instances to {host}:{port}")
     if report.failed:
-        raise typer.Exit(EXIT_FAILED)
+        raise OperationFailedError(f"{len(report.failed)} of {len(files)} instances not stored")
 
 
 @contextlib.contextmanager
@@ -277,16 +289,24 @@ def studies(
     rows = study_rows(settings_from(config))
     if printed_as_json_or_empty(rows, as_json, "no studies received yet"):
         return
-    console.print(
-        f"{'STATUS':<10} {'SERIES':>6} {'INSTANCES':>9}  {'LAST RECEIVED (UTC)':<19}  STUDY"
+    table = new_table(
+        "STATUS",
+        "SERIES",
+        "INSTANCES",
+        "LAST RECEIVED (UTC)",
+        "STUDY",
+        numeric=("SERIES", "INSTANCES"),
     )
     for row in rows:
-        console.print(
-            f"{row['status']:<10} {row['num_series']:>6} {row['num_instances']:>9}  "
-            f"{row['last_received_at'][:19]:<19}  {row['study_instance_uid']}",
-            highlight=False,
-            soft_wrap=True,
+        add_row(
+            table,
+            row["status"],
+            row["num_series"],
+            row["num_instances"],
+            row["last_received_at"][:19],
+            row["study_instance_uid"],
         )
+    print_table(table)
 
 
 @app.command()
@@ -301,6 +321,7 @@ def generate(
 
     if modality not in ("CT", "MR"):
         raise typer.BadParameter("CT or MR", param_hint="--modality")
+    make_output_folder(output)
     series = generate_series(modality=modality, num_slices=slices, rows=size, columns=size)
     paths = series.write(output)
     console.print(f"wrote {len(paths)} {modality} slices to {output}")
@@ -309,7 +330,10 @@ def generate(
 @app.command()
 def process(
     input_dir: Annotated[
-        Path, typer.Argument(help="Folder of DICOM files (recursed).", file_okay=False)
+        Path,
+        typer.Argument(
+            help="Folder of DICOM files (recursed).", exists=True, file_okay=False, readable=True
+        ),
     ],
     pipeline: Annotated[
         str, typer.Option("--pipeline", "-p", help="Processor names, comma-separated.")
@@ -339,34 +363,31 @@ def process(
 
     The database is written only with --config (the outputs table); without it, no database.
     """
-    from dicom_node.encode.uids import UIDRootError
     from dicom_node.outputs import record_outputs
-    from dicom_node.process import ProcessError, parse_params, parse_pipeline, process_directory
+    from dicom_node.process import parse_params, parse_pipeline, process_directory
 
     settings = settings_from(config) if config is not None else None
-    try:
-        names = parse_pipeline(pipeline)
-        params = parse_params(param or [])
-        with progress_bar("processing") as progress:
-            task = progress.add_task("process", total=None)
+    check_device(device, "--device")
+    names = parse_pipeline(pipeline)
+    params = parse_params(param or [])
+    make_output_folder(output)
+    with progress_bar("processing") as progress:
+        task = progress.add_task("process", total=None)
 
-            def advance(_series: str, done: int, total: int) -> None:
-                progress.update(task, completed=done, total=total)
+        def advance(_series: str, done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
 
-            report = process_directory(
-                input_dir,
-                output,
-                names,
-                params=params,
-                uid_root=uid_root,
-                device=device,
-                on_series=advance,
-            )
-    except (ProcessError, UIDRootError) as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_FAILED) from exc
+        report = process_directory(
+            input_dir,
+            output,
+            names,
+            params=params,
+            uid_root=uid_root,
+            device=device,
+            on_series=advance,
+        )
     for what, reason in report.skipped:
-        errors.print(f"skipped {what}: {reason}", highlight=False, soft_wrap=True)
+        errors.print(f"skipped {what}: {reason}", highlight=False, markup=False, soft_wrap=True)
     if settings is not None:
         record_outputs(settings.effective_database_url, report.outputs)
     kinds = sorted({record.kind for record in report.outputs})
@@ -378,7 +399,7 @@ def process(
     )
 
 
-exports_app = typer.Typer(help="Exports to destinations: list, retry.")
+exports_app = typer.Typer(help="Exports to destinations: list, retry.", cls=OneLineErrorGroup)
 app.add_typer(exports_app, name="exports")
 
 
@@ -425,17 +446,19 @@ def exports(
     rows = export_rows(settings_from(config))
     if printed_as_json_or_empty(rows, as_json, "no exports yet"):
         return
-    console.print(f"{'ID':>6} {'STATE':<10} {'TRIES':>5}  {'DESTINATION':<16} INSTANCE / ERROR")
+    table = new_table("ID", "STATE", "TRIES", "DESTINATION", "INSTANCE", "ERROR", numeric=("ID",))
     for row in rows:
-        tries = f"{row['attempts']}/{row['max_attempts']}"
-        console.print(
-            f"{row['id']:>6} {row['state']:<10} {tries:>5}  {row['destination']:<16} "
-            f"{row['sop_instance_uid']}",
-            highlight=False,
-            soft_wrap=True,
+        error = row["last_error"] if row["state"] != "delivered" else None
+        add_row(
+            table,
+            row["id"],
+            row["state"],
+            f"{row['attempts']}/{row['max_attempts']}",
+            row["destination"],
+            row["sop_instance_uid"],
+            error or "",
         )
-        if row["last_error"] and row["state"] != "delivered":
-            console.print(f"{'':>26}{row['last_error']}", highlight=False, soft_wrap=True)
+    print_table(table)
 
 
 @exports_app.command("retry")
@@ -448,18 +471,23 @@ def exports_retry(
 
     with database_session(settings_from(config)) as session:
         row = retry(session, export_id)
-        found = row is not None
-        attempts = row.attempts if row is not None else 0
-    if not found:
-        errors.print(f"[bold red]error:[/] no export with id {export_id}", highlight=False)
-        raise typer.Exit(EXIT_FAILED)
+        if row is None:
+            raise BadInputError(f"no export with id {export_id}")
+        attempts = row.attempts
     console.print(
         f"export {export_id} is pending again (attempts so far: {attempts})", highlight=False
     )
 
 
-jobs_app = typer.Typer(help="Processing jobs: list, retry.")
+jobs_app = typer.Typer(help="Processing jobs: list, retry.", cls=OneLineErrorGroup)
 app.add_typer(jobs_app, name="jobs")
+
+
+def _seconds_between(started_at: str | None, finished_at: str | None) -> float:
+    if not (started_at and finished_at):
+        return 0.0
+    elapsed = dt.datetime.fromisoformat(finished_at) - dt.datetime.fromisoformat(started_at)
+    return elapsed.total_seconds()
 
 
 @jobs_app.callback(invoke_without_command=True)
@@ -467,9 +495,7 @@ def jobs(
     ctx: typer.Context,
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    state: Annotated[
-        str | None, typer.Option(help="Only jobs in this state (queued, running, ...).")
-    ] = None,
+    state: Annotated[JobState | None, typer.Option(help="Only jobs in this state.")] = None,
 ) -> None:
     """List jobs with their rule, state, attempts, worker, timings and error."""
     if ctx.invoked_subcommand is not None:
@@ -480,29 +506,33 @@ def jobs(
     with database_session(settings_from(config)) as session:
         query = select(Job).order_by(Job.id)
         if state is not None:
-            query = query.where(Job.state == state)
+            query = query.where(Job.state == state.value)
         rows = [job_as_dict(job) for job in session.scalars(query)]
-    if printed_as_json_or_empty(rows, as_json, f"no {state} jobs" if state else "no jobs yet"):
+    empty = f"no {state.value} jobs" if state else "no jobs yet"
+    if printed_as_json_or_empty(rows, as_json, empty):
         return
-    console.print(f"{'ID':>5} {'STATE':<10} {'TRIES':>5} {'SECONDS':>8} {'OUT':>4}  RULE / ERROR")
+    table = new_table(
+        "ID",
+        "STATE",
+        "TRIES",
+        "SECONDS",
+        "OUTPUTS",
+        "RULE (PIPELINE)",
+        "ERROR",
+        numeric=("ID", "SECONDS", "OUTPUTS"),
+    )
     for row in rows:
-        seconds = (
-            (
-                dt.datetime.fromisoformat(row["finished_at"])
-                - dt.datetime.fromisoformat(row["started_at"])
-            ).total_seconds()
-            if row["finished_at"] and row["started_at"]
-            else 0.0
-        )
-        tries = f"{row['attempts']}/{row['max_attempts']}"
-        console.print(
-            f"{row['id']:>5} {row['state']:<10} {tries:>5} {seconds:>8.1f} {row['outputs']:>4}  "
+        add_row(
+            table,
+            row["id"],
+            row["state"],
+            f"{row['attempts']}/{row['max_attempts']}",
+            f"{_seconds_between(row['started_at'], row['finished_at']):.1f}",
+            row["outputs"],
             f"{row['rule']} ({' > '.join(row['pipeline'])})",
-            highlight=False,
-            soft_wrap=True,
+            row["error"] or "",
         )
-        if row["error"]:
-            console.print(f"{'':>37}{row['error']}", highlight=False, soft_wrap=True)
+    print_table(table)
 
 
 @jobs_app.command("retry")
@@ -514,17 +544,11 @@ def jobs_retry(
     ] = False,
 ) -> None:
     """Queue a failed (or succeeded) job again; the running node picks it up."""
-    from dicom_node.jobs.state import InvalidTransitionError, retry
+    from dicom_node.jobs.state import retry
 
-    try:
-        with database_session(settings_from(config)) as session:
-            found = retry(session, job_id, force=force) is not None
-    except InvalidTransitionError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_FAILED) from exc
-    if not found:
-        errors.print(f"[bold red]error:[/] no job with id {job_id}", highlight=False)
-        raise typer.Exit(EXIT_FAILED)
+    with database_session(settings_from(config)) as session:
+        if retry(session, job_id, force=force) is None:
+            raise BadInputError(f"no job with id {job_id}")
     console.print(f"job {job_id} is queued again", highlight=False)
 
 

@@ -14,45 +14,31 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 from sqlalchemy.orm import Session
 
-from dicom_node.config import DEFAULT_CONFIG_PATH, ConfigError, load_settings
+from dicom_node.cli_base import (
+    ConfigOption,
+    OneLineErrorGroup,
+    add_row,
+    new_table,
+    print_table,
+    printed_as_json_or_empty,
+    settings_from,
+)
 
 plugins_app = typer.Typer(
     name="plugins",
     help="Processor plugins: list, inspect, enable, disable, pin.",
     no_args_is_help=True,
+    cls=OneLineErrorGroup,
 )
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="settings file (default: config/node.toml when it exists)",
-        dir_okay=False,
-    ),
-]
-
-
-def _config_path(config: Path | None) -> Path | None:
-    if config is not None:
-        return config
-    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
 
 
 @contextmanager
 def _session(config: Path | None) -> Iterator[Session]:
     from db.session import make_engine, make_sessionmaker, upgrade
 
-    try:
-        settings = load_settings(_config_path(config))
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    url = settings.effective_database_url
+    url = settings_from(config).effective_database_url
     upgrade(url)
     engine = make_engine(url)
     try:
@@ -75,8 +61,7 @@ def _find(plugins: list[Any], name: str) -> Any:
         return find(name, plugins)
     except UnknownProcessorError as exc:
         known = ", ".join(sorted({p.name for p in plugins})) or "none"
-        typer.echo(f"error: no plugin named {name!r} (known: {known})", err=True)
-        raise typer.Exit(1) from exc
+        raise UnknownProcessorError(f"no plugin named {name!r} (known: {known})") from exc
 
 
 @plugins_app.command("list")
@@ -87,12 +72,12 @@ def list_command(
     """Every discovered plugin: version, family, availability (with reason), enabled."""
     with _session(config) as session:
         plugins = _plugins(session)
-    if as_json:
-        typer.echo(json.dumps([p.as_dict() for p in plugins], indent=2))
+    if printed_as_json_or_empty([p.as_dict() for p in plugins], as_json, "no plugins found"):
         return
-    table = Table("name", "version", "family", "available", "enabled", "pinned", "reason")
+    table = new_table("NAME", "VERSION", "FAMILY", "AVAILABLE", "ENABLED", "PINNED", "REASON")
     for p in plugins:
-        table.add_row(
+        add_row(
+            table,
             p.name,
             p.version or "-",
             p.family or "-",
@@ -101,7 +86,7 @@ def list_command(
             p.pinned_version or "-",
             p.reason,
         )
-    Console(width=200).print(table)
+    print_table(table)
 
 
 @plugins_app.command("show")

@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from dicom_node.cli_plugins import plugins_app
+from dicom_node.cli import app
 from tests.processors.test_registry import BUILTINS  # one list of the built-ins
 
-app = typer.Typer()
-app.add_typer(plugins_app, name="plugins")
 runner = CliRunner()
 
 
@@ -46,9 +43,13 @@ def test_list_json_shows_every_builtin_available(config, tmp_path):
 
 
 def test_list_table(config):
+    invoke("disable", "nlm", "--config", str(config))
     result = invoke("list", "--config", str(config))
-    assert result.exit_code == 0
-    assert "threshold_segment" in result.output and "available" in result.output
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
+    assert rows["NAME"][:5] == ["NAME", "VERSION", "FAMILY", "AVAILABLE", "ENABLED"]
+    assert rows["threshold_segment"][2:5] == ["segment", "yes", "yes"]
+    assert rows["nlm"][2:5] == ["denoise", "yes", "no"]
 
 
 def test_disable_enable_persist(config):
@@ -81,8 +82,9 @@ def test_show_prints_params_schema(config):
 
 def test_unknown_name(config):
     result = invoke("enable", "sharpen", "--config", str(config))
-    assert result.exit_code == 1
-    assert "no plugin named 'sharpen'" in result.output
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: no plugin named 'sharpen' (known: ")
+    assert result.stderr.count("\n") == 1 and "gaussian" in result.stderr
 
 
 def test_bad_config_is_reported(tmp_path):

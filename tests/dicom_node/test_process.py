@@ -131,12 +131,12 @@ def test_uid_root_option(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()  # no --config: no database
 
 
-def test_errors_exit_1(tmp_path: Path) -> None:
+def test_errors_exit_2(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("nothing here")
     result = runner.invoke(app, ["process", str(empty), "-p", "kmeans", "-o", str(tmp_path / "o")])
-    assert result.exit_code == 1 and "no DICOM image series" in result.output
+    assert result.exit_code == 2 and "no DICOM image series" in result.output
 
     series = generate_series(num_slices=3, rows=32, columns=32, uid_seed="bad")
     del series.datasets[1].ImagePositionPatient
@@ -144,11 +144,11 @@ def test_errors_exit_1(tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["process", str(tmp_path / "broken"), "-p", "kmeans", "-o", str(tmp_path / "o")]
     )
-    assert result.exit_code == 1 and "no usable series" in result.output
+    assert result.exit_code == 2 and "no usable series" in result.output
     assert "ImagePositionPatient" in result.output
 
     result = runner.invoke(app, ["process", str(empty), "-p", "no_such", "-o", str(tmp_path / "o")])
-    assert result.exit_code == 1 and "no_such" in result.output
+    assert result.exit_code == 2 and "no_such" in result.output
     with pytest.raises(NoUsableSeriesError):
         process_directory(empty, tmp_path / "o", ["kmeans"])
 
@@ -169,11 +169,11 @@ def test_params_reach_the_processor_and_the_provenance(tmp_path: Path) -> None:
     assert k2.SOPInstanceUID != k3.SOPInstanceUID  # the parameters enter the UIDs
 
     bad = runner.invoke(app, [*base, "-o", str(tmp_path / "x"), "--param", "kmeans.k=0"])
-    assert bad.exit_code == 1 and "invalid parameters" in bad.output and "k" in bad.output
+    assert bad.exit_code == 2 and "invalid parameters" in bad.output and "k" in bad.output
     stray = runner.invoke(app, [*base, "-o", str(tmp_path / "x"), "--param", "gaussian.sigma_mm=2"])
-    assert stray.exit_code == 1 and "not in the pipeline" in stray.output
+    assert stray.exit_code == 2 and "not in the pipeline" in stray.output
     malformed = runner.invoke(app, [*base, "-o", str(tmp_path / "x"), "--param", "k=2"])
-    assert malformed.exit_code == 1 and "PROCESSOR.KEY=VALUE" in malformed.output
+    assert malformed.exit_code == 2 and "PROCESSOR.KEY=VALUE" in malformed.output
 
 
 def test_a_segmentation_that_finds_nothing_writes_no_object(tmp_path: Path) -> None:

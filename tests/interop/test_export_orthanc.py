@@ -186,7 +186,7 @@ def test_refusing_destination_fails_then_retry_delivers(
     assert all(f"127.0.0.1:{wrong.port}" in row["last_error"] for row in exported)
 
     unknown = cli(config, "retry", "12345")
-    assert unknown.returncode == 1 and "no export with id 12345" in unknown.stderr
+    assert unknown.returncode == 2 and "no export with id 12345" in unknown.stderr
     first_id = exported[0]["id"]
     retried = cli(config, "retry", str(first_id))
     assert retried.returncode == 0, retried.stderr

@@ -248,7 +248,7 @@ pipeline = ["fail_raise"]
             text=True,
             cwd=node.data_dir.parent,
         )
-        assert missing.returncode == 1 and "no job with id 999" in missing.stderr
+        assert missing.returncode == 2 and "no job with id 999" in missing.stderr
     finally:
         node.stop()
 

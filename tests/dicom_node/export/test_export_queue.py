@@ -148,4 +148,4 @@ def test_cli_lists_and_retries_exports(
     engine.dispose()
 
     unknown = runner.invoke(app, ["exports", "retry", "999", "--config", str(config)])
-    assert unknown.exit_code == 1 and "no export with id 999" in unknown.output
+    assert unknown.exit_code == 2 and "no export with id 999" in unknown.output
