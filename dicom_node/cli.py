@@ -506,7 +506,7 @@ def jobs(
     with database_session(settings_from(config)) as session:
         query = select(Job).order_by(Job.id)
         if state is not None:
-            query = query.where(Job.state == state.value)
+            query = query.where(Job.state == state)
         rows = [job_as_dict(job) for job in session.scalars(query)]
     empty = f"no {state.value} jobs" if state else "no jobs yet"
     if printed_as_json_or_empty(rows, as_json, empty):

@@ -373,5 +373,8 @@ def test_jobs_table_and_the_retry_of_a_queued_job(queued_job: int) -> None:
     assert table.exit_code == 0, table.output
     [row] = [line.split() for line in table.stdout.splitlines() if "gaussian" in line]
     assert row[0] == str(queued_job) and "queued" in row and "ct" in " ".join(row)
+    queued = json.loads(runner.invoke(app, ["jobs", "--state", "queued", "--json"]).stdout)
+    assert [job["id"] for job in queued] == [queued_job]
+    assert "no failed jobs" in runner.invoke(app, ["jobs", "--state", "failed"]).stdout
     result = runner.invoke(app, ["jobs", "retry", str(queued_job)])
     assert_refused(result, 2, f"job {queued_job} is queued", "nothing to retry")
