@@ -12,6 +12,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from processors.errors import OperationFailedError
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
@@ -88,5 +90,5 @@ def _migrate(url: str, run: Callable[[Config], None]) -> None:
         engine.dispose()
 
 
-class MigrationError(RuntimeError):
+class MigrationError(OperationFailedError):
     """A migration left the database inconsistent (its transaction is rolled back)."""

@@ -11,11 +11,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import Base
+from processors.errors import BadInputError
 
 DialectInsert = postgresql.Insert | sqlite.Insert
 
 
-class UnsupportedDatabaseError(RuntimeError):
+class UnsupportedDatabaseError(BadInputError):
     """The database is neither SQLite nor PostgreSQL."""
 
 

@@ -53,6 +53,8 @@ from pynetdicom import AE, _config
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
+from processors.errors import OperationFailedError
+
 PYNETDICOM_CHECKED = ">=3.0,<3.1"
 """The pynetdicom versions this module was checked against (``pyproject.toml`` pins it)."""
 
@@ -121,7 +123,7 @@ def serve_shared_listener(
     return server
 
 
-class ProcessWideSwitchError(RuntimeError):
+class ProcessWideSwitchError(OperationFailedError):
     """Two users of one process need different values of a process-wide pynetdicom switch."""
 
 

@@ -23,6 +23,7 @@ BAD_INPUT = [
     "processors.backend.BackendError",
     "processors.registry.UnknownProcessorError",
     "processors.registry.ProcessorUnavailableError",
+    "db.upsert.UnsupportedDatabaseError",
 ]
 FAILED = [
     "dicom_node.scu.AssociationFailedError",
@@ -31,6 +32,8 @@ FAILED = [
     "dicom_node.testing.ToolMissingError",
     "processors.base.ProcessorError",
     "processors.model_manifest.ModelError",
+    "db.session.MigrationError",
+    "dicom_node.ae.pynetdicom_internals.ProcessWideSwitchError",
 ]
 KINDS = (BadInputError, OperationFailedError)
 # Builtins that callers catch some of these by (a pydantic validator, dicom_node.process).
