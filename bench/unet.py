@@ -45,7 +45,7 @@ from processors.model import (
     segment_volume,
     target_shape,
 )
-from processors.models.train_unet import make_ct_case
+from processors.models.unet_phantoms import make_ct_case
 from processors.registry import discover, get_processor
 
 

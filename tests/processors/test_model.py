@@ -39,7 +39,7 @@ from processors.model import (
     segment_volume,
     sliding_window,
 )
-from processors.models.train_unet import held_out_case, make_ct_case
+from processors.models.unet_phantoms import held_out_case, make_ct_case
 
 UNET_DIR = UNET_MANIFEST.parent
 HELD_OUT_CASES = 20
