@@ -4,7 +4,8 @@ settings option, the consoles, tables.
 Errors are caught once, in ``OneLineErrorGroup``, the class of the app and of every sub-app:
 an error raised on purpose (``processors.errors.DicomNodeError``) or a usage error ends the
 command with ``error: <message>`` on stderr and exit code 2 for bad input, 1 for a
-failure. Anything else is a bug and keeps its traceback.
+failure; so does an ``OSError`` (a full disk, a lost mount: exit 1). Anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ def errors_as_one_line() -> Iterator[None]:
     except DicomNodeError as exc:
         print_error(str(exc))
         raise typer.Exit(exit_code_for(exc)) from exc
+    except OSError as exc:  # the machine, not the request: a full disk, a lost mount
+        print_error(describe_os_error(exc))
+        raise typer.Exit(EXIT_FAILED) from exc
+
+
+def describe_os_error(error: OSError) -> str:
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{reason}: {error.filename}" if error.filename else reason
 
 
 class OneLineErrorGroup(TyperGroup):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -192,6 +193,21 @@ def test_process_refuses_unusable_paths_and_names(series_folder: Path, tmp_path:
     assert_refused(process(series_folder, tmp_path / "o", "-p", " , "), 2, "no processor")
     bad_root = process(series_folder, tmp_path / "o", "-p", "kmeans", "--uid-root", "1.02.x")
     assert_refused(bad_root, 2, "UID root")
+
+
+def test_process_on_a_full_disk_is_one_line_and_exit_1(
+    series_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import dicom_node.process
+
+    def full_disk(_dataset: object, path: Path) -> Path:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(dicom_node.process, "_write", full_disk)
+    args = ["process", str(series_folder), "-p", "threshold_segment", "-o", str(tmp_path / "o")]
+    assert_refused(runner.invoke(app, args), 1, "No space left on device", str(tmp_path / "o"))
 
 
 def test_generate_refuses_bad_arguments(tmp_path: Path) -> None:
