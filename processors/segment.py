@@ -323,6 +323,11 @@ def keep_components(
     Returns (labels, count): labels 1..count by decreasing size when ``separate``, else a
     0/1 map. Ties in size keep the lower component index (scipy's labelling order).
     """
+    if keep_largest is None and min_size <= 1 and not separate:
+        # Every component kept, merged: the mask itself, without labelling it.
+        if not bool(mask.any()):
+            return xp.zeros(mask.shape, dtype=xp.uint8), 0
+        return mask.astype(bool, copy=False).view(xp.uint8), 1
     ndi = ndimage_for(xp)
     structure = ndi.generate_binary_structure(3, connectivity)
     labels, count = ndi.label(mask, structure=structure)
