@@ -72,6 +72,9 @@ def main(
     ] = False,
 ) -> None:
     """dicom-node command line."""
+    from dicom_node.logging import keep_patient_values_out_of_logs
+
+    keep_patient_values_out_of_logs()  # `serve` sets its own level later
 
 
 def check_rule_pipelines(settings: Settings) -> None:

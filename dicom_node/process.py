@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.encode.common import EncodeError
+from dicom_node.encode.common import EncodeError, blank_unparseable_values
 from dicom_node.encode.derived import encode_derived
 from dicom_node.encode.seg import SegEncoding, encode_seg
 from dicom_node.encode.sr import encode_sr
@@ -292,6 +292,9 @@ def process_series(
 
     datasets = [pydicom.dcmread(path) for path in paths]
     volume = datasets_to_volume(datasets)
+    blanked = blank_unparseable_values(datasets)
+    if blanked and problems is not None:
+        problems.append(f"left empty in the outputs, not a valid value: {', '.join(blanked)}")
     backend = resolve(device)
     current = volume_to(volume, backend)
     series_uid = volume.series_instance_uid or "unknown"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.valuerep import DA, DT, TM
 
 from processors.base import Code, Volume
 from processors.errors import OperationFailedError
@@ -24,6 +28,51 @@ SERIES_NUMBER = {"seg": 9100, "derived": 9200, "sr": 9300}
 
 class EncodeError(OperationFailedError):
     """A result cannot be written as DICOM against these sources; the message says why."""
+
+
+#: Value representations highdicom parses when it copies a source's attributes into an
+#: output; an unparseable one (a date written ``1961-04-09``) makes it refuse the output.
+PARSED_VRS: dict[str, type[Any]] = {"DA": DA, "TM": TM, "DT": DT}
+
+
+def _parses(vr: str, value: object) -> bool:
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
+    try:
+        for part in text.strip(" \x00").split("\\"):
+            if part.strip():
+                PARSED_VRS[vr](part.strip())
+    except ValueError:
+        return False
+    return True
+
+
+def blank_unparseable_values(datasets: Sequence[Dataset]) -> list[str]:
+    """Empty the top-level date and time values of ``datasets`` that do not parse, in place
+    (the datasets are the job's copies, not the spool's files), so that the outputs keep
+    the source's other attributes. Returns the keywords emptied, never the values."""
+    blanked: dict[str, None] = {}
+    for dataset in datasets:
+        for tag in list(dataset.keys()):
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:  # private or unknown
+                continue
+            if vr not in PARSED_VRS:
+                continue
+            if not _parses(vr, dataset.get_item(tag).value):
+                dataset[tag] = DataElement(tag, vr, "")
+                blanked[dataset[tag].keyword or str(tag)] = None
+    return list(blanked)
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def refused_by_highdicom(what: str, error: Exception) -> EncodeError:
+    """The error for an output highdicom refused, with every quoted value in its message
+    replaced (it quotes the values it cannot use, a birth date among them)."""
+    message = _QUOTED.sub("'<value>'", str(error))
+    return EncodeError(f"highdicom refused {what}: {message}")
 
 
 def coded(code: Code) -> hd.sr.CodedConcept:

@@ -36,6 +36,7 @@ from dicom_node.encode.common import (
     long_string,
     ordered_sources,
     output_identity,
+    refused_by_highdicom,
     source_series_uid,
 )
 from dicom_node.encode.uids import MANUFACTURER, Provenance
@@ -169,5 +170,5 @@ def encode_seg(
             workers=workers,
         )
     except (ValueError, TypeError) as exc:
-        raise EncodeError(f"highdicom refused the segmentation: {exc}") from exc
+        raise refused_by_highdicom("the segmentation", exc) from exc
     return SegEncoding(seg, numbers)

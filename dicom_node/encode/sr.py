@@ -27,6 +27,7 @@ from dicom_node.encode.common import (
     coding_schemes,
     long_string,
     output_identity,
+    refused_by_highdicom,
     source_series_uid,
 )
 from dicom_node.encode.seg import SegEncoding
@@ -205,4 +206,4 @@ def encode_sr(
             coding_schemes=coding_schemes(used) or None,
         )
     except (ValueError, TypeError) as exc:
-        raise EncodeError(f"highdicom refused the measurement report: {exc}") from exc
+        raise refused_by_highdicom("the measurement report", exc) from exc

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.encode.common import EncodeError
+from dicom_node.logging import keep_patient_values_out_of_logs
 from dicom_node.process import OutputRecord, ProcessError, build_steps, process_series
 from dicom_node.volume import SeriesError
 from processors.base import ProcessorError
@@ -100,6 +101,7 @@ def worker_name() -> str:
 
 
 def run_job(spec: JobSpec) -> JobResult:
+    keep_patient_values_out_of_logs()  # on a Dask worker, nobody configured logging
     if not spec.paths:
         raise JobError(f"series {spec.series_instance_uid} has no instances on disk")
     params = {name: spec.params.get(name, {}) for name in spec.pipeline if spec.params.get(name)}
