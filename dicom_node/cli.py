@@ -94,19 +94,19 @@ def check_rule_pipelines(settings: Settings) -> None:
 
 
 def check_device(device: str, setting: str) -> None:
-    """Refuse a device this machine cannot use: a misspelling, or CUDA without CuPy and a
-    GPU (``BackendError`` naming ``setting``). Selects no device: the run does that."""
-    from processors.backend import BackendError, cupy_status, parse_device
+    """Refuse a device this machine cannot use: a misspelling, or a CUDA device CuPy does
+    not see (no CuPy, no GPU, no such index), as ``BackendError`` naming ``setting``.
+    Selects no device, and leaves CUDA alone for ``auto``: the run decides."""
+    from processors.devices import BackendError, parse_device
 
     try:
         kind, _index = parse_device(device)
+        if kind == "cuda":
+            from processors.backend import resolve
+
+            resolve(device)
     except BackendError as exc:
         raise BackendError(f"{setting}: {exc}") from exc
-    if kind != "cuda":
-        return  # cpu, or auto: a GPU when there is one
-    usable, reason = cupy_status()
-    if not usable:
-        raise BackendError(f"{setting} {device!r} cannot be used on this machine: {reason}")
 
 
 def refuse_unusable_device(settings: Settings) -> None:

@@ -384,7 +384,7 @@ class Settings(BaseSettings):
     @field_validator("processing_device")
     @classmethod
     def _check_processing_device(cls, value: str) -> str:
-        from processors.backend import BackendError, parse_device
+        from processors.devices import BackendError, parse_device
 
         try:
             parse_device(value)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import re
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -21,15 +20,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from processors.errors import BadInputError
+from processors.devices import BackendError as BackendError
+from processors.devices import parse_device as parse_device
 
 Array = Any
-
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(?::(\d+))?)$")
-
-
-class BackendError(BadInputError):
-    """The requested device cannot be used; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -50,15 +44,6 @@ class Backend:
         if not self.is_gpu:
             return contextlib.nullcontext()
         return self.xp.cuda.Device(parse_device(self.device)[1])  # type: ignore[no-any-return]
-
-
-def parse_device(device: str) -> tuple[str, int]:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` -> (kind, index)."""
-    match = _DEVICE_PATTERN.match(device.strip().lower())
-    if match is None:
-        raise BackendError(f"device must be auto, cpu or cuda:N, not {device!r}")
-    kind = match.group(1).split(":")[0]
-    return kind, int(match.group(2) or 0)
 
 
 def namespaces(gpu: bool) -> tuple[ModuleType, ModuleType]:

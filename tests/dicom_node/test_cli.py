@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +26,8 @@ from processors.errors import BadInputError
 from tests.dicom_node import test_routing
 from tests.dicom_node.jobs.test_state import CT_RULE, LATER
 from tests.dicom_node.test_routing import add_series, settings_with, study_id
+from tests.processors import test_gpu_backend
+from tests.processors.test_gpu_backend import FakeCuda
 
 if TYPE_CHECKING:
     from typer.testing import Result
@@ -158,6 +162,32 @@ def test_process_refuses_a_device_it_cannot_use(
     args = ["process", "-p", "gaussian", str(series_folder), "-o", str(out), "--device", device]
     assert_refused(runner.invoke(app, args), 2, *words)
     assert not any(out.rglob("*.dcm"))
+
+
+fake_cupy = test_gpu_backend.fake_cupy  # a CuPy that sees two GPUs
+
+
+def test_process_refuses_a_gpu_this_machine_does_not_have(
+    fake_cupy: FakeCuda, series_folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = ["process", "-p", "gaussian", str(series_folder), "-o", str(out), "--device"]
+    message = assert_refused(runner.invoke(app, [*args, "cuda:2"]), 2, "--device", "cuda:2")
+    assert "does not exist (2 CUDA device(s))" in message
+    assert fake_cupy.events == []  # checked, nothing switched
+
+
+def test_settings_are_checked_without_importing_an_array_library() -> None:
+    check = (
+        "import sys; from dicom_node.config import load_settings; "
+        "load_settings(None, processing_device='cuda:1'); "
+        "print(sorted({'numpy', 'cupy'} & set(sys.modules)))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=60
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(

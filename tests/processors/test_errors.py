@@ -20,7 +20,7 @@ BAD_INPUT = [
     "dicom_node.encode.uids.UIDRootError",
     "dicom_node.storage.InvalidUIDError",
     "dicom_node.jobs.state.InvalidTransitionError",
-    "processors.backend.BackendError",
+    "processors.devices.BackendError",
     "processors.registry.UnknownProcessorError",
     "processors.registry.ProcessorUnavailableError",
     "db.upsert.UnsupportedDatabaseError",
