@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from db.models import JobState
 from dicom_node import __version__
@@ -23,6 +20,7 @@ from dicom_node.cli_base import (
     OneLineErrorGroup,
     add_row,
     console,
+    database_session,
     errors,
     new_table,
     print_table,
@@ -236,20 +234,6 @@ def send(
         raise OperationFailedError(f"{len(report.failed)} of {len(files)} instances not stored")
 
 
-@contextlib.contextmanager
-def database_session(settings: Settings) -> Iterator[Session]:
-    """A session on the node's database (migrated first), committed on success."""
-    from db.session import make_engine, make_sessionmaker, upgrade
-
-    upgrade(settings.effective_database_url)
-    engine = make_engine(settings.effective_database_url)
-    try:
-        with make_sessionmaker(engine)() as session, session.begin():
-            yield session
-    finally:
-        engine.dispose()
-
-
 def study_rows(settings: Settings) -> list[dict[str, Any]]:
     from db.models import Instance, Series, Study
     from dicom_node.index import as_utc
@@ -367,12 +351,12 @@ def process(
     The database is written only with --config (the outputs table); without it, no database.
     """
     from dicom_node.outputs import record_outputs
-    from dicom_node.process import parse_params, parse_pipeline, process_directory
+    from dicom_node.process import build_steps, parse_params, parse_pipeline, process_directory
 
     settings = settings_from(config) if config is not None else None
     check_device(device, "--device")
     names = parse_pipeline(pipeline)
-    params = parse_params(param or [])
+    steps = build_steps(names, params=parse_params(param or []), uid_root=uid_root)
     make_output_folder(output)
     with progress_bar("processing") as progress:
         task = progress.add_task("process", total=None)
@@ -380,15 +364,7 @@ def process(
         def advance(_series: str, done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        report = process_directory(
-            input_dir,
-            output,
-            names,
-            params=params,
-            uid_root=uid_root,
-            device=device,
-            on_series=advance,
-        )
+        report = process_directory(input_dir, output, steps, device=device, on_series=advance)
     for what, reason in report.skipped:
         errors.print(f"skipped {what}: {reason}", highlight=False, markup=False, soft_wrap=True)
     if settings is not None:

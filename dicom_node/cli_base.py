@@ -21,6 +21,7 @@ from rich import box
 from rich.console import Console, JustifyMethod
 from rich.table import Table
 from rich.text import Text
+from sqlalchemy.orm import Session
 from typer.core import TyperGroup
 
 from dicom_node.config import DEFAULT_CONFIG_PATH, Settings, load_settings
@@ -114,6 +115,15 @@ def settings_from(config: Path | None) -> Settings:
     if config is None and DEFAULT_CONFIG_PATH.is_file():
         config = DEFAULT_CONFIG_PATH
     return load_settings(config)
+
+
+@contextlib.contextmanager
+def database_session(settings: Settings) -> Iterator[Session]:
+    """A session on the node's database (migrated first), committed on success."""
+    from db.session import migrated_session
+
+    with migrated_session(settings.effective_database_url) as session:
+        yield session
 
 
 def printed_as_json_or_empty(rows: Sequence[dict[str, Any]], as_json: bool, empty: str) -> bool:

@@ -8,8 +8,6 @@ comes from the settings (``--config``, default ``config/node.toml`` when it exis
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +18,7 @@ from dicom_node.cli_base import (
     ConfigOption,
     OneLineErrorGroup,
     add_row,
+    database_session,
     new_table,
     print_table,
     printed_as_json_or_empty,
@@ -32,20 +31,6 @@ plugins_app = typer.Typer(
     no_args_is_help=True,
     cls=OneLineErrorGroup,
 )
-
-
-@contextmanager
-def _session(config: Path | None) -> Iterator[Session]:
-    from db.session import make_engine, make_sessionmaker, upgrade
-
-    url = settings_from(config).effective_database_url
-    upgrade(url)
-    engine = make_engine(url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            yield session
-    finally:
-        engine.dispose()
 
 
 def _plugins(session: Session) -> list[Any]:
@@ -70,7 +55,7 @@ def list_command(
     config: ConfigOption = None,
 ) -> None:
     """Every discovered plugin: version, family, availability (with reason), enabled."""
-    with _session(config) as session:
+    with database_session(settings_from(config)) as session:
         plugins = _plugins(session)
     if printed_as_json_or_empty([p.as_dict() for p in plugins], as_json, "no plugins found"):
         return
@@ -92,7 +77,7 @@ def list_command(
 @plugins_app.command("show")
 def show_command(name: str, config: ConfigOption = None) -> None:
     """One plugin's details and its parameters' JSON schema."""
-    with _session(config) as session:
+    with database_session(settings_from(config)) as session:
         info = _find(_plugins(session), name)
     document = info.as_dict()
     document["params_schema"] = info.params_schema()
@@ -102,10 +87,9 @@ def show_command(name: str, config: ConfigOption = None) -> None:
 def _set(name: str, config: Path | None, **changes: Any) -> Any:
     from dicom_node.plugin_state import set_state
 
-    with _session(config) as session:
+    with database_session(settings_from(config)) as session:
         info = _find(_plugins(session), name)
         set_state(session, info.name, **changes)
-        session.commit()
         return _find(_plugins(session), name)
 
 

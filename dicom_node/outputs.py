@@ -75,13 +75,8 @@ def upsert_outputs(
 
 def record_outputs(database_url: str, records: Sequence[OutputRecord]) -> int:
     """Insert (or refresh, for a reprocessed input) one ``outputs`` row per record."""
-    from db.session import make_engine, make_sessionmaker, upgrade
+    from db.session import migrated_session
 
-    upgrade(database_url)
-    engine = make_engine(database_url)
-    try:
-        with make_sessionmaker(engine)() as session, session.begin():
-            upsert_outputs(session, records)
-    finally:
-        engine.dispose()
+    with migrated_session(database_url) as session:
+        upsert_outputs(session, records)
     return len(records)

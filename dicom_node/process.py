@@ -321,20 +321,17 @@ ProgressCallback = Callable[[str, int, int], None]
 def process_directory(
     input_dir: Path,
     output_dir: Path,
-    pipeline: Sequence[str],
+    steps: Sequence[Step],
     *,
-    params: dict[str, dict[str, Any]] | None = None,
-    uid_root: str | None = None,
     device: str = "cpu",
-    plugins: Sequence[PluginInfo] | None = None,
     on_series: ProgressCallback | None = None,
 ) -> ProcessReport:
-    """Process every image series under ``input_dir`` into ``output_dir``.
+    """Process every image series under ``input_dir`` into ``output_dir`` with ``steps``
+    (``build_steps``, which checks the pipeline before any work).
 
     ``on_series(series_uid, done, total)`` is called after each series (for a progress
     bar). Raises ``NoUsableSeriesError`` when not one series could be processed.
     """
-    steps = build_steps(pipeline, params=params, uid_root=uid_root, plugins=plugins)
     groups, skipped_files = scan_series(input_dir)
     report = ProcessReport(skipped=list(skipped_files))
     if not groups:

@@ -240,6 +240,15 @@ def test_process_on_a_full_disk_is_one_line_and_exit_1(
     assert_refused(runner.invoke(app, args), 1, "No space left on device", str(tmp_path / "o"))
 
 
+def test_process_checks_the_pipeline_before_making_the_output_folder(
+    series_folder: Path, tmp_path: Path
+) -> None:
+    base = ["process", str(series_folder), "-o", str(tmp_path / "new" / "out")]
+    assert_refused(runner.invoke(app, [*base, "-p", "sharpen"]), 2, "'sharpen'")
+    assert_refused(runner.invoke(app, [*base, "-p", "kmeans", "--param", "kmeans.k=0"]), 2, "k")
+    assert not (tmp_path / "new").exists()
+
+
 def test_generate_refuses_bad_arguments(tmp_path: Path) -> None:
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")

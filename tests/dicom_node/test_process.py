@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from db.models import Output
 from dicom_node.cli import app
-from dicom_node.process import NoUsableSeriesError, process_directory
+from dicom_node.process import NoUsableSeriesError, build_steps, process_directory
 from dicom_node.synthetic import generate_series
 from dicom_node.volume import load_directory
 from processors.api import run_processor
@@ -150,7 +150,7 @@ def test_errors_exit_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["process", str(empty), "-p", "no_such", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and "no_such" in result.output
     with pytest.raises(NoUsableSeriesError):
-        process_directory(empty, tmp_path / "o", ["kmeans"])
+        process_directory(empty, tmp_path / "o", build_steps(["kmeans"]))
 
 
 def test_params_reach_the_processor_and_the_provenance(tmp_path: Path) -> None:
@@ -182,8 +182,10 @@ def test_a_segmentation_that_finds_nothing_writes_no_object(tmp_path: Path) -> N
     report = process_directory(
         tmp_path / "in",
         tmp_path / "out",
-        ["threshold_segment", "gaussian"],
-        params={"threshold_segment": {"preset": "custom", "lower": 5000}},
+        build_steps(
+            ["threshold_segment", "gaussian"],
+            params={"threshold_segment": {"preset": "custom", "lower": 5000}},
+        ),
     )
     assert report.processed == [series.series_instance_uid]
     assert {r.kind for r in report.outputs} == {"derived"}

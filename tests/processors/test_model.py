@@ -441,14 +441,14 @@ def test_empty_result_has_no_segments():
 
 @pytest.mark.slow
 def test_process_writes_a_unet_seg_that_passes_dciodvfy(tmp_path):
-    from dicom_node.process import process_directory
+    from dicom_node.process import build_steps, process_directory
 
     tool = require_tool("dciodvfy")  # missing: fails with the install command (make deps)
     series = generate_series(
         num_slices=16, rows=160, columns=160, pixel_spacing=1.6, slice_thickness=2.5, uid_seed="u"
     )
     series.write(tmp_path / "in")
-    report = process_directory(tmp_path / "in", tmp_path / "out", ["unet"])
+    report = process_directory(tmp_path / "in", tmp_path / "out", build_steps(["unet"]))
     segs = [o for o in report.outputs if o.kind == "seg"]
     assert len(segs) == 1 and segs[0].processor_name == "unet"
     ds = pydicom.dcmread(segs[0].path)

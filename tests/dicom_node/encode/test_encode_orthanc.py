@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, cast
 
-from dicom_node.process import process_directory
+from dicom_node.process import build_steps, process_directory
 from dicom_node.scu import scan_files, send
 from dicom_node.synthetic import generate_series
 from dicom_node.testing import running_orthanc
@@ -15,7 +15,7 @@ def test_orthanc_accepts_seg_sr_and_derived(tmp_path: Path) -> None:
     series = generate_series(num_slices=4, rows=64, columns=64, uid_seed="orthanc")
     series.write(tmp_path / "in")
     report = process_directory(
-        tmp_path / "in", tmp_path / "out", ["gaussian", "threshold_segment", "predict"]
+        tmp_path / "in", tmp_path / "out", build_steps(["gaussian", "threshold_segment", "predict"])
     )
     assert {r.kind for r in report.outputs} == {"seg", "sr", "derived"}
     files, skipped = scan_files([tmp_path / "in", tmp_path / "out"])
