@@ -43,7 +43,13 @@ from processors.base import (
     Volume,
 )
 from processors.errors import BadInputError
-from processors.registry import PluginInfo, discover, get_processor
+from processors.registry import (
+    PluginInfo,
+    ProcessorUnavailableError,
+    UnknownProcessorError,
+    discover,
+    get_processor,
+)
 
 
 class ProcessError(BadInputError):
@@ -156,7 +162,7 @@ def build_steps(
     for name in names:
         try:
             processor = get_processor(name, infos)
-        except (LookupError, RuntimeError) as exc:
+        except (UnknownProcessorError, ProcessorUnavailableError) as exc:
             raise ProcessError(str(exc)) from exc
         try:
             validated = processor.Params(**params.get(name, {}))

@@ -27,11 +27,11 @@ BUILTIN_MODULE_PREFIX = "processors."
 
 
 # LookupError and RuntimeError too: dicom_node.process catches the two by those names.
-class UnknownProcessorError(BadInputError, LookupError):
+class UnknownProcessorError(BadInputError):
     """No processor of that name was discovered."""
 
 
-class ProcessorUnavailableError(BadInputError, RuntimeError):
+class ProcessorUnavailableError(BadInputError):
     """The processor exists but cannot run here (or is disabled); the message says why."""
 
 

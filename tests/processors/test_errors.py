@@ -39,8 +39,6 @@ KINDS = (BadInputError, OperationFailedError)
 # Builtins that callers catch some of these by (a pydantic validator, dicom_node.process).
 BUILTIN_MIXINS = {
     "dicom_node.encode.uids.UIDRootError": ValueError,
-    "processors.registry.UnknownProcessorError": LookupError,
-    "processors.registry.ProcessorUnavailableError": RuntimeError,
 }
 
 
