@@ -182,14 +182,19 @@ def write_batch(session: Session, records: Sequence[IndexRecord]) -> list[Path]:
 def _insert_missing(
     session: Session, model: type[Row], column: Any, rows: dict[str, dict[str, object]]
 ) -> dict[str, Row]:
-    """Insert the rows (by unique ``column`` value) the table lacks; return all of them."""
-    if not rows:
-        return {}
-    session.execute(
-        insert_for(session, model).on_conflict_do_nothing(index_elements=[column.key]),
-        list(rows.values()),
-    )
-    return _load_by_uid(session, model, column, set(rows))
+    """Insert the rows (by unique ``column`` value) the table lacks; return all of them.
+
+    Looked up first: a study or series arrives over many batches, and an insert that
+    conflicts costs a statement (and, on PostgreSQL, a value of the id sequence)."""
+    found = _load_by_uid(session, model, column, set(rows))
+    missing = [row for uid, row in rows.items() if uid not in found]
+    if missing:
+        session.execute(
+            insert_for(session, model).on_conflict_do_nothing(index_elements=[column.key]),
+            missing,
+        )
+        found |= _load_by_uid(session, model, column, set(rows) - set(found))
+    return found
 
 
 def _insert_instances(

@@ -3,7 +3,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import (
@@ -62,6 +62,26 @@ def test_batch_creates_study_series_instances(tmp_path: Path) -> None:
         assert session.scalar(select(func.count(Study.id))) == 1
         assert session.scalar(select(func.count(Series.id))) == 2
         assert session.scalar(select(func.count(Instance.id))) == 6
+
+
+def test_a_later_batch_of_a_known_series_inserts_only_its_instances(tmp_path: Path) -> None:
+    sessions = sessions_for(tmp_path)
+    with sessions.begin() as session:
+        write_batch(session, [record("1.1", "1.1.1", "1.1.1.1", tmp_path / "1", NOW)])
+    inserts: list[str] = []
+
+    def count_insert(_conn, _cursor, statement: str, *_args: object) -> None:  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("INSERT"):
+            inserts.append(statement.split()[2])
+
+    engine = sessions.kw["bind"]
+    event.listen(engine, "before_cursor_execute", count_insert)
+    try:
+        with sessions.begin() as session:
+            write_batch(session, [record("1.1", "1.1.1", "1.1.1.2", tmp_path / "2", NOW)])
+    finally:
+        event.remove(engine, "before_cursor_execute", count_insert)
+    assert inserts == ["instances"]
 
 
 def test_association_rows_and_counts(tmp_path: Path) -> None:
