@@ -70,7 +70,7 @@ def test_a_later_batch_of_a_known_series_inserts_only_its_instances(tmp_path: Pa
         write_batch(session, [record("1.1", "1.1.1", "1.1.1.1", tmp_path / "1", NOW)])
     inserts: list[str] = []
 
-    def count_insert(_conn, _cursor, statement: str, *_args: object) -> None:  # type: ignore[no-untyped-def]
+    def count_insert(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
         if statement.lstrip().upper().startswith("INSERT"):
             inserts.append(statement.split()[2])
 
