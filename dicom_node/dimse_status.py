@@ -22,7 +22,6 @@ class Category(StrEnum):
     FAILURE = "Failure"
     CANCEL = "Cancel"
     PENDING = "Pending"
-    UNKNOWN = "Unknown"
 
 
 class DimseStatus(IntEnum):
@@ -109,16 +108,9 @@ def lookup(code: int) -> DimseStatus | None:
     return None
 
 
-def category(code: int) -> Category:
-    """The category of any code: the table's, else the class its range belongs to (PS3.7
-    Annex C: ``Axxx``/``Cxxx`` failure, ``Bxxx`` and ``0001`` warning, ``FF01`` pending)."""
+def describe(code: int) -> str:
+    """``0xA700 (Refused: Out of Resources)``: the code and, when the table has it, its
+    name (for messages about a peer's answer)."""
     status = lookup(code)
-    if status is not None:
-        return status.category
-    if 0xA000 <= code <= 0xAFFF or 0xC000 <= code <= 0xCFFF:
-        return Category.FAILURE
-    if 0xB000 <= code <= 0xBFFF or code == 0x0001:
-        return Category.WARNING
-    if code == 0xFF01:
-        return Category.PENDING
-    return Category.UNKNOWN
+    name = status.description if status is not None else ""
+    return f"0x{code:04X} ({name})" if name else f"0x{code:04X}"

@@ -14,7 +14,7 @@ from pynetdicom import AE
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.dimse_status import STORED
+from dicom_node.dimse_status import STORED, describe
 from processors.errors import OperationFailedError
 
 MAX_CONTEXTS_PER_ASSOCIATION = 128
@@ -173,5 +173,5 @@ def _store_one(assoc: object, item: SendFile, report: SendReport) -> int | None:
         report.sent += 1
     else:
         comment = response.get("ErrorComment", "")
-        report.failed.append((item.path, f"status 0x{status:04X} {comment}".strip()))
+        report.failed.append((item.path, f"status {describe(status)} {comment}".strip()))
     return status

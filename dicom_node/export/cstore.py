@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dicom_node.dimse_status import STORED, DimseStatus
+from dicom_node.dimse_status import STORED, DimseStatus, describe
 from dicom_node.export.target import ExportTarget
 from dicom_node.export.transport import OnSent, Outcome
 from dicom_node.scu import AssociationFailedError, SendFile
@@ -29,7 +29,7 @@ def outcome(status: int | None, failure: str | None, sent: bool, error: str) -> 
     if failure is not None:
         return Outcome("duplicate" in failure.lower(), failure)
     if status is not None:
-        return Outcome(False, f"status 0x{status:04X}")
+        return Outcome(False, f"status {describe(status)}")
     # Never answered: the association failed before this instance (or could not be made).
     return Outcome(False, error if not sent else "no response")
 

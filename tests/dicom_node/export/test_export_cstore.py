@@ -110,7 +110,7 @@ DUPLICATE_REFUSED = "status 0xC000 Duplicate SOP Instance refused"
         (DimseStatus.DUPLICATE_SOP_INSTANCE, "status 0x0111", True, Outcome(True)),
         (0xC000, DUPLICATE_REFUSED, True, Outcome(True, DUPLICATE_REFUSED)),
         (0xA700, "status 0xA700 no room", True, Outcome(False, "status 0xA700 no room")),
-        (0xA701, None, True, Outcome(False, "status 0xA701")),
+        (0xA701, None, True, Outcome(False, "status 0xA701 (Refused: Out of Resources)")),
         (None, None, True, Outcome(False, "no response")),
         (None, None, False, Outcome(False, "no association with pacs")),
     ],
