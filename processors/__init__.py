@@ -28,28 +28,6 @@ if TYPE_CHECKING:
         Volume,
     )
 
-_HOME = {
-    "run_pipeline": "processors.api",
-    "run_processor": "processors.api",
-    **{
-        name: "processors.base"
-        for name in (
-            "Classification",
-            "Code",
-            "ImageResult",
-            "LabelResult",
-            "Measurement",
-            "MeasurementResult",
-            "Processor",
-            "ProcessorError",
-            "ProcessorParams",
-            "Result",
-            "SegmentDescription",
-            "Volume",
-        )
-    },
-}
-
 __all__ = [
     "Classification",
     "Code",
@@ -69,7 +47,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    home = _HOME.get(name)
-    if home is None:
+    if name not in __all__:
         raise AttributeError(f"module 'processors' has no attribute {name!r}")
+    home = "processors.api" if name.startswith("run_") else "processors.base"
     return getattr(importlib.import_module(home), name)
