@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from pydicom.dataset import Dataset
 
 from dicom_node.encode.common import blank_unparseable_values, refused_by_highdicom
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # the test's own bad values
 def test_unparseable_dates_and_times_are_emptied_and_named_by_keyword() -> None:
     dataset = Dataset()
     dataset.PatientName = "Doe^Jane"

@@ -59,10 +59,10 @@ def test_a_malformed_birth_date_neither_stops_the_job_nor_reaches_its_logs(tmp_p
     value stay quiet, and the SEG and SR are made with the date left empty."""
     birth_date = "1961-04-09"  # not a DICOM DA: YYYYMMDD
     series = generate_series(num_slices=4, rows=32, columns=32, uid_seed="malformed-date")
-    for dataset in series.datasets:
-        dataset.PatientBirthDate = birth_date
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns about the value as it writes it
+        warnings.simplefilter("ignore")  # pydicom warns about the value as it is set
+        for dataset in series.datasets:
+            dataset.PatientBirthDate = birth_date
         files = series.write(tmp_path / "series")
     completed = subprocess.run(
         [
