@@ -35,10 +35,19 @@ class EncodeError(OperationFailedError):
 PARSED_VRS: dict[str, type[Any]] = {"DA": DA, "TM": TM, "DT": DT}
 
 
+def _values(value: object) -> list[str]:
+    """An element's values as text: raw bytes as read (backslash-separated), one value, or
+    the list of a converted multi-valued element."""
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").strip(" \x00").split("\\")
+    if isinstance(value, str | int | float) or value is None:
+        return str(value or "").split("\\")
+    return [str(item) for item in value]  # type: ignore[attr-defined]
+
+
 def _parses(vr: str, value: object) -> bool:
-    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
     try:
-        for part in text.strip(" \x00").split("\\"):
+        for part in _values(value):
             if part.strip():
                 PARSED_VRS[vr](part.strip())
     except ValueError:

@@ -20,6 +20,7 @@ def test_unparseable_dates_and_times_are_emptied_and_named_by_keyword() -> None:
     other = Dataset()
     other.PatientBirthDate = "19610409"
     other.ContentDate = ["20240102", "2024-13-01"]
+    other.AcquisitionDate = ["20240102", "20240103"]  # several valid values: kept
 
     assert blank_unparseable_values([dataset, other]) == [
         "PatientBirthDate",
@@ -30,6 +31,7 @@ def test_unparseable_dates_and_times_are_emptied_and_named_by_keyword() -> None:
     assert (dataset.StudyDate, dataset.AcquisitionDateTime) == ("20240102", "20240102120000")
     assert dataset.PatientName == "Doe^Jane" and dataset[0x00091010].value == "not a date"
     assert other.PatientBirthDate == "19610409" and other.ContentDate == ""
+    assert other.AcquisitionDate == ["20240102", "20240103"]
 
 
 def test_highdicoms_message_keeps_no_quoted_value() -> None:
