@@ -1,6 +1,6 @@
 """Where a C-STORE's CPU time goes: one receiver in-process under yappi, DCMTK storescu sending.
 
-    .venv/bin/python bench/profile_ingest.py [--slices 200]
+    .venv/bin/python -P bench/profile_ingest.py [--slices 200] [--clock cpu|wall]
 
 Prints the CPU seconds spent under the main stages (inclusive, so they overlap) and
 the top functions. Profiling slows everything about 3x; read the shares, not the times.
@@ -21,12 +21,13 @@ from dicom_node.synthetic import generate_series
 from dicom_node.testing import local_settings, storescu
 
 STAGES = {
-    "pynetdicom DUL reactor (PDU read/decode)": "DULServiceProvider.run_reactor",
-    "pynetdicom storage SCP (request -> response)": "StorageServiceClass.SCP",
-    "  dicom-node C-STORE handler": "handle_store",
-    "    header parse": "read_header",
-    "    spool write + fsync": "Spool.write",
-    "  pynetdicom response encode/send": "DIMSEServiceProvider.send_msg",
+    "association thread (read, decode, answer)": "Association._serve_established",
+    "  PDU reads (socket)": "PduReader.read",
+    "  C-STORE: dataset fragments to the spool file": "IncomingInstance.write",
+    "  C-STORE: check, file, index queue": "IncomingInstance.finish",
+    "    header parse": "IncomingInstance._header",
+    "    fsync + rename + directory fsync": "IncomingFile.commit",
+    "  response encode and send": "Association._respond",
     "dicom-node indexer (batched SQL)": "Indexer._commit",
 }
 
@@ -34,13 +35,19 @@ STAGES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="wall: where the time goes, waits included",
+    )
     args = parser.parse_args()
     configure_logging("WARNING")
     with tempfile.TemporaryDirectory() as tmp:
         files = generate_series(num_slices=args.slices, uid_seed="profile").write(Path(tmp) / "in")
         node = Node(local_settings(Path(tmp), receiver_processes=1, index_flush_seconds=0.25))
         node.start()
-        yappi.set_clock_type("cpu")
+        yappi.set_clock_type(args.clock)
         yappi.start()
         start = time.perf_counter()
         result = storescu(files, node.settings.port, called_ae="DICOMNODE")

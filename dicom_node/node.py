@@ -1,28 +1,33 @@
-"""The running node: database, spool, study assembler, and one or more receiver processes.
+"""The running node: database, spool, study assembler, and one or more receivers.
 
-Receiving is CPU-bound Python (PDU decoding, dataset headers), so one process cannot use
-more than one core. The node opens the listening socket once and runs
-``receiver_processes`` receivers that all accept on it (pre-fork style); a receiver that
-is busy with associations waits a little before accepting, so new associations go to the
-idle ones. SO_REUSEPORT was tried first: its hash put 3 or 4 of 4 concurrent senders on
-one process about half the time. Each receiver has its own indexer thread; the first
-process also runs the start-up reconcile, the assembler, and the processing side: the
-dispatcher (``dicom_node.jobs.dispatcher``), its executor (Dask worker processes by default)
-and the exporter.
+Receiving is CPU-bound Python (PDU handling, dataset headers), so one process cannot use
+more than one core. The node opens the listening socket once; with
+``receiver_processes`` above one, that many receiver processes accept on it (pre-fork
+style). A receiver that is busy with associations waits a little before accepting, so
+new associations go to the idle ones. SO_REUSEPORT was tried first: its hash put 3 or 4
+of 4 concurrent senders on one process about half the time. Receiver processes only
+receive: each sends the records of what it stored down a pipe to this process, whose
+one indexer writes them to the database, next to the assembler and the processing side
+(the dispatcher, ``dicom_node.jobs.dispatcher``, its executor and the exporter). With one
+receiver, it runs in this process. See ``docs/operations.md`` for the threads and what
+is fsync'd when.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import multiprocessing
 import multiprocessing.synchronize
 import os
+import pickle
 import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import structlog
@@ -30,13 +35,12 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_sessionmaker, upgrade
-from dicom_node.ae.pynetdicom_internals import serve_shared_listener, unrestricted_storage_service
-from dicom_node.ae.server import build_ae, event_handlers
+from dicom_node.ae.acceptor import Acceptor
 from dicom_node.assembler import StudyAssembler
 from dicom_node.config import Settings
 from dicom_node.export import Exporter
 from dicom_node.handlers.context import ReceiverContext
-from dicom_node.index import Indexer, reconcile
+from dicom_node.index import Indexer, IndexRecord, reconcile
 from dicom_node.jobs.dispatcher import Dispatcher
 from dicom_node.jobs.executors import Executor, make_executor
 from dicom_node.logging import configure_logging
@@ -65,62 +69,31 @@ def open_listener(host: str, port: int, retry_seconds: float = 10.0) -> socket.s
 
 
 class Receiver:
-    """One process's DICOM server and the indexer that records what it stored."""
+    """One process's acceptor; ``index`` takes the records of what it stored."""
 
     def __init__(
-        self,
-        settings: Settings,
-        sessions: sessionmaker[Session],
-        listener: socket.socket,
-        *,
-        idle_callback: Any = None,
+        self, settings: Settings, listener: socket.socket, index: Callable[[IndexRecord], None]
     ) -> None:
         self.settings = settings
         self.listener = listener
-        self.indexer = Indexer(
-            sessions,
-            batch_size=settings.index_batch_size,
-            flush_seconds=settings.index_flush_seconds,
-            idle_callback=idle_callback,
-            idle_interval=settings.assembler_interval_seconds,
-        )
-        self._ae: Any = None
-        self._server: Any = None
-        self._pynetdicom_switches = contextlib.ExitStack()
+        self.index = index
+        self._acceptor: Acceptor | None = None
 
     def start(self) -> None:
         settings = self.settings
-        self._pynetdicom_switches.enter_context(
-            unrestricted_storage_service(settings.accept_unknown_sop_classes)
-        )
-        self.indexer.start()
         context = ReceiverContext(
             settings=settings,
             spool=Spool(settings.spool_dir, fsync=settings.fsync),
-            indexer=self.indexer,
+            index=self.index,
         )
-        self._ae = build_ae(settings)
-        self._server = serve_shared_listener(self._ae, self.listener, event_handlers(context))
-
-    def _established(self) -> list[Any]:
-        return [assoc for assoc in self._ae.active_associations if assoc.is_established]
+        self._acceptor = Acceptor(context, self.listener)
+        self._acceptor.start()
 
     def stop(self, grace_seconds: float) -> None:
-        """Stop accepting, let open associations finish, then flush the index."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-        if self._ae is not None:
-            deadline = time.monotonic() + grace_seconds
-            while self._established() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if self._established():
-                log.warning("aborting associations still open after the grace period")
-            # Connections that never sent an A-ASSOCIATE-RQ (port probes) are just dropped.
-            self._ae.shutdown()
-            self._ae = None
-        self._pynetdicom_switches.close()
-        self.indexer.stop()
+        """Stop accepting and let open associations finish (or abort them after the grace)."""
+        if self._acceptor is not None:
+            self._acceptor.stop(grace_seconds)
+            self._acceptor = None
 
 
 class StopFlag:
@@ -141,55 +114,90 @@ def _die_with_parent() -> None:
         log.warning("cannot tie the receiver's life to the node's on this platform")
 
 
+@dataclass
+class _ReceiverLink:
+    """What the receiver processes share with the node: the socket and two events."""
+
+    listener: socket.socket
+    go: multiprocessing.synchronize.Event
+    stop: multiprocessing.synchronize.Event
+    parent_pid: int
+
+
 def _receiver_process(
-    settings: Settings,
-    listener: socket.socket,
-    stop: multiprocessing.synchronize.Event,
-    ready: multiprocessing.synchronize.Event,
-    parent_pid: int,
+    settings: Settings, link: _ReceiverLink, records: Connection, ready: Any
 ) -> None:
+    """A receiver process: no database, no processing. Its records go to the node's
+    indexer through a pipe of its own (a receiver that dies takes only its pipe along)."""
     _die_with_parent()
-    if os.getppid() != parent_pid:  # the node died before the death signal was armed
-        listener.close()
+    if os.getppid() != link.parent_pid:  # the node died before the death signal was armed
+        link.listener.close()
         return
     # A handler must not touch `stop`: it may interrupt stop.wait() holding the same lock.
     terminated = StopFlag()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, terminated.handler)
     configure_logging(settings.log_level, settings.log_format)
-    engine = make_engine(settings.effective_database_url)
-    receiver = Receiver(settings, make_sessionmaker(engine), listener)
+    while not link.go.wait(0.1):  # the node reconciles the spool before anyone receives
+        if terminated.requested or link.stop.is_set() or os.getppid() != link.parent_pid:
+            return
+    sending = threading.Lock()
+
+    def send(record: IndexRecord | None) -> None:
+        with sending:
+            records.send(record)
+
+    receiver = Receiver(settings, link.listener, send)
     receiver.start()
     ready.set()
-    while not terminated.requested and not stop.wait(0.5):
-        if os.getppid() != parent_pid:
+    while not terminated.requested and not link.stop.wait(0.5):
+        if os.getppid() != link.parent_pid:
             break
     receiver.stop(settings.shutdown_grace_seconds)
-    engine.dispose()
+    send(None)  # this receiver is done
+    records.close()
 
 
 class Node:
+    """The node: receivers, the indexer, the assembler and the processing side.
+
+    With one receiver it runs in this process. With several, each is a process of its
+    own that only receives: its records come to this process's indexer through a queue,
+    so indexing never holds a receiver's GIL.
+    """
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engine: Engine | None = None
         self.sessions: sessionmaker[Session] | None = None
         self.assembler: StudyAssembler | None = None
+        self.indexer: Indexer | None = None
         self._receiver: Receiver | None = None
         self._listener: socket.socket | None = None
         self._children: list[multiprocessing.process.BaseProcess] = []
+        self._link: _ReceiverLink | None = None
+        self._drain: threading.Thread | None = None
+        self._pipes: list[Connection] = []
+        self._pipes_lock = threading.Lock()
         self.exporter: Exporter | None = None
         self.executor: Executor | None = None
         self.dispatcher: Dispatcher | None = None
-        self._stop_children = multiprocessing.get_context("spawn").Event()
+        self._spawn = multiprocessing.get_context("spawn")
         self._stopped = threading.Event()
-
-    @property
-    def indexer(self) -> Indexer | None:
-        return self._receiver.indexer if self._receiver else None
 
     def start(self) -> None:
         settings = self.settings
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
+        self._listener = open_listener(settings.host, settings.port)
+        if settings.effective_receiver_processes > 1:
+            # Started first: they import while this process migrates and reconciles.
+            self._link = _ReceiverLink(
+                self._listener, self._spawn.Event(), self._spawn.Event(), os.getpid()
+            )
+            started = [
+                self._spawn_receiver(f"receiver-{index + 1}")
+                for index in range(settings.effective_receiver_processes)
+            ]
         upgrade(settings.effective_database_url)
         self.engine = make_engine(settings.effective_database_url)
         self.sessions = make_sessionmaker(self.engine)
@@ -197,22 +205,27 @@ class Node:
         with self.sessions.begin() as session:
             sync_from_settings(session, settings)
         self.assembler = StudyAssembler(self.sessions, assembler_quiet_seconds(settings))
-        # Bind first: the executor's cluster takes free ports too.
-        self._listener = open_listener(settings.host, settings.port)
+        self.indexer = Indexer(
+            self.sessions,
+            batch_size=settings.index_batch_size,
+            flush_seconds=settings.index_flush_seconds,
+            idle_callback=self._check_studies,
+            idle_interval=settings.assembler_interval_seconds,
+        )
+        self.indexer.start()
+        if self._link is None:
+            self._receiver = Receiver(settings, self._listener, self.indexer.put)
+            self._receiver.start()
+        else:
+            self._drain = threading.Thread(target=self._drain_records, name="index-drain")
+            self._drain.start()
+            self._link.go.set()
+            for child, ready in started:
+                if not ready.wait(settings.acse_timeout + 60):
+                    log.error("receiver process did not start", name=child.name)
+                self._children.append(child)
         self._start_processing()
         self.assembler.check()
-        self._receiver = Receiver(
-            settings, self.sessions, self._listener, idle_callback=self.assembler.check
-        )
-        self._receiver.start()
-        started = [
-            self._spawn_receiver(f"receiver-{index + 1}")
-            for index in range(settings.effective_receiver_processes - 1)
-        ]
-        for child, ready in started:
-            if not ready.wait(settings.acse_timeout + 60):
-                log.error("receiver process did not start", name=child.name)
-            self._children.append(child)
         log.info(
             "node listening",
             ae_title=settings.ae_title,
@@ -221,6 +234,35 @@ class Node:
             receiver_processes=settings.effective_receiver_processes,
             data_dir=str(settings.data_dir),
         )
+
+    def _check_studies(self) -> None:
+        if self.assembler is not None:
+            self.assembler.check()
+
+    def _drain_records(self) -> None:
+        """Receiver processes' records into the indexer, until each has said it is done
+        (or died: its pipe ends) after the node was told to stop."""
+        assert self._link is not None and self.indexer is not None
+        while True:
+            with self._pipes_lock:
+                pipes = list(self._pipes)
+            if not pipes:
+                if self._link.stop.is_set():
+                    return
+                time.sleep(0.1)
+                continue
+            for pipe in wait(pipes, timeout=0.5):
+                assert isinstance(pipe, Connection)
+                try:
+                    record = pipe.recv()
+                except (EOFError, OSError, pickle.UnpicklingError):
+                    record = None
+                if record is None:
+                    with self._pipes_lock:
+                        self._pipes.remove(pipe)
+                    pipe.close()
+                else:
+                    self.indexer.put(record)
 
     def _start_processing(self) -> None:
         """The exporter, the executor and the dispatcher, which the assembler wakes."""
@@ -247,35 +289,43 @@ class Node:
     def _spawn_receiver(
         self, name: str
     ) -> tuple[multiprocessing.process.BaseProcess, multiprocessing.synchronize.Event]:
-        spawn = multiprocessing.get_context("spawn")
-        ready = spawn.Event()
-        child = spawn.Process(
-            target=_receiver_process,
-            args=(self.settings, self._listener, self._stop_children, ready, os.getpid()),
-            name=name,
+        assert self._link is not None
+        ready = self._spawn.Event()
+        reader, writer = self._spawn.Pipe(duplex=False)
+        child = self._spawn.Process(
+            target=_receiver_process, args=(self.settings, self._link, writer, ready), name=name
         )
         child.start()
+        writer.close()  # the child holds the only writer: its death ends the pipe
+        with self._pipes_lock:
+            self._pipes.append(reader)
         return child, ready
 
     def check_children(self) -> None:
         """Replace a receiver process that died (its acknowledged files are on disk)."""
+        if self._link is None or self._link.stop.is_set():
+            return
         for position, child in enumerate(self._children):
-            if child.is_alive() or self._stop_children.is_set():
-                continue
-            log.error("receiver process died; starting another", exitcode=child.exitcode)
-            self._children[position], _ = self._spawn_receiver(child.name)
+            if not child.is_alive():
+                log.error("receiver process died; starting another", exitcode=child.exitcode)
+                self._children[position], _ = self._spawn_receiver(child.name)
 
     def stop(self, grace_seconds: float | None = None) -> None:
         if self._stopped.is_set():
             return
         grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
-        self._stop_children.set()
+        if self._link is not None:
+            self._link.stop.set()
         if self._receiver is not None:
             self._receiver.stop(grace)
         for child in self._children:
             child.join(grace + 10)
             if child.is_alive():
                 child.kill()
+        if self._drain is not None:
+            self._drain.join(5)
+        if self.indexer is not None:
+            self.indexer.stop()
         if self._listener is not None:
             self._listener.close()
         self._stop_processing(grace)

@@ -7,12 +7,15 @@ outside the spool.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import config
 from pydicom.dataset import Dataset
@@ -23,6 +26,9 @@ from pydicom.valuerep import validate_value
 from processors.errors import BadInputError
 
 SPOOL_SUFFIX = ".dcm"
+INCOMING_DIR = ".incoming"
+INCOMING_PREFIX = ".incoming-"
+_O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)
 # Tags needed to index an instance; reading stops before anything larger.
 INDEX_TAGS = (
     "SOPClassUID",
@@ -91,6 +97,7 @@ class Spool:
         self.root = root
         self.fsync = fsync
         self._known_dirs: set[Path] = set()
+        self._unnamed_files_work = True
 
     def path_for(self, key: InstanceKey) -> Path:
         return (
@@ -113,31 +120,56 @@ class Spool:
                 _fsync_directory(parent.parent)
         self._known_dirs.add(directory)
 
-    def write(self, key: InstanceKey, chunks: list[bytes]) -> tuple[Path, int]:
+    def incoming(self) -> IncomingFile:
+        """A file to stream an instance into before its UIDs are known; ``commit`` files it
+        under them. On Linux it is an unnamed ``O_TMPFILE`` in the spool (nothing to clean
+        up after a crash, no rename); elsewhere a temp file in ``<spool>/.incoming``."""
+        if self.root not in self._known_dirs:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._known_dirs.add(self.root)
+        if _O_TMPFILE and self._unnamed_files_work:
+            try:
+                return IncomingFile(self, os.open(self.root, _O_TMPFILE | os.O_RDWR, 0o644), None)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self._unnamed_files_work = False
+        directory = self.root / INCOMING_DIR
+        if directory not in self._known_dirs:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._known_dirs.add(directory)
+        handle, temp_name = tempfile.mkstemp(prefix=INCOMING_PREFIX, dir=directory)
+        return IncomingFile(self, handle, Path(temp_name))
+
+    def write(self, key: InstanceKey, chunks: Iterable[bytes]) -> tuple[Path, int]:
         """Write a file atomically: temp file, fsync, rename, fsync the directory.
 
         Returns the final path and its size. When this returns, the file survives a crash.
         """
-        final = self.path_for(key)
-        directory = final.parent
-        self._ensure_dir(directory)
-        handle, temp_name = tempfile.mkstemp(prefix=".incoming-", dir=directory)
-        size = 0
+        incoming = self.incoming()
         try:
-            with os.fdopen(handle, "wb") as stream:
-                for chunk in chunks:
-                    stream.write(chunk)
-                    size += len(chunk)
-                stream.flush()
-                if self.fsync:
-                    os.fsync(stream.fileno())
-            os.replace(temp_name, final)
+            for chunk in chunks:
+                incoming.write(chunk)
         except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
+            incoming.discard()
             raise
-        if self.fsync:
-            _fsync_directory(directory)
-        return final, size
+        return incoming.commit(key)
+
+    def file_under(self, incoming: IncomingFile, key: InstanceKey) -> Path:
+        """Give a complete, fsync'd incoming file ``key``'s path; fsync its directory."""
+        final = self.path_for(key)
+        self._ensure_dir(final.parent)
+        directory = os.open(final.parent, os.O_RDONLY)
+        try:
+            if incoming.path is not None:
+                os.replace(incoming.path, final.name, dst_dir_fd=directory)
+            else:
+                _link_unnamed(incoming.fileno, directory, final.name)
+            if self.fsync:
+                os.fsync(directory)
+        finally:
+            os.close(directory)
+        return final
 
     def exists(self, key: InstanceKey) -> bool:
         return self.path_for(key).exists()
@@ -147,7 +179,7 @@ class Spool:
         if not self.root.exists():
             return
         for study_dir in sorted(self.root.iterdir()):
-            if not study_dir.is_dir():
+            if not study_dir.is_dir() or study_dir.name.startswith("."):
                 continue
             for series_dir in sorted(study_dir.iterdir()):
                 if not series_dir.is_dir():
@@ -160,10 +192,70 @@ class Spool:
         removed = 0
         if not self.root.exists():
             return removed
-        for path in self.root.glob("*/*/.incoming-*"):
+        stale = [*self.root.glob(f"*/*/{INCOMING_PREFIX}*"), *self.root.glob(f"{INCOMING_DIR}/*")]
+        for path in stale:
             path.unlink(missing_ok=True)
             removed += 1
         return removed
+
+
+class IncomingFile:
+    """An instance being received: written as it arrives, filed by ``commit``.
+
+    ``path`` is None for an unnamed (``O_TMPFILE``) file.
+    """
+
+    def __init__(self, spool: Spool, handle: int, path: Path | None) -> None:
+        self.spool = spool
+        self.path = path
+        self.fileno = handle
+        self.size = 0
+        self._stream = os.fdopen(handle, "r+b" if path is None else "wb", buffering=0)
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            written = self._stream.write(view) or 0
+            view = view[written:]
+            self.size += written
+
+    def open_for_reading(self) -> BinaryIO:
+        """The file as written so far, from the start, with an offset of its own."""
+        return open(f"/proc/self/fd/{self.fileno}" if self.path is None else self.path, "rb")
+
+    def commit(self, key: InstanceKey) -> tuple[Path, int]:
+        """fsync, name it after ``key``, fsync the directory: then it survives a crash."""
+        try:
+            if self.spool.fsync:
+                os.fsync(self.fileno)
+            final = self.spool.file_under(self, key)
+        except BaseException:
+            self.discard()
+            raise
+        self._stream.close()
+        return final, self.size
+
+    def discard(self) -> None:
+        self._stream.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _link_unnamed(fileno: int, directory: int, name: str) -> None:
+    """Name an ``O_TMPFILE`` file ``name`` in ``directory``, replacing what is there.
+
+    ``dst_dir_fd`` makes Python call linkat() with AT_SYMLINK_FOLLOW, which follows the
+    /proc link to the open file (plain link() would not).
+    """
+    source = f"/proc/self/fd/{fileno}"
+    try:
+        os.link(source, name, dst_dir_fd=directory, follow_symlinks=True)
+    except FileExistsError:  # a duplicate overwritten: link beside it, rename over it
+        beside = f"{INCOMING_PREFIX}{os.getpid()}-{fileno}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(beside, dir_fd=directory)
+        os.link(source, beside, dst_dir_fd=directory, follow_symlinks=True)
+        os.replace(beside, name, src_dir_fd=directory, dst_dir_fd=directory)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -1,9 +1,12 @@
-"""C-STORE: check the header, write the dataset as received (durably), queue it for indexing.
+"""C-STORE: the dataset streamed to a spool file as it arrives, checked, filed, queued for indexing.
 
 Statuses (PS3.4 B.2.3): 0x0000 success, 0xA700 out of resources (the file could not be
 written), 0xA900 data set does not match SOP class (the dataset's SOP class or instance
 UID differs from the request's), 0xC000 cannot understand (unparseable header, a missing
 or invalid UID, a duplicate refused by policy); the codes come from ``dicom_node.dimse_status``.
+
+Memory stays bounded whatever the instance's size: fragments go to the temp file as they
+come, and only the first ``HEAD_BYTES`` are kept to read the header from.
 """
 
 from __future__ import annotations
@@ -11,20 +14,21 @@ from __future__ import annotations
 import datetime as dt
 import zlib
 from io import BytesIO
-from typing import Any
+from typing import BinaryIO
 
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from pynetdicom.events import Event
 
+from dicom_node.ae.dimse import Command
 from dicom_node.config import DuplicatePolicy
 from dicom_node.dimse_status import DimseStatus
-from dicom_node.handlers.context import ReceiverContext
+from dicom_node.handlers.context import AssociationState, ReceiverContext
 from dicom_node.index import InstanceStored, as_int, clip_text
 from dicom_node.storage import (
+    IncomingFile,
     InstanceKey,
     InvalidUIDError,
     encode_file_meta,
@@ -35,114 +39,224 @@ from dicom_node.storage import (
 log = structlog.get_logger(__name__)
 
 _LAST_INDEXED_TAG = 0x00200013  # InstanceNumber: every tag the index needs comes before it
+HEAD_BYTES = 64 * 1024
+"""Dataset bytes kept in memory to read the header from; a longer header is read from the file."""
+_DEFLATED_HEADER_BYTES = 256 * 1024
+
+Outcome = tuple[int, str | None]
+"""A DIMSE status and its error comment."""
+
+SUCCESS: Outcome = (DimseStatus.SUCCESS, None)
 
 
-def _past_index_tags(tag: BaseTag, _vr: str | None, _length: int) -> bool:
-    return bool(tag > _LAST_INDEXED_TAG)
+class _HeaderReader:
+    """Reads a dataset up to the last tag the index needs; pixel data is never touched."""
 
+    def __init__(self, transfer_syntax: UID) -> None:
+        self.transfer_syntax = transfer_syntax
+        self.reached_last_tag = False
 
-def failure(status: DimseStatus, comment: str) -> Dataset:
-    response = Dataset()
-    response.Status = int(status)
-    response.ErrorComment = comment[:64]
-    return response
+    def _stop(self, tag: BaseTag, _vr: str | None, _length: int) -> bool:
+        if tag > _LAST_INDEXED_TAG:
+            self.reached_last_tag = True
+        return self.reached_last_tag
 
-
-def read_header(encoded: bytes, transfer_syntax: UID) -> Dataset:
-    """Parse the dataset up to the last tag the index needs; pixel data is never touched."""
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        encoded = zlib.decompressobj(-zlib.MAX_WBITS).decompress(encoded, 256 * 1024)
-    return read_dataset(
-        BytesIO(encoded),
-        is_implicit_VR=transfer_syntax.is_implicit_VR,
-        is_little_endian=transfer_syntax.is_little_endian,
-        stop_when=_past_index_tags,
-    )
-
-
-def handle_store(event: Event, context: ReceiverContext) -> int | Dataset:
-    state = context.association_state(event.assoc)
-    request: Any = event.request
-    encoded: bytes = request.DataSet.getvalue()
-    transfer_syntax = UID(event.context.transfer_syntax)
-    try:
-        header = read_header(encoded, transfer_syntax)
-        sop_class_uid = header_text(header, "SOPClassUID")
-        sop_instance_uid = header_text(header, "SOPInstanceUID")
-    except Exception as exc:
-        state.instances_failed += 1
-        log.warning("C-STORE refused: header not parseable", error=str(exc)[:200])
-        return failure(DimseStatus.CANNOT_UNDERSTAND, "Cannot parse the data set")
-
-    if not is_valid_uid(sop_class_uid):
-        state.instances_failed += 1
-        log.warning("C-STORE refused: SOP Class UID missing or invalid")
-        return failure(DimseStatus.CANNOT_UNDERSTAND, "SOP Class UID missing or invalid")
-    if sop_class_uid != request.AffectedSOPClassUID:
-        state.instances_failed += 1
-        log.warning("C-STORE refused: SOP class differs from the request")
-        return failure(
-            DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from request"
+    def read(self, stream: BinaryIO) -> Dataset:
+        self.reached_last_tag = False
+        syntax = self.transfer_syntax
+        return read_dataset(
+            stream,
+            is_implicit_VR=syntax.is_implicit_VR,
+            is_little_endian=syntax.is_little_endian,
+            stop_when=self._stop,
+            defer_size=HEAD_BYTES,
         )
-    if sop_instance_uid != request.AffectedSOPInstanceUID:
-        state.instances_failed += 1
-        log.warning("C-STORE refused: SOP instance UID differs from the request")
-        return failure(
-            DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from request"
-        )
-    try:
-        key = InstanceKey.checked(
-            header_text(header, "StudyInstanceUID"),
-            header_text(header, "SeriesInstanceUID"),
-            sop_instance_uid,
-        )
-    except InvalidUIDError as exc:
-        state.instances_failed += 1
-        log.warning("C-STORE refused: invalid UID", reason=str(exc))
-        return failure(DimseStatus.CANNOT_UNDERSTAND, str(exc).split(":")[0])
 
-    policy = context.settings.duplicate_policy
-    duplicate = context.spool.exists(key)
-    if duplicate and policy is not DuplicatePolicy.OVERWRITE:
-        if policy is DuplicatePolicy.REJECT:
-            state.instances_failed += 1
-            log.info(
-                "C-STORE refused: duplicate SOP instance", sop_instance_uid=key.sop_instance_uid
+
+def _inflated(encoded: bytes) -> bytes:
+    return zlib.decompressobj(-zlib.MAX_WBITS).decompress(encoded, _DEFLATED_HEADER_BYTES)
+
+
+def failure(status: DimseStatus, comment: str) -> Outcome:
+    return int(status), comment[:64]
+
+
+class IncomingInstance:
+    """One C-STORE's dataset on its way to the spool.
+
+    ``write`` takes the fragments as they arrive; ``finish`` checks the header against the
+    request, applies the duplicates policy, files the instance durably and queues it for
+    the index, and returns the status to answer with. A failed write is answered 0xA700
+    after the rest of the dataset has been read (and dropped).
+    """
+
+    def __init__(
+        self,
+        context: ReceiverContext,
+        state: AssociationState,
+        request: Command,
+        transfer_syntax: UID,
+    ) -> None:
+        self.context = context
+        self.state = state
+        self.request = request
+        self.transfer_syntax = transfer_syntax
+        self.head = bytearray()
+        self.size = 0
+        self.refusal: Outcome | None = None
+        self.file: IncomingFile | None = None
+        self.meta_length = 0
+        if not (
+            is_valid_uid(request.affected_sop_class_uid)
+            and is_valid_uid(request.affected_sop_instance_uid)
+        ):
+            self.refusal = failure(
+                DimseStatus.CANNOT_UNDERSTAND, "Affected SOP Class/Instance UID invalid"
             )
-            return failure(DimseStatus.CANNOT_UNDERSTAND, "Duplicate SOP Instance refused")
-        log.info("duplicate SOP instance ignored", sop_instance_uid=key.sop_instance_uid)
-        state.instances_received += 1
-        return DimseStatus.SUCCESS
-
-    try:
+            return
         meta = encode_file_meta(
-            str(sop_class_uid), key.sop_instance_uid, str(transfer_syntax), state.calling_ae_title
+            request.affected_sop_class_uid,
+            request.affected_sop_instance_uid,
+            str(transfer_syntax),
+            state.calling_ae_title,
         )
-        path, size = context.spool.write(key, [meta, encoded])
-    except OSError as exc:
-        state.instances_failed += 1
-        log.error("C-STORE failed: cannot write to the spool", error=str(exc))
-        return failure(DimseStatus.OUT_OF_RESOURCES, "Cannot write the instance to storage")
-    if duplicate:
-        log.info("duplicate SOP instance overwritten", sop_instance_uid=key.sop_instance_uid)
+        self.meta_length = len(meta)
+        try:
+            self.file = context.spool.incoming()
+            self.file.write(meta)
+        except OSError as exc:
+            self._write_failed(exc)
 
-    state.instances_received += 1
-    state.bytes_received += len(encoded)
-    context.indexer.put(
-        InstanceStored(
-            key=key,
-            sop_class_uid=str(sop_class_uid),
-            transfer_syntax_uid=str(transfer_syntax),
-            path=path,
-            size_bytes=size,
-            received_at=dt.datetime.now(dt.UTC),
-            association_id=state.association_id,
-            study_date=clip_text(header_text(header, "StudyDate"), 8),
-            modality=clip_text(header_text(header, "Modality"), 16),
-            series_number=as_int(header_text(header, "SeriesNumber")),
-            series_description=clip_text(header_text(header, "SeriesDescription"), 64),
-            body_part_examined=clip_text(header_text(header, "BodyPartExamined"), 16),
-            instance_number=as_int(header_text(header, "InstanceNumber")),
+    def _write_failed(self, exc: OSError) -> None:
+        log.error("C-STORE failed: cannot write to the spool", error=str(exc))
+        self.refusal = failure(DimseStatus.OUT_OF_RESOURCES, "Cannot write the instance to storage")
+        self._drop_file()
+
+    def _drop_file(self) -> None:
+        if self.file is not None:
+            self.file.discard()
+            self.file = None
+
+    def write(self, fragment: memoryview) -> None:
+        self.size += len(fragment)
+        if len(self.head) < HEAD_BYTES:
+            self.head += fragment[: HEAD_BYTES - len(self.head)]
+        if self.file is not None:
+            try:
+                self.file.write(fragment)
+            except OSError as exc:
+                self._write_failed(exc)
+
+    def abandon(self) -> None:
+        """The association ended before the last fragment: nothing of it is kept."""
+        self._drop_file()
+
+    def finish(self) -> Outcome:
+        try:
+            outcome = self._finish()
+        finally:
+            self._drop_file()
+        if outcome[0] == DimseStatus.SUCCESS:
+            self.state.instances_received += 1
+        else:
+            self.state.instances_failed += 1
+        return outcome
+
+    def _header(self) -> Dataset:
+        complete = self.size <= len(self.head)
+        deflated = self.transfer_syntax == DeflatedExplicitVRLittleEndian
+        reader = _HeaderReader(self.transfer_syntax)
+        try:
+            head = _inflated(bytes(self.head)) if deflated else self.head
+            header = reader.read(BytesIO(head))
+            if reader.reached_last_tag or complete:
+                return header
+        except Exception:
+            if complete or self.file is None:
+                raise
+        # The header runs past the bytes kept in memory: read it from the file.
+        assert self.file is not None
+        with self.file.open_for_reading() as stream:
+            stream.seek(self.meta_length)
+            if deflated:
+                return reader.read(BytesIO(_inflated(stream.read(_DEFLATED_HEADER_BYTES * 16))))
+            return reader.read(stream)
+
+    def _finish(self) -> Outcome:
+        if self.refusal is not None:
+            log.warning("C-STORE refused", reason=self.refusal[1])
+            return self.refusal
+        request = self.request
+        try:
+            header = self._header()
+            sop_class_uid = header_text(header, "SOPClassUID")
+            sop_instance_uid = header_text(header, "SOPInstanceUID")
+        except Exception as exc:
+            log.warning("C-STORE refused: header not parseable", error=str(exc)[:200])
+            return failure(DimseStatus.CANNOT_UNDERSTAND, "Cannot parse the data set")
+        if not is_valid_uid(sop_class_uid):
+            log.warning("C-STORE refused: SOP Class UID missing or invalid")
+            return failure(DimseStatus.CANNOT_UNDERSTAND, "SOP Class UID missing or invalid")
+        if sop_class_uid != request.affected_sop_class_uid:
+            log.warning("C-STORE refused: SOP class differs from the request")
+            return failure(
+                DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from request"
+            )
+        if sop_instance_uid != request.affected_sop_instance_uid:
+            log.warning("C-STORE refused: SOP instance UID differs from the request")
+            return failure(
+                DimseStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOP Instance UID differs from request",
+            )
+        try:
+            key = InstanceKey.checked(
+                header_text(header, "StudyInstanceUID"),
+                header_text(header, "SeriesInstanceUID"),
+                sop_instance_uid,
+            )
+        except InvalidUIDError as exc:
+            log.warning("C-STORE refused: invalid UID", reason=str(exc))
+            return failure(DimseStatus.CANNOT_UNDERSTAND, str(exc).split(":")[0])
+        return self._file(key, header)
+
+    def _file(self, key: InstanceKey, header: Dataset) -> Outcome:
+        context = self.context
+        policy = context.settings.duplicate_policy
+        duplicate = context.spool.exists(key)
+        if duplicate and policy is not DuplicatePolicy.OVERWRITE:
+            if policy is DuplicatePolicy.REJECT:
+                log.info(
+                    "C-STORE refused: duplicate SOP instance", sop_instance_uid=key.sop_instance_uid
+                )
+                return failure(DimseStatus.CANNOT_UNDERSTAND, "Duplicate SOP Instance refused")
+            log.info("duplicate SOP instance ignored", sop_instance_uid=key.sop_instance_uid)
+            return SUCCESS
+        assert self.file is not None
+        incoming, self.file = self.file, None
+        try:
+            path, size = incoming.commit(key)
+        except OSError as exc:
+            self._write_failed(exc)
+            assert self.refusal is not None
+            return self.refusal
+        if duplicate:
+            log.info("duplicate SOP instance overwritten", sop_instance_uid=key.sop_instance_uid)
+        self.state.bytes_received += self.size
+        context.index(
+            InstanceStored(
+                key=key,
+                sop_class_uid=str(self.request.affected_sop_class_uid),
+                transfer_syntax_uid=str(self.transfer_syntax),
+                path=path,
+                size_bytes=size,
+                received_at=dt.datetime.now(dt.UTC),
+                association_id=self.state.association_id,
+                study_date=clip_text(header_text(header, "StudyDate"), 8),
+                modality=clip_text(header_text(header, "Modality"), 16),
+                series_number=as_int(header_text(header, "SeriesNumber")),
+                series_description=clip_text(header_text(header, "SeriesDescription"), 64),
+                body_part_examined=clip_text(header_text(header, "BodyPartExamined"), 16),
+                instance_number=as_int(header_text(header, "InstanceNumber")),
+            )
         )
-    )
-    return DimseStatus.SUCCESS
+        return SUCCESS

@@ -1,15 +1,22 @@
-"""What the handlers share: the settings, the spool, the indexer, per-association counters."""
+"""What the handlers share (settings, spool, indexer) and each association's counters."""
 
 from __future__ import annotations
 
-import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from dicom_node.config import Settings
-from dicom_node.index import Indexer
+from dicom_node.index import IndexRecord
 from dicom_node.storage import Spool
+
+
+@dataclass(frozen=True)
+class Peer:
+    calling_ae_title: str
+    called_ae_title: str
+    address: str
+    port: int
 
 
 @dataclass
@@ -25,18 +32,5 @@ class AssociationState:
 class ReceiverContext:
     settings: Settings
     spool: Spool
-    indexer: Indexer
-    _associations: dict[int, AssociationState] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def association_state(self, assoc: Any) -> AssociationState:
-        key = id(assoc)
-        with self._lock:
-            state = self._associations.get(key)
-            if state is None:
-                state = self._associations[key] = AssociationState()
-            return state
-
-    def forget_association(self, assoc: Any) -> AssociationState | None:
-        with self._lock:
-            return self._associations.pop(id(assoc), None)
+    index: Callable[[IndexRecord], None]
+    """Takes the record of what was stored: the indexer's queue, or a pipe to it."""

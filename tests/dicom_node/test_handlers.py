@@ -60,6 +60,11 @@ def send_paths(node: Node, paths: list[Path], calling_ae: str = "TESTSCU"):  # t
     )
 
 
+def spooled_files(spool_dir: Path) -> list[Path]:
+    """Every file in the spool, temp files included."""
+    return [path for path in spool_dir.rglob("*") if path.is_file()]
+
+
 def count_instances(node: Node) -> int:
     assert node.indexer is not None and node.sessions is not None
     assert node.indexer.flush()
@@ -110,7 +115,7 @@ def test_real_files_without_study_uid_are_refused(node: Node, name: str) -> None
     assert report.sent == 0
     assert "0xC000" in report.failed[0][1]
     assert count_instances(node) == 0
-    assert list(node.settings.spool_dir.iterdir()) == []
+    assert spooled_files(node.settings.spool_dir) == []
 
 
 def _raw_store(port: int, dataset, affected_sop_class: str, affected_sop_instance: str) -> int:  # type: ignore[no-untyped-def]
@@ -162,7 +167,7 @@ def test_invalid_uid_refused_and_never_a_path(node: Node, small_ct: SyntheticSer
     assert status == 0xC000
     data_dir = node.settings.data_dir
     assert not any("escape" in str(p) for p in data_dir.parent.rglob("*"))
-    assert list(node.settings.spool_dir.iterdir()) == []
+    assert spooled_files(node.settings.spool_dir) == []
 
 
 @pytest.mark.parametrize(
@@ -235,22 +240,29 @@ def test_called_ae_title_check(tmp_path: Path) -> None:
         running.stop(1)
 
 
+@pytest.mark.parametrize("failing", ["write", "fsync"])
 def test_spool_write_failure_is_out_of_resources(
-    node: Node, small_ct: SyntheticSeries, monkeypatch: pytest.MonkeyPatch
+    node: Node, small_ct: SyntheticSeries, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
+    """The disk fills while the dataset streams in, or at the fsync: 0xA700, no file left."""
     import errno
 
-    from dicom_node.storage import Spool
+    from dicom_node import storage
 
-    def disk_full(self: Spool, key: object, chunks: object) -> None:
+    def disk_full(*args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Spool, "write", disk_full)
+    if failing == "write":
+        monkeypatch.setattr(storage.IncomingFile, "write", disk_full)
+    else:
+        monkeypatch.setattr(storage.os, "fsync", disk_full)
     dataset = small_ct.datasets[0]
     assert _raw_store(node.settings.port, dataset, CTImageStorage, dataset.SOPInstanceUID) == 0xA700
     monkeypatch.undo()
+    assert spooled_files(node.settings.spool_dir) == []
     assert _raw_store(node.settings.port, dataset, CTImageStorage, dataset.SOPInstanceUID) == 0
     assert count_instances(node) == 1
+    assert len(spooled_files(node.settings.spool_dir)) == 1
 
 
 def test_invalid_values_are_stored_as_received_and_indexed(
@@ -288,10 +300,11 @@ def _accepts_sop_class(port: int, sop_class: str) -> bool:
         assoc.release()
 
 
-def test_unknown_sop_classes_accepted_only_while_a_node_that_allows_them_serves(
+def test_unknown_sop_classes_accepted_only_by_a_node_that_allows_them(
     tmp_path: Path, small_ct: SyntheticSeries
 ) -> None:
-    """pynetdicom's switch for them is process-wide: the receiver holds it while it serves."""
+    """Each node's own setting decides, even two nodes in one process (no pynetdicom
+    process-wide switch is involved any more)."""
     dataset = copy.deepcopy(small_ct.datasets[0])
     dataset.SOPClassUID = siemens_csa_non_image = "1.3.12.2.1107.5.9.1"
     accepting = Node(local_settings(tmp_path / "accepting", accept_unknown_sop_classes=True))
@@ -301,12 +314,13 @@ def test_unknown_sop_classes_accepted_only_while_a_node_that_allows_them_serves(
         port, uid = accepting.settings.port, dataset.SOPInstanceUID
         assert _raw_store(port, dataset, siemens_csa_non_image, uid) == 0
         assert count_instances(accepting) == 1
+        refusing = Node(local_settings(tmp_path / "refusing"))
+        refusing.start()
+        try:
+            assert not _accepts_sop_class(refusing.settings.port, siemens_csa_non_image)
+            assert _accepts_sop_class(accepting.settings.port, siemens_csa_non_image)
+        finally:
+            refusing.stop(1)
     finally:
         accepting.stop(1)
     assert _config.UNRESTRICTED_STORAGE_SERVICE is False
-    refusing = Node(local_settings(tmp_path / "refusing"))
-    refusing.start()
-    try:
-        assert not _accepts_sop_class(refusing.settings.port, siemens_csa_non_image)
-    finally:
-        refusing.stop(1)

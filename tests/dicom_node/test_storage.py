@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -108,14 +109,35 @@ def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     key = InstanceKey.checked("1.2.3", "1.2.3.4", "1.2.3.4.5")
 
-    class Exploding(bytes):
-        def __len__(self) -> int:
-            raise OSError("disk full")
+    def chunks_until_the_disk_fills() -> Iterator[bytes]:
+        yield b"partial"
+        raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        spool.write(key, [b"partial", Exploding(b"x")])
+        spool.write(key, chunks_until_the_disk_fills())
     assert not spool.exists(key)
-    assert list(spool.path_for(key).parent.iterdir()) == []
+    assert [p for p in spool.root.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "named temp file"])
+def test_incoming_file_streams_then_files_under_its_key(tmp_path: Path, unnamed: bool) -> None:
+    """An instance is written as it arrives, before its UIDs are known, then filed; a
+    second one with the same key replaces it (the overwrite policy)."""
+    spool = Spool(tmp_path / "spool")
+    spool._unnamed_files_work = unnamed
+    key = InstanceKey.checked("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    for content in (b"headtail", b"second"):
+        incoming = spool.incoming()
+        assert (incoming.path is None) == unnamed
+        incoming.write(content[:4])
+        incoming.write(memoryview(b"--" + content[4:])[2:])
+        with incoming.open_for_reading() as stream:
+            assert stream.read() == content
+        assert spool.exists(key) == (content == b"second")  # never a half-written instance
+        path, size = incoming.commit(key)
+        assert path == spool.path_for(key) and path.read_bytes() == content
+        assert size == len(content)
+        assert [p for p in spool.root.rglob("*") if p.is_file()] == [path]
 
 
 def test_stale_temp_files_are_removed_and_not_listed(tmp_path: Path) -> None:
@@ -125,7 +147,12 @@ def test_stale_temp_files_are_removed_and_not_listed(tmp_path: Path) -> None:
     stale = spool.path_for(key).parent / ".incoming-abc"
     stale.write_bytes(b"half")
     assert list(spool.iter_files()) == [spool.path_for(key)]
-    assert spool.remove_stale_temp_files() == 1
+    spool._unnamed_files_work = False  # an O_TMPFILE leaves nothing behind to remove
+    interrupted = spool.incoming()
+    interrupted.write(b"half an instance")
+    assert list(spool.iter_files()) == [spool.path_for(key)]
+    assert spool.remove_stale_temp_files() == 2
+    assert interrupted.path is not None and not interrupted.path.exists()
     assert not stale.exists()
 
 

@@ -24,6 +24,8 @@ BAD_INPUT = [
     "processors.registry.UnknownProcessorError",
     "processors.registry.ProcessorUnavailableError",
     "db.upsert.UnsupportedDatabaseError",
+    "dicom_node.ae.wire.ProtocolError",
+    "dicom_node.ae.wire.PeerGoneError",
 ]
 FAILED = [
     "dicom_node.scu.AssociationFailedError",
@@ -33,7 +35,6 @@ FAILED = [
     "processors.base.ProcessorError",
     "processors.model_manifest.ModelError",
     "db.session.MigrationError",
-    "dicom_node.ae.pynetdicom_internals.ProcessWideSwitchError",
 ]
 KINDS = (BadInputError, OperationFailedError)
 # Builtins that callers catch some of these by (a pydantic validator, dicom_node.process).

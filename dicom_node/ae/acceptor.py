@@ -1,0 +1,115 @@
+"""A receiver's acceptor: takes connections off the node's shared listening socket and
+serves each on a thread of its own (``dicom_node.ae.association``).
+
+Several receiver processes accept on one socket (pre-fork style, see ``dicom_node.node``).
+A receiver that is busy with associations waits a little before it accepts, so new
+associations go to the idle ones. Connections are bounded per receiver: at most
+``max_associations`` established ones (more are refused with A-ASSOCIATE-RJ "local limit
+exceeded"), and as many again still negotiating; a connection beyond that is closed at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import threading
+import time
+
+import structlog
+
+from dicom_node.ae.association import AdmissionControl, Association
+from dicom_node.ae.negotiation import Negotiator
+from dicom_node.handlers.context import ReceiverContext
+
+log = structlog.get_logger(__name__)
+
+ACCEPT_BACKOFF_PER_ASSOCIATION = 0.003
+"""Seconds a receiver waits per association it is serving before it accepts another."""
+DEFAULT_MAX_PDU_LENGTH = 1 << 20
+"""The P-DATA-TF length announced when ``max_pdu_size`` is 0: bounded, and large enough
+that PDU handling costs nothing next to the data (DCMTK sends at most 128 KiB anyway)."""
+_POLL_SECONDS = 0.25
+
+
+class Acceptor:
+    def __init__(self, context: ReceiverContext, listener: socket.socket) -> None:
+        settings = context.settings
+        self.context = context
+        self.listener = listener
+        self.negotiator = Negotiator(
+            settings.ae_title,
+            settings.max_pdu_size or DEFAULT_MAX_PDU_LENGTH,
+            settings.accept_unknown_sop_classes,
+        )
+        self.admission = AdmissionControl(settings.max_associations)
+        self.max_connections = 2 * settings.max_associations
+        self._connections: set[Association] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._accept_loop, name="dicom-acceptor", daemon=True
+        )
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                readable, _, _ = select.select([self.listener], [], [], _POLL_SECONDS)
+            except (OSError, ValueError):  # the listener was closed under us: stopping
+                return
+            if not readable:
+                continue
+            busy = len(self.admission.established())
+            if busy:
+                time.sleep(min(ACCEPT_BACKOFF_PER_ASSOCIATION * busy, 0.02))
+            try:
+                connection, address = self.listener.accept()
+            except OSError:  # BlockingIOError: another receiver took it
+                continue
+            self._serve(connection, address)
+
+    def _serve(self, connection: socket.socket, address: tuple[str, int]) -> None:
+        connection.setblocking(True)
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            if len(self._connections) >= self.max_connections:
+                log.warning("connection refused: too many connections", peer=address[0])
+                with contextlib.suppress(OSError):
+                    connection.close()
+                return
+            association = Association(
+                connection, address, self.context, self.negotiator, self.admission
+            )
+            self._connections.add(association)
+        threading.Thread(
+            target=self._run, args=(association,), name="dicom-association", daemon=True
+        ).start()
+
+    def _run(self, association: Association) -> None:
+        try:
+            association.serve()
+        finally:
+            with self._lock:
+                self._connections.discard(association)
+
+    def stop(self, grace_seconds: float) -> None:
+        """Stop accepting, let established associations finish, then abort what is left."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+        deadline = time.monotonic() + grace_seconds
+        while self.admission.established() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._lock:
+            remaining = list(self._connections)
+        if self.admission.established():
+            log.warning("aborting associations still open after the grace period")
+        for association in remaining:  # port probes and half-negotiated ones are dropped too
+            association.abort()
+        deadline = time.monotonic() + 5.0
+        while self._connections and time.monotonic() < deadline:
+            time.sleep(0.01)

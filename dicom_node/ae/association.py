@@ -1,0 +1,296 @@
+"""One accepted connection, served by one thread, synchronously: no queues, no polling.
+
+The thread reads a PDU, acts on it and answers before it reads the next, the way
+dcm4che's receiver works: a C-STORE's dataset fragments go to its spool file as they
+are read, and the response is sent as soon as the last one is filed. Timeouts (PS3.8
+9.1.5's ARTIM and the node's ``network_timeout``/``dimse_timeout``) bound every wait;
+any breach of the protocol aborts the association, never the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from dataclasses import dataclass
+
+import structlog
+from pydicom.uid import UID
+
+from dicom_node.ae.dimse import (
+    C_CANCEL_RQ,
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    MAX_COMMAND_BYTES,
+    Command,
+    decode_command,
+    encode_response,
+)
+from dicom_node.ae.negotiation import (
+    VERIFICATION,
+    Negotiated,
+    Negotiator,
+    decode_request,
+    request_bytes,
+)
+from dicom_node.ae.wire import (
+    RELEASE_RP,
+    AbortReason,
+    PduReader,
+    PduType,
+    Pdv,
+    PeerGoneError,
+    ProtocolError,
+    abort_pdu,
+    iter_pdvs,
+    p_data_pdu,
+    reject_pdu,
+)
+from dicom_node.dimse_status import DimseStatus
+from dicom_node.handlers.association import (
+    REJECT_LOCAL_LIMIT_EXCEEDED,
+    record_closed,
+    record_established,
+    record_rejected,
+    rejection_reason,
+)
+from dicom_node.handlers.c_store import IncomingInstance, Outcome
+from dicom_node.handlers.context import AssociationState, Peer, ReceiverContext
+
+log = structlog.get_logger(__name__)
+
+_COMMAND_LAST = 0x03
+_CLOSE_WAIT_SECONDS = 2.0
+"""After A-RELEASE-RP or A-ASSOCIATE-RJ, how long the requestor has to close its end."""
+
+
+@dataclass
+class _Message:
+    """A DIMSE request in progress: its command, then (maybe) its dataset."""
+
+    context_id: int
+    command_bytes: bytearray
+    command: Command | None = None
+    instance: IncomingInstance | None = None
+    discarded_bytes: int = 0
+
+
+class Association:
+    """Serves one connection from A-ASSOCIATE-RQ to release, abort or timeout."""
+
+    def __init__(
+        self,
+        connection: socket.socket,
+        address: tuple[str, int],
+        context: ReceiverContext,
+        negotiator: Negotiator,
+        admit: AdmissionControl,
+    ) -> None:
+        self.connection = connection
+        self.address = address
+        self.context = context
+        self.negotiator = negotiator
+        self.admit = admit
+        settings = context.settings
+        self.reader = PduReader(connection, settings.network_timeout, negotiator.max_pdu_length)
+        self.established = False
+        self._admitted = False
+        self.state: AssociationState | None = None
+        self._negotiated: Negotiated | None = None
+        self._peer_max_pdu = 0
+        self._message: _Message | None = None
+        self._send_lock = threading.Lock()
+        self._released = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def serve(self) -> None:
+        try:
+            self._serve()
+        except ProtocolError as exc:
+            log.warning("association aborted: protocol error", peer=self.address[0], error=str(exc))
+            self._send_quietly(abort_pdu(exc.reason))
+        except PeerGoneError as exc:
+            log.info("association dropped", peer=self.address[0], reason=str(exc))
+        except Exception:
+            log.exception("association aborted: internal error", peer=self.address[0])
+            self._send_quietly(abort_pdu(AbortReason.NOT_SPECIFIED))
+        finally:
+            if self._message is not None and self._message.instance is not None:
+                self._message.instance.abandon()
+            with contextlib.suppress(OSError):
+                self.connection.close()
+            if self.established:
+                assert self.state is not None
+                record_closed(self.context, self.state, self._released)
+            if self._admitted:
+                self.admit.leave(self)
+
+    def abort(self) -> None:
+        """From another thread (shutdown): send A-ABORT and unblock the serving thread."""
+        self._send_quietly(abort_pdu(AbortReason.NOT_SPECIFIED, source=0x00))
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _send(self, data: bytes) -> None:
+        with self._send_lock:
+            self.connection.sendall(data)
+
+    def _send_quietly(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.settimeout(1.0)
+            self._send(data)
+
+    def _wait_for_close(self) -> None:
+        with contextlib.suppress(OSError, PeerGoneError, ProtocolError):
+            self.reader.read(timeout=_CLOSE_WAIT_SECONDS)
+
+    # ------------------------------------------------------------------ association
+    def _serve(self) -> None:
+        kind, body = self.reader.read(timeout=self.context.settings.acse_timeout)
+        if kind is not PduType.ASSOCIATE_RQ:
+            raise ProtocolError(f"{kind.name} before A-ASSOCIATE-RQ", AbortReason.UNEXPECTED_PDU)
+        request = decode_request(request_bytes(body))
+        peer = Peer(request.calling_ae_title, request.called_ae_title, *self.address[:2])
+        verdict = rejection_reason(self.context, peer)
+        if verdict is None:
+            self._admitted = self.admit.enter(self)
+            if not self._admitted:
+                verdict = "too many associations", REJECT_LOCAL_LIMIT_EXCEEDED
+        if verdict is not None:
+            reason, (result, source, diagnostic) = verdict
+            record_rejected(self.context, peer, reason)
+            self._send(reject_pdu(result, source, diagnostic))
+            self._wait_for_close()
+            return
+        self._negotiated = self.negotiator.negotiate(request)
+        self._peer_max_pdu = request.max_pdu_length
+        self._send(self._negotiated.accept_pdu)
+        self.state = record_established(self.context, peer)
+        self.established = True
+        self._serve_established()
+
+    def _serve_established(self) -> None:
+        settings = self.context.settings
+        while True:
+            timeout = settings.network_timeout if self._message is None else settings.dimse_timeout
+            kind, body = self.reader.read(timeout=timeout)
+            if kind is PduType.P_DATA_TF:
+                for pdv in iter_pdvs(body):
+                    self._pdv(pdv)
+            elif kind is PduType.RELEASE_RQ:
+                if self._message is not None:
+                    raise ProtocolError("A-RELEASE-RQ inside a DIMSE message")
+                self._send(RELEASE_RP)
+                self._released = True
+                self._wait_for_close()
+                return
+            elif kind is PduType.ABORT:
+                log.info("association aborted by the peer", peer=self.address[0])
+                return
+            else:
+                raise ProtocolError(f"unexpected {kind.name}", AbortReason.UNEXPECTED_PDU)
+
+    # ------------------------------------------------------------------ DIMSE
+    def _pdv(self, pdv: Pdv) -> None:
+        assert self._negotiated is not None
+        if pdv.context_id not in self._negotiated.transfer_syntaxes:
+            raise ProtocolError(
+                f"PDV on presentation context {pdv.context_id}, which was not accepted",
+                AbortReason.INVALID_PDU_PARAMETER_VALUE,
+            )
+        message = self._message
+        if message is not None and pdv.context_id != message.context_id:
+            raise ProtocolError("a DIMSE message switched presentation context")
+        if pdv.is_command:
+            if message is None:
+                message = self._message = _Message(pdv.context_id, bytearray())
+            elif message.command is not None:
+                raise ProtocolError("a command fragment inside a data set")
+            message.command_bytes += pdv.data
+            if len(message.command_bytes) > MAX_COMMAND_BYTES:
+                raise ProtocolError("command set longer than any DIMSE command")
+            if pdv.is_last:
+                message.command = decode_command(bytes(message.command_bytes))
+                self._command_complete(message)
+            return
+        if message is None or message.command is None:
+            raise ProtocolError("a data set fragment without its command")
+        if not message.command.has_data_set:
+            raise ProtocolError("a data set for a command that announced none")
+        if message.instance is not None:
+            message.instance.write(pdv.data)
+        else:
+            message.discarded_bytes += len(pdv.data)
+        if pdv.is_last:
+            self._data_set_complete(message)
+
+    def _command_complete(self, message: _Message) -> None:
+        assert message.command is not None and self._negotiated is not None
+        command = message.command
+        abstract_syntax = self._negotiated.abstract_syntaxes[message.context_id]
+        if command.command_field == C_CANCEL_RQ:  # nothing here runs long enough to cancel
+            self._message = None
+        elif command.command_field == C_STORE_RQ and abstract_syntax != VERIFICATION:
+            if not command.has_data_set:
+                self._respond(
+                    message, (DimseStatus.CANNOT_UNDERSTAND, "C-STORE without a data set")
+                )
+                return
+            assert self.state is not None
+            transfer_syntax = UID(self._negotiated.transfer_syntaxes[message.context_id])
+            message.instance = IncomingInstance(self.context, self.state, command, transfer_syntax)
+        elif command.command_field == C_ECHO_RQ and not command.has_data_set:
+            self._respond(message, (DimseStatus.SUCCESS, None))
+        elif not command.has_data_set:
+            self._respond(message, self._unsupported(command))
+
+    def _data_set_complete(self, message: _Message) -> None:
+        assert message.command is not None
+        if message.instance is not None:
+            self._respond(message, message.instance.finish())
+        else:
+            self._respond(message, self._unsupported(message.command))
+
+    @staticmethod
+    def _unsupported(command: Command) -> Outcome:
+        log.warning("DIMSE request not supported", command_field=f"0x{command.command_field:04X}")
+        return DimseStatus.UNRECOGNISED_OPERATION, "Only C-ECHO and C-STORE are served"
+
+    def _respond(self, message: _Message, outcome: Outcome) -> None:
+        assert message.command is not None
+        self._message = None
+        status, comment = outcome
+        encoded = encode_response(message.command, status, comment)
+        fragment = len(encoded)
+        if self._peer_max_pdu:
+            fragment = max(self._peer_max_pdu - 6, 1)
+        pdus = []
+        for start in range(0, len(encoded), fragment):
+            last = start + fragment >= len(encoded)
+            control = _COMMAND_LAST if last else 0x01
+            pdus.append(p_data_pdu(message.context_id, control, encoded[start : start + fragment]))
+        self._send(b"".join(pdus))
+
+
+class AdmissionControl:
+    """How many associations one receiver serves at once (``max_associations``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._established: set[Association] = set()
+
+    def enter(self, association: Association) -> bool:
+        with self._lock:
+            if len(self._established) >= self.limit:
+                return False
+            self._established.add(association)
+            return True
+
+    def leave(self, association: Association) -> None:
+        with self._lock:
+            self._established.discard(association)
+
+    def established(self) -> list[Association]:
+        with self._lock:
+            return list(self._established)
