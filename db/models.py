@@ -27,6 +27,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from db.enums import AssociationStatus as AssociationStatus
+
 UID = String(64)
 AE_TITLE = String(16)
 
@@ -74,13 +76,6 @@ class Base(DeclarativeBase):
 class StudyStatus(StrEnum):
     RECEIVING = "receiving"
     COMPLETE = "complete"
-
-
-class AssociationStatus(StrEnum):
-    OPEN = "open"
-    RELEASED = "released"
-    ABORTED = "aborted"
-    REJECTED = "rejected"
 
 
 class Association(Base):

@@ -129,7 +129,8 @@ def make_output_folder(folder: Path) -> None:
 def serve(config: ConfigOption = None) -> None:
     """Run the node: receive over DICOM, index, detect complete studies. Stops on SIGTERM/SIGINT."""
     from dicom_node.logging import configure_logging
-    from dicom_node.node import Node, StopFlag
+    from dicom_node.node import Node
+    from dicom_node.receiver import StopFlag
 
     settings = settings_from(config)
     refuse_unusable_device(settings)

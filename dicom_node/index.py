@@ -33,6 +33,14 @@ from db.models import (
     StudyStatus,
 )
 from db.upsert import insert_for
+from dicom_node.records import (
+    AssociationClosed,
+    AssociationOpened,
+    IndexRecord,
+    InstanceStored,
+    as_int,
+    clip_text,
+)
 from dicom_node.storage import InstanceKey, Spool, is_valid_uid, read_index_fields
 
 log = structlog.get_logger(__name__)
@@ -44,64 +52,9 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-@dataclass(frozen=True)
-class AssociationOpened:
-    association_id: str
-    calling_ae_title: str
-    called_ae_title: str
-    peer_address: str
-    peer_port: int
-    accepted: bool
-    reject_reason: str | None
-    started_at: dt.datetime
-
-
-@dataclass(frozen=True)
-class AssociationClosed:
-    association_id: str
-    status: AssociationStatus
-    ended_at: dt.datetime
-    instances_received: int
-    instances_failed: int
-    bytes_received: int
-
-
-@dataclass(frozen=True)
-class InstanceStored:
-    key: InstanceKey
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    path: Path
-    size_bytes: int
-    received_at: dt.datetime
-    association_id: str | None
-    study_date: str | None = None
-    modality: str | None = None
-    series_number: int | None = None
-    series_description: str | None = None
-    body_part_examined: str | None = None
-    instance_number: int | None = None
-
-
-IndexRecord = AssociationOpened | AssociationClosed | InstanceStored
-
-
 @dataclass
 class _Flush:
     done: threading.Event = field(default_factory=threading.Event)
-
-
-def clip_text(value: object, length: int) -> str | None:
-    if value is None or value == "":
-        return None
-    return str(value)[:length]
-
-
-def as_int(value: object) -> int | None:
-    try:
-        return int(str(value)) if value not in (None, "") else None
-    except ValueError:
-        return None
 
 
 def write_batch(session: Session, records: Sequence[IndexRecord]) -> list[Path]:
@@ -436,9 +389,20 @@ def stored_record_from_file(
     )
 
 
-def reconcile(spool: Spool, sessions: sessionmaker[Session], batch_size: int = 500) -> int:
-    """Index every spooled file the database does not know. Returns how many were added."""
-    removed = spool.remove_stale_temp_files()
+def reconcile(
+    spool: Spool,
+    sessions: sessionmaker[Session],
+    batch_size: int = 500,
+    *,
+    started_at: float | None = None,
+) -> int:
+    """Index every spooled file the database does not know. Returns how many were added.
+
+    Receivers may be storing already (``started_at``: when the node started): a file they
+    file meanwhile may be indexed here and by the indexer, which is harmless, and their
+    temp files are left alone.
+    """
+    removed = spool.remove_stale_temp_files(older_than=started_at)
     if removed:
         log.info("removed interrupted writes", count=removed)
     with sessions() as session:

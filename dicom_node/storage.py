@@ -188,13 +188,20 @@ class Spool:
                     if path.suffix == SPOOL_SUFFIX and not path.name.startswith("."):
                         yield path
 
-    def remove_stale_temp_files(self) -> int:
+    def remove_stale_temp_files(self, older_than: float | None = None) -> int:
+        """Delete named temp files of interrupted writes (those last written before
+        ``older_than``, a time.time(), when receivers may be writing already)."""
         removed = 0
         if not self.root.exists():
             return removed
         stale = [*self.root.glob(f"*/*/{INCOMING_PREFIX}*"), *self.root.glob(f"{INCOMING_DIR}/*")]
         for path in stale:
-            path.unlink(missing_ok=True)
+            try:
+                if older_than is not None and path.stat().st_mtime >= older_than:
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                continue
             removed += 1
         return removed
 

@@ -5,12 +5,13 @@ Several receiver processes accept on one socket (pre-fork style, see ``dicom_nod
 A receiver that is busy with associations waits a little before it accepts, so new
 associations go to the idle ones. Connections are bounded per receiver: at most
 ``max_associations`` established ones (more are refused with A-ASSOCIATE-RJ "local limit
-exceeded"), and as many again still negotiating; a connection beyond that is closed at once.
+exceeded"), and ``PENDING_PER_ASSOCIATION`` times as many that have not asked for an
+association yet. Port scanners and half-open probes are not associations: when there are
+too many of those, the oldest is dropped, so idle connections cannot lock a modality out.
 """
 
 from __future__ import annotations
 
-import contextlib
 import select
 import socket
 import threading
@@ -30,6 +31,7 @@ DEFAULT_MAX_PDU_LENGTH = 1 << 20
 """The P-DATA-TF length announced when ``max_pdu_size`` is 0: bounded, and large enough
 that PDU handling costs nothing next to the data (DCMTK sends at most 128 KiB anyway)."""
 _POLL_SECONDS = 0.25
+PENDING_PER_ASSOCIATION = 8
 
 
 class Acceptor:
@@ -43,8 +45,8 @@ class Acceptor:
             settings.accept_unknown_sop_classes,
         )
         self.admission = AdmissionControl(settings.max_associations)
-        self.max_connections = 2 * settings.max_associations
-        self._connections: set[Association] = set()
+        self.max_pending = PENDING_PER_ASSOCIATION * settings.max_associations
+        self._connections: dict[Association, None] = {}  # in the order they came
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -76,15 +78,14 @@ class Acceptor:
         connection.setblocking(True)
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
-            if len(self._connections) >= self.max_connections:
-                log.warning("connection refused: too many connections", peer=address[0])
-                with contextlib.suppress(OSError):
-                    connection.close()
-                return
+            pending = [a for a in self._connections if not a.requested]
+            if len(pending) >= self.max_pending:
+                log.warning("too many connections without an association: dropping the oldest")
+                pending[0].drop()
             association = Association(
                 connection, address, self.context, self.negotiator, self.admission
             )
-            self._connections.add(association)
+            self._connections[association] = None
         threading.Thread(
             target=self._run, args=(association,), name="dicom-association", daemon=True
         ).start()
@@ -94,7 +95,7 @@ class Acceptor:
             association.serve()
         finally:
             with self._lock:
-                self._connections.discard(association)
+                self._connections.pop(association, None)
 
     def stop(self, grace_seconds: float) -> None:
         """Stop accepting, let established associations finish, then abort what is left."""

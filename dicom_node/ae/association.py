@@ -93,6 +93,8 @@ class Association:
         self.admit = admit
         settings = context.settings
         self.reader = PduReader(connection, settings.network_timeout, negotiator.max_pdu_length)
+        self.requested = False
+        """An A-ASSOCIATE-RQ came (until then this is just a connection)."""
         self.established = False
         self._admitted = False
         self.state: AssociationState | None = None
@@ -131,6 +133,11 @@ class Association:
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
 
+    def drop(self) -> None:
+        """From another thread: close a connection that never asked for an association."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
     def _send(self, data: bytes) -> None:
         with self._send_lock:
             self.connection.sendall(data)
@@ -149,6 +156,7 @@ class Association:
         kind, body = self.reader.read(timeout=self.context.settings.acse_timeout)
         if kind is not PduType.ASSOCIATE_RQ:
             raise ProtocolError(f"{kind.name} before A-ASSOCIATE-RQ", AbortReason.UNEXPECTED_PDU)
+        self.requested = True
         request = decode_request(request_bytes(body))
         peer = Peer(request.calling_ae_title, request.called_ae_title, *self.address[:2])
         verdict = rejection_reason(self.context, peer)

@@ -119,6 +119,7 @@ class Negotiator:
                 AbortReason.INVALID_PDU_PARAMETER_VALUE,
             ) from None
         accepted = [context for context in results if context.result == 0x00]
+        _prefer_the_requestors_transfer_syntax(accepted, proposed)
         return Negotiated(
             accept_pdu=self._accept_pdu(request, results, role_replies),
             transfer_syntaxes={
@@ -159,6 +160,22 @@ class Negotiator:
         pdu = A_ASSOCIATE_AC()
         pdu.from_primitive(primitive)
         return bytes(pdu.encode())
+
+
+def _prefer_the_requestors_transfer_syntax(
+    accepted: list[PresentationContext], proposed: list[PresentationContext]
+) -> None:
+    """pynetdicom takes the first of the acceptor's transfer syntaxes the requestor offers
+    (implicit VR little endian, for the node's list). A sender that offers its file's own
+    syntax first, then uncompressed ones (dcmsend, storescu), would then convert: JPEG
+    decompressed, private elements' VRs lost. The node stores what it is sent, so it
+    takes the requestor's first choice among those it accepts."""
+    offered = {context.context_id: context.transfer_syntax for context in proposed}
+    acceptable = set(ACCEPTED_TRANSFER_SYNTAXES)
+    for context in accepted:
+        first = next((ts for ts in offered.get(context.context_id, []) if ts in acceptable), None)
+        if first is not None:
+            context.transfer_syntax = [first]
 
 
 def request_bytes(body: memoryview) -> bytes:

@@ -7,9 +7,9 @@ import os
 
 import structlog
 
-from db.models import AssociationStatus
+from db.enums import AssociationStatus
 from dicom_node.handlers.context import AssociationState, Peer, ReceiverContext
-from dicom_node.index import AssociationClosed, AssociationOpened
+from dicom_node.records import AssociationClosed, AssociationOpened
 
 log = structlog.get_logger(__name__)
 

@@ -26,7 +26,7 @@ from dicom_node.ae.dimse import Command
 from dicom_node.config import DuplicatePolicy
 from dicom_node.dimse_status import DimseStatus
 from dicom_node.handlers.context import AssociationState, ReceiverContext
-from dicom_node.index import InstanceStored, as_int, clip_text
+from dicom_node.records import InstanceStored, as_int, clip_text
 from dicom_node.storage import (
     IncomingFile,
     InstanceKey,

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dicom_node.config import Settings
-from dicom_node.index import IndexRecord
+from dicom_node.records import IndexRecord
 from dicom_node.storage import Spool
 
 

@@ -8,7 +8,8 @@ from sqlalchemy import select
 from db.models import Study, StudyEvent
 from db.session import make_engine, make_sessionmaker, upgrade
 from dicom_node.assembler import StudyAssembler, StudyCompleted
-from dicom_node.index import InstanceStored, write_batch
+from dicom_node.index import write_batch
+from dicom_node.records import InstanceStored
 from dicom_node.storage import InstanceKey
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)

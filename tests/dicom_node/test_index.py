@@ -17,16 +17,8 @@ from db.models import (
 )
 from db.session import make_engine, make_sessionmaker, upgrade
 from db.testing import writer_gets_in_first
-from dicom_node.index import (
-    AssociationClosed,
-    AssociationOpened,
-    Indexer,
-    InstanceStored,
-    as_utc,
-    reconcile,
-    stored_record_from_file,
-    write_batch,
-)
+from dicom_node.index import Indexer, as_utc, reconcile, stored_record_from_file, write_batch
+from dicom_node.records import AssociationClosed, AssociationOpened, InstanceStored
 from dicom_node.storage import InstanceKey, Spool
 
 

@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import Series, Study
 from db.session import make_engine, make_sessionmaker, upgrade
 from dicom_node.config import Orientation, Rule, Settings, load_settings
-from dicom_node.index import AssociationOpened, IndexRecord, stored_record_from_file, write_batch
+from dicom_node.index import stored_record_from_file, write_batch
+from dicom_node.records import AssociationOpened, IndexRecord
 from dicom_node.routing import (
     SeriesCandidate,
     assembler_quiet_seconds,

@@ -116,3 +116,12 @@ def test_role_selection_and_async_window_proposals() -> None:
 def test_malformed_requests_are_protocol_errors(garbage: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode_request(garbage)
+
+
+def test_the_requestors_first_transfer_syntax_is_taken() -> None:
+    """dcmsend and storescu offer the file's own syntax first, then uncompressed ones: the
+    node takes the first, so nothing is converted on the way."""
+    negotiator = Negotiator("DICOMNODE", 1 << 20, accept_unknown=False)
+    offered = [JPEG2000Lossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    request = decode_request(request_pdu([(CTImageStorage, offered)]))
+    assert negotiator.negotiate(request).transfer_syntaxes == {1: JPEG2000Lossless}

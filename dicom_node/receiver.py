@@ -1,0 +1,124 @@
+"""A receiver: the acceptor on the node's listening socket, and where its records go.
+
+With several receivers, each runs as ``python -m dicom_node.receiver``, started by the
+node with the listening socket and the write end of a pipe as inherited descriptors
+and its settings as JSON on stdin. A receiver process imports no database code and
+starts nothing but the acceptor: it is accepting about a second after it starts. It
+tells the node it is ready, then sends a record down the pipe for every association
+and stored instance, and ``None`` when it has stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+import structlog
+
+from dicom_node.ae.acceptor import Acceptor
+from dicom_node.config import Settings
+from dicom_node.handlers.context import ReceiverContext
+from dicom_node.logging import configure_logging
+from dicom_node.records import IndexRecord
+from dicom_node.storage import Spool
+
+log = structlog.get_logger(__name__)
+
+READY = "ready"
+"""The first message a receiver process sends down its pipe."""
+_PR_SET_PDEATHSIG = 1
+
+
+class Receiver:
+    """One process's acceptor; ``index`` takes the records of what it stored."""
+
+    def __init__(
+        self, settings: Settings, listener: socket.socket, index: Callable[[IndexRecord], None]
+    ) -> None:
+        self.settings = settings
+        self.listener = listener
+        self.index = index
+        self._acceptor: Acceptor | None = None
+
+    def start(self) -> None:
+        settings = self.settings
+        context = ReceiverContext(
+            settings=settings,
+            spool=Spool(settings.spool_dir, fsync=settings.fsync),
+            index=self.index,
+        )
+        self._acceptor = Acceptor(context, self.listener)
+        self._acceptor.start()
+
+    def stop(self, grace_seconds: float) -> None:
+        """Stop accepting and let open associations finish (or abort them after the grace)."""
+        if self._acceptor is not None:
+            self._acceptor.stop(grace_seconds)
+            self._acceptor = None
+
+
+class StopFlag:
+    """Set from a signal handler; polled by the main loop (no locks in the handler: it may
+    interrupt the main thread while that holds one)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def handler(self, _signum: int, _frame: object) -> None:
+        self.requested = True
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        log.warning("cannot tie the receiver's life to the node's on this platform")
+
+
+def serve(settings: Settings, listener: socket.socket, records: Connection, parent: int) -> None:
+    stop = StopFlag()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, stop.handler)
+    sending = threading.Lock()
+
+    def send(record: IndexRecord | str | None) -> None:
+        with sending:
+            records.send(record)
+
+    receiver = Receiver(settings, listener, send)
+    receiver.start()
+    send(READY)
+    while not stop.requested and os.getppid() == parent:
+        time.sleep(0.2)
+    receiver.stop(settings.shutdown_grace_seconds)
+    send(None)  # this receiver is done
+    records.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--listener-fd", type=int, required=True)
+    parser.add_argument("--records-fd", type=int, required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    if os.getppid() != args.parent_pid:  # the node died before the death signal was armed
+        return
+    settings = Settings.model_validate_json(sys.stdin.read())
+    configure_logging(settings.log_level, settings.log_format)
+    listener = socket.socket(fileno=args.listener_fd)
+    listener.setblocking(False)
+    serve(settings, listener, Connection(args.records_fd, readable=False), args.parent_pid)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""What a receiver tells the indexer: plain records, picklable, no SQLAlchemy (receiver
+processes send them down a pipe to the node's indexer)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from db.enums import AssociationStatus
+from dicom_node.storage import InstanceKey
+
+
+@dataclass(frozen=True)
+class AssociationOpened:
+    association_id: str
+    calling_ae_title: str
+    called_ae_title: str
+    peer_address: str
+    peer_port: int
+    accepted: bool
+    reject_reason: str | None
+    started_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class AssociationClosed:
+    association_id: str
+    status: AssociationStatus
+    ended_at: dt.datetime
+    instances_received: int
+    instances_failed: int
+    bytes_received: int
+
+
+@dataclass(frozen=True)
+class InstanceStored:
+    key: InstanceKey
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: Path
+    size_bytes: int
+    received_at: dt.datetime
+    association_id: str | None
+    study_date: str | None = None
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    body_part_examined: str | None = None
+    instance_number: int | None = None
+
+
+IndexRecord = AssociationOpened | AssociationClosed | InstanceStored
+
+
+def clip_text(value: object, length: int) -> str | None:
+    if value is None or value == "":
+        return None
+    return str(value)[:length]
+
+
+def as_int(value: object) -> int | None:
+    try:
+        return int(str(value)) if value not in (None, "") else None
+    except ValueError:
+        return None
