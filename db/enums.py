@@ -1,4 +1,5 @@
-"""Column values that code without SQLAlchemy needs too (a receiver process imports none)."""
+"""Column values that code without SQLAlchemy needs too: a receiver process imports none,
+and the command line defers it until a command needs the database."""
 
 from __future__ import annotations
 
@@ -10,3 +11,10 @@ class AssociationStatus(StrEnum):
     RELEASED = "released"
     ABORTED = "aborted"
     REJECTED = "rejected"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"

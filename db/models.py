@@ -28,6 +28,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from db.enums import AssociationStatus as AssociationStatus
+from db.enums import JobState as JobState
 
 UID = String(64)
 AE_TITLE = String(16)
@@ -245,13 +246,6 @@ class Export(Base):
         ),
         Index("ix_exports_state_next_attempt_at", "state", "next_attempt_at"),
     )
-
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
 
 
 class Job(Base):

@@ -11,9 +11,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from sqlalchemy import func, select
 
-from db.models import JobState
+from db.enums import JobState
 from dicom_node import __version__
 from dicom_node.cli_base import (
     ConfigOption,
@@ -129,22 +128,27 @@ def make_output_folder(folder: Path) -> None:
 def serve(config: ConfigOption = None) -> None:
     """Run the node: receive over DICOM, index, detect complete studies. Stops on SIGTERM/SIGINT."""
     from dicom_node.logging import configure_logging
-    from dicom_node.node import Node
-    from dicom_node.receiver import StopFlag
+    from dicom_node.receiver_pool import StopFlag, start_receivers
 
     settings = settings_from(config)
     refuse_unusable_device(settings)
     check_rule_pipelines(settings)
     configure_logging(settings.log_level, settings.log_format)
-    node = Node(settings)
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop.handler)
     signal.signal(signal.SIGINT, stop.handler)
     try:
+        receivers = start_receivers(settings)
+    except OSError as exc:  # the port in use, the data folder not writable
+        raise OperationFailedError(f"cannot start the node: {exc}") from exc
+    from dicom_node.node import Node  # the database and processing code: receivers are up
+
+    node = Node(settings, receivers)
+    try:
         node.start()
     except BaseException as exc:
         node.stop(grace_seconds=0)
-        if isinstance(exc, OSError):  # the port in use, the data folder not writable
+        if isinstance(exc, OSError):
             raise OperationFailedError(f"cannot start the node: {exc}") from exc
         raise
     while not stop.requested:
@@ -236,6 +240,8 @@ def send(
 
 
 def study_rows(settings: Settings) -> list[dict[str, Any]]:
+    from sqlalchemy import func, select
+
     from db.models import Instance, Series, Study
     from dicom_node.index import as_utc
 
@@ -384,6 +390,8 @@ app.add_typer(exports_app, name="exports")
 
 
 def export_rows(settings: Settings) -> list[dict[str, Any]]:
+    from sqlalchemy import select
+
     from db.models import Export
     from dicom_node.index import as_utc
 
@@ -480,6 +488,8 @@ def jobs(
     """List jobs with their rule, state, attempts, worker, timings and error."""
     if ctx.invoked_subcommand is not None:
         return
+    from sqlalchemy import select
+
     from db.models import Job
     from dicom_node.jobs.state import job_as_dict
 

@@ -14,18 +14,20 @@ import contextlib
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
 from rich.console import Console, JustifyMethod
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy.orm import Session
 from typer.core import TyperGroup
 
 from dicom_node.config import DEFAULT_CONFIG_PATH, Settings, load_settings
 from processors.errors import BadInputError, DicomNodeError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2

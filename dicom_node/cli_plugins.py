@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from sqlalchemy.orm import Session
 
 from dicom_node.cli_base import (
     ConfigOption,
@@ -24,6 +23,9 @@ from dicom_node.cli_base import (
     printed_as_json_or_empty,
     settings_from,
 )
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 plugins_app = typer.Typer(
     name="plugins",

@@ -27,13 +27,12 @@ from dicom_node.ae.acceptor import Acceptor
 from dicom_node.config import Settings
 from dicom_node.handlers.context import ReceiverContext
 from dicom_node.logging import configure_logging
+from dicom_node.receiver_pool import READY, StopFlag
 from dicom_node.records import IndexRecord
 from dicom_node.storage import Spool
 
 log = structlog.get_logger(__name__)
 
-READY = "ready"
-"""The first message a receiver process sends down its pipe."""
 _PR_SET_PDEATHSIG = 1
 
 
@@ -63,17 +62,6 @@ class Receiver:
         if self._acceptor is not None:
             self._acceptor.stop(grace_seconds)
             self._acceptor = None
-
-
-class StopFlag:
-    """Set from a signal handler; polled by the main loop (no locks in the handler: it may
-    interrupt the main thread while that holds one)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def handler(self, _signum: int, _frame: object) -> None:
-        self.requested = True
 
 
 def _die_with_parent() -> None:
