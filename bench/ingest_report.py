@@ -124,9 +124,10 @@ class Report:
                 out.append(f"  {target.check:<52} {'-':>9}  {'':<26} {'':<8} not measured")
                 continue
             if reference is None:
-                value, unit, detail = measure.best, "", ""
+                value, measured, detail = measure.best, f"{measure.best:.2f}", ""
             else:
-                value, unit = measure.best / reference.best, "x"
+                value = measure.best / reference.best
+                measured = f"{value:.3f}x"
                 detail = f"{measure.best:.1f} / {reference.best:.1f} {measure.unit}"
             if target.bound is None:
                 bound, result = "", "reference"
@@ -134,6 +135,5 @@ class Report:
                 bound = f"{target.comparison} {target.bound:g}"
                 passed = COMPARISONS[target.comparison](value, target.bound)
                 result = "PASS" if passed else "FAIL"
-            measured = f"{value:.2f}{unit}"
             out.append(f"  {target.check:<52} {measured:>9}  {detail:<26} {bound:<8} {result}")
         return "\n".join(out)
