@@ -170,8 +170,11 @@ def running_node(data_dir: Path, **kwargs: object) -> Iterator[NodeProcess]:
 
 
 @contextlib.contextmanager
-def running_storescp(output_dir: Path, port: int | None = None) -> Iterator[int]:
-    """DCMTK's reference SCP, writing every received file under ``output_dir``."""
+def storescp_process(
+    output_dir: Path, port: int | None = None
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """DCMTK's reference SCP writing every received file under ``output_dir``: its port
+    and its process."""
     port = port or free_port()
     output_dir.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
@@ -182,9 +185,16 @@ def running_storescp(output_dir: Path, port: int | None = None) -> Iterator[int]
     )
     try:
         wait_for_port(port, 10, process)
-        yield port
+        yield port, process
     finally:
         stop_process(process)
+
+
+@contextlib.contextmanager
+def running_storescp(output_dir: Path, port: int | None = None) -> Iterator[int]:
+    """DCMTK's reference SCP, writing every received file under ``output_dir``."""
+    with storescp_process(output_dir, port) as (listening_port, _):
+        yield listening_port
 
 
 @dataclass
@@ -217,23 +227,19 @@ def _orthanc_dicomweb_plugin() -> str:
     return str(ORTHANC_DICOMWEB_PLUGIN)
 
 
-@contextlib.contextmanager
-def running_orthanc(
+def orthanc_command(
     work_dir: Path,
-    ae_title: str = "ORTHANC",
+    ae_title: str,
+    dicom_port: int,
+    http_port: int,
     *,
-    dicom_port: int | None = None,
-    http_port: int | None = None,
     dicomweb: bool = False,
-) -> Iterator[OrthancProcess]:
-    """A private Orthanc (Debian package) with its own storage, index and free ports.
-
-    Start it again with the same ``work_dir`` and the ports of the first one to get the
-    same PACS back (same storage and index), as after a restart.
-    """
+) -> list[str]:
+    """Write a private Orthanc's configuration under ``work_dir`` (its own storage and
+    index, Orthanc's defaults otherwise: ``SyncStorageArea`` stays true, each file is
+    fsync'd) and return the command that starts it. Run it with ``dcmtk_env()``."""
     binary = require_tool("Orthanc")
     work_dir.mkdir(parents=True, exist_ok=True)
-    dicom_port, http_port = dicom_port or free_port(), http_port or free_port()
     config = {
         "Name": "dicom-node-test",
         "StorageDirectory": str(work_dir / "storage"),
@@ -252,10 +258,30 @@ def running_orthanc(
     }
     config_path = work_dir / "orthanc.json"
     config_path.write_text(json.dumps(config))
+    return [binary, str(config_path)]
+
+
+@contextlib.contextmanager
+def running_orthanc(
+    work_dir: Path,
+    ae_title: str = "ORTHANC",
+    *,
+    dicom_port: int | None = None,
+    http_port: int | None = None,
+    dicomweb: bool = False,
+) -> Iterator[OrthancProcess]:
+    """A private Orthanc (Debian package) with its own storage, index and free ports.
+
+    Orthanc's DICOM server is DCMTK: it runs with ``TCP_NODELAY=1`` like every DCMTK tool
+    here. Start it again with the same ``work_dir`` and the ports of the first one to get
+    the same PACS back (same storage and index), as after a restart.
+    """
+    dicom_port, http_port = dicom_port or free_port(), http_port or free_port()
+    command = orthanc_command(work_dir, ae_title, dicom_port, http_port, dicomweb=dicomweb)
     log_path = work_dir / "orthanc.log"
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
-            [binary, str(config_path)], stdout=log_file, stderr=subprocess.STDOUT, cwd=work_dir
+            command, env=dcmtk_env(), stdout=log_file, stderr=subprocess.STDOUT, cwd=work_dir
         )
     try:
         wait_for_port(http_port, 60, process)
