@@ -31,7 +31,6 @@ from dicom_node.ae.negotiation import (
     Negotiated,
     Negotiator,
     decode_request,
-    request_bytes,
 )
 from dicom_node.ae.wire import (
     RELEASE_RP,
@@ -157,7 +156,7 @@ class Association:
         if kind is not PduType.ASSOCIATE_RQ:
             raise ProtocolError(f"{kind.name} before A-ASSOCIATE-RQ", AbortReason.UNEXPECTED_PDU)
         self.requested = True
-        request = decode_request(request_bytes(body))
+        request = decode_request(body)
         peer = Peer(request.calling_ae_title, request.called_ae_title, *self.address[:2])
         verdict = rejection_reason(self.context, peer)
         if verdict is None:

@@ -27,7 +27,7 @@ from dicom_node.storage import IMPLEMENTATION_CLASS_UID
 PRIVATE_SOP_CLASS = "1.3.12.2.1107.5.9.1"  # Siemens CSA non-image
 
 
-def request_pdu(contexts: list[tuple[str, list[str]]], *extra: object) -> bytes:
+def request_body(contexts: list[tuple[str, list[str]]], *extra: object) -> bytes:
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title = "CT_SCANNER"
@@ -45,7 +45,7 @@ def request_pdu(contexts: list[tuple[str, list[str]]], *extra: object) -> bytes:
     primitive.user_information = [maximum, implementation, *extra]
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(primitive)
-    return bytes(pdu.encode())
+    return bytes(pdu.encode())[6:]  # the body, as the node's PDU reader returns it
 
 
 def accepted(pdu: bytes) -> A_ASSOCIATE:
@@ -57,7 +57,7 @@ def accepted(pdu: bytes) -> A_ASSOCIATE:
 def test_storage_and_echo_accepted_with_the_requestors_transfer_syntax() -> None:
     negotiator = Negotiator("DICOMNODE", 1 << 20, accept_unknown=False)
     request = decode_request(
-        request_pdu(
+        request_body(
             [
                 (CTImageStorage, [JPEG2000Lossless]),
                 (Verification, [ImplicitVRLittleEndian]),
@@ -79,7 +79,7 @@ def test_storage_and_echo_accepted_with_the_requestors_transfer_syntax() -> None
 
 def test_unknown_sop_classes_accepted_when_configured() -> None:
     negotiator = Negotiator("DICOMNODE", 1 << 20, accept_unknown=True)
-    request = decode_request(request_pdu([(PRIVATE_SOP_CLASS, [ExplicitVRLittleEndian])]))
+    request = decode_request(request_body([(PRIVATE_SOP_CLASS, [ExplicitVRLittleEndian])]))
     assert negotiator.negotiate(request).abstract_syntaxes == {1: PRIVATE_SOP_CLASS}
 
 
@@ -90,7 +90,7 @@ def test_role_selection_and_async_window_proposals() -> None:
     window.maximum_number_operations_invoked = 5
     window.maximum_number_operations_performed = 5
     request = decode_request(
-        request_pdu([(CTImageStorage, [ExplicitVRLittleEndian])], role, window)
+        request_body([(CTImageStorage, [ExplicitVRLittleEndian])], role, window)
     )
     negotiated = negotiator.negotiate(request)
     assert negotiated.abstract_syntaxes == {1: CTImageStorage}
@@ -106,11 +106,24 @@ def test_role_selection_and_async_window_proposals() -> None:
     assert window_reply.maximum_number_operations_performed == 1
 
 
+FIXED_FIELDS = b"\x00\x01\x00\x00" + b"CALLED".ljust(16) + b"CALLING".ljust(16) + bytes(32)
+APPLICATION_CONTEXT = b"\x10\x00\x00\x15" + b"1.2.840.10008.3.1.1.1"
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
-        b"\x01\x00\x00\x00\x00\x10" + b"\xff" * 16,
-        b"\x01\x00\x00\x00\x00\x44\x00\x01" + b"\x00" * 66,  # no application context
+        b"\xff" * 16,  # shorter than the fixed fields
+        FIXED_FIELDS,  # no application context
+        FIXED_FIELDS + b"\x10\x00\x00\x05" + b"1.2.3",  # another application context
+        FIXED_FIELDS + APPLICATION_CONTEXT + b"\x20\x00\xff\xff\x01",  # item past the end
+        FIXED_FIELDS + APPLICATION_CONTEXT + b"\x20\x00\x00\x02\x01\x00",  # truncated context
+        # a context without a transfer syntax
+        FIXED_FIELDS
+        + APPLICATION_CONTEXT
+        + b"\x20\x00\x00\x0b\x01\x00\x00\x00"
+        + b"\x30\x00\x00\x03"
+        + b"1.2",
     ],
 )
 def test_malformed_requests_are_protocol_errors(garbage: bytes) -> None:
@@ -123,5 +136,5 @@ def test_the_requestors_first_transfer_syntax_is_taken() -> None:
     node takes the first, so nothing is converted on the way."""
     negotiator = Negotiator("DICOMNODE", 1 << 20, accept_unknown=False)
     offered = [JPEG2000Lossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-    request = decode_request(request_pdu([(CTImageStorage, offered)]))
+    request = decode_request(request_body([(CTImageStorage, offered)]))
     assert negotiator.negotiate(request).transfer_syntaxes == {1: JPEG2000Lossless}
