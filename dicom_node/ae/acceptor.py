@@ -78,7 +78,7 @@ class Acceptor:
         connection.setblocking(True)
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
-            pending = [a for a in self._connections if not a.requested]
+            pending = [a for a in self._connections if not (a.requested or a.dropped)]
             if len(pending) >= self.max_pending:
                 log.warning("too many connections without an association: dropping the oldest")
                 pending[0].drop()

@@ -94,6 +94,7 @@ class Association:
         self.reader = PduReader(connection, settings.network_timeout, negotiator.max_pdu_length)
         self.requested = False
         """An A-ASSOCIATE-RQ came (until then this is just a connection)."""
+        self.dropped = False
         self.established = False
         self._admitted = False
         self.state: AssociationState | None = None
@@ -134,6 +135,7 @@ class Association:
 
     def drop(self) -> None:
         """From another thread: close a connection that never asked for an association."""
+        self.dropped = True
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
 

@@ -195,3 +195,24 @@ def test_read_index_fields_takes_values_as_written(tmp_path: Path, small_ct) -> 
         fields = read_index_fields(path)
     assert (fields["SeriesNumber"], fields["StudyDate"]) == ("0000000000000007", "2023-13-45")
     assert fields["TransferSyntaxUID"] == dataset.file_meta.TransferSyntaxUID
+
+
+@pytest.mark.parametrize(
+    ("fsync", "expected"), [(True, [(0, 256 * 1024), (256 * 1024, 256 * 1024)]), (False, [])]
+)
+def test_writeback_starts_while_the_instance_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool, expected: list[tuple[int, int]]
+) -> None:
+    """Every 256 KiB the disk is told to start writing, so the fsync at the end waits less;
+    without fsync there is nothing to hurry."""
+    from dicom_node import storage
+
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        storage, "_start_writeback", lambda _fd, at, size: started.append((at, size))
+    )
+    incoming = Spool(tmp_path / "spool", fsync=fsync).incoming()
+    for _ in range(9):
+        incoming.write(b"x" * (64 * 1024))
+    assert started == expected
+    incoming.discard()

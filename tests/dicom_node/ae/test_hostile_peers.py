@@ -324,6 +324,35 @@ def test_fifty_idle_connections_do_not_stop_a_sender(
     assert_stored(node.settings, instances)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [{"acse_timeout": 60, "max_associations": 2}],
+    indirect=True,
+    ids=["16-pending-allowed"],
+)
+def test_more_idle_connections_than_allowed_drops_the_oldest(
+    node: Node, instances: list[SentInstance]
+) -> None:
+    """Connections without an A-ASSOCIATE-RQ are bounded (8 per association, here 16):
+    beyond that the oldest is dropped at once, long before the ACSE timeout, so a flood of
+    idle connections holds neither unbounded threads nor the modality off."""
+    from dicom_node.ae.acceptor import PENDING_PER_ASSOCIATION
+
+    port = node.settings.port
+    allowed = PENDING_PER_ASSOCIATION * 2
+    idle = [RawPeer(port) for _ in range(allowed + 4)]
+    try:
+        for oldest in idle[:4]:
+            oldest.wait_closed(SLACK)
+        with associated(node) as sender:
+            assert store(sender, instances[0]) == 0
+            sender.release()
+        assert_stored(node.settings, instances[:1])
+    finally:
+        for peer in idle:
+            peer.close()
+
+
 # Timeouts long enough that the node does not drop the idle associations meanwhile.
 @pytest.mark.parametrize(
     "settings", [{"acse_timeout": 60, "network_timeout": 60}], indirect=True, ids=["slow-drop"]
