@@ -25,7 +25,7 @@ STAGES = {
     "  PDU reads (socket)": "PduReader.read",
     "  C-STORE: dataset fragments to the spool file": "IncomingInstance.write",
     "  C-STORE: check, file, index queue": "IncomingInstance.finish",
-    "    header parse": "IncomingInstance._header",
+    "    header read (index fields)": "IncomingInstance._fields",
     "    fsync + rename + directory fsync": "IncomingFile.commit",
     "  response encode and send": "Association._respond",
     "dicom-node indexer (batched SQL)": "Indexer._commit",

@@ -12,6 +12,7 @@ come, and only the first ``HEAD_BYTES`` are kept to read the header from.
 from __future__ import annotations
 
 import datetime as dt
+import struct
 import zlib
 from io import BytesIO
 from typing import BinaryIO
@@ -71,6 +72,58 @@ class _HeaderReader:
             stop_when=self._stop,
             defer_size=HEAD_BYTES,
         )
+
+
+_INDEXED_TAGS = {
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x00080020: "StudyDate",
+    0x00080060: "Modality",
+    0x0008103E: "SeriesDescription",
+    0x00180015: "BodyPartExamined",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+    0x00200011: "SeriesNumber",
+    0x00200013: "InstanceNumber",
+}
+_LONG_LENGTH_VRS = frozenset(
+    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+)
+_TAG_AND_SHORT_LENGTH = struct.Struct("<HH2sH")
+_TAG_AND_LONG_LENGTH = struct.Struct("<HHI")
+
+Fields = dict[str, str | None]
+"""The index's header values, as text straight from the bytes (``storage.header_text``)."""
+
+
+def scan_index_fields(head: bytes | bytearray, implicit_vr: bool, complete: bool) -> Fields | None:
+    """The indexed values of a little endian dataset's first bytes, read by hand: a tenth of
+    pydicom's cost. None when something needs pydicom (a sequence of undefined length
+    before the last indexed tag, or ``head`` ending before it while the dataset goes on)."""
+    fields: Fields = dict.fromkeys(_INDEXED_TAGS.values())
+    offset, end = 0, len(head)
+    while offset + 8 <= end:
+        group, element, vr, short_length = _TAG_AND_SHORT_LENGTH.unpack_from(head, offset)
+        tag = group << 16 | element
+        if tag > _LAST_INDEXED_TAG:
+            return fields
+        if implicit_vr:
+            length, offset = _TAG_AND_LONG_LENGTH.unpack_from(head, offset)[2], offset + 8
+        elif vr in _LONG_LENGTH_VRS:
+            if offset + 12 > end:
+                return None
+            length, offset = _TAG_AND_LONG_LENGTH.unpack_from(head, offset + 4)[2], offset + 12
+        else:
+            length, offset = short_length, offset + 8
+        if length == 0xFFFFFFFF or offset + length > end:
+            return None
+        keyword = _INDEXED_TAGS.get(tag)
+        if keyword is not None:
+            fields[keyword] = (
+                head[offset : offset + length].decode("latin-1").strip(" \x00") or None
+            )
+        offset += length
+    return fields if complete and offset == end else None
 
 
 def _inflated(encoded: bytes) -> bytes:
@@ -162,6 +215,16 @@ class IncomingInstance:
             self.state.instances_failed += 1
         return outcome
 
+    def _fields(self) -> Fields:
+        syntax = self.transfer_syntax
+        if syntax.is_little_endian and syntax != DeflatedExplicitVRLittleEndian:
+            complete = self.size <= len(self.head)
+            fields = scan_index_fields(self.head, syntax.is_implicit_VR, complete)
+            if fields is not None:
+                return fields
+        header = self._header()
+        return {keyword: header_text(header, keyword) for keyword in _INDEXED_TAGS.values()}
+
     def _header(self) -> Dataset:
         complete = self.size <= len(self.head)
         deflated = self.transfer_syntax == DeflatedExplicitVRLittleEndian
@@ -188,9 +251,9 @@ class IncomingInstance:
             return self.refusal
         request = self.request
         try:
-            header = self._header()
-            sop_class_uid = header_text(header, "SOPClassUID")
-            sop_instance_uid = header_text(header, "SOPInstanceUID")
+            fields = self._fields()
+            sop_class_uid = fields["SOPClassUID"]
+            sop_instance_uid = fields["SOPInstanceUID"]
         except Exception as exc:
             log.warning("C-STORE refused: header not parseable", error=str(exc)[:200])
             return failure(DimseStatus.CANNOT_UNDERSTAND, "Cannot parse the data set")
@@ -210,16 +273,14 @@ class IncomingInstance:
             )
         try:
             key = InstanceKey.checked(
-                header_text(header, "StudyInstanceUID"),
-                header_text(header, "SeriesInstanceUID"),
-                sop_instance_uid,
+                fields["StudyInstanceUID"], fields["SeriesInstanceUID"], sop_instance_uid
             )
         except InvalidUIDError as exc:
             log.warning("C-STORE refused: invalid UID", reason=str(exc))
             return failure(DimseStatus.CANNOT_UNDERSTAND, str(exc).split(":")[0])
-        return self._file(key, header)
+        return self._file(key, fields)
 
-    def _file(self, key: InstanceKey, header: Dataset) -> Outcome:
+    def _file(self, key: InstanceKey, fields: Fields) -> Outcome:
         context = self.context
         policy = context.settings.duplicate_policy
         duplicate = context.spool.exists(key)
@@ -251,12 +312,12 @@ class IncomingInstance:
                 size_bytes=size,
                 received_at=dt.datetime.now(dt.UTC),
                 association_id=self.state.association_id,
-                study_date=clip_text(header_text(header, "StudyDate"), 8),
-                modality=clip_text(header_text(header, "Modality"), 16),
-                series_number=as_int(header_text(header, "SeriesNumber")),
-                series_description=clip_text(header_text(header, "SeriesDescription"), 64),
-                body_part_examined=clip_text(header_text(header, "BodyPartExamined"), 16),
-                instance_number=as_int(header_text(header, "InstanceNumber")),
+                study_date=clip_text(fields["StudyDate"], 8),
+                modality=clip_text(fields["Modality"], 16),
+                series_number=as_int(fields["SeriesNumber"]),
+                series_description=clip_text(fields["SeriesDescription"], 64),
+                body_part_examined=clip_text(fields["BodyPartExamined"], 16),
+                instance_number=as_int(fields["InstanceNumber"]),
             )
         )
         return SUCCESS
