@@ -38,7 +38,6 @@ from dicom_node.records import (
     AssociationOpened,
     IndexRecord,
     InstanceStored,
-    as_int,
     clip_text,
 )
 from dicom_node.storage import InstanceKey, Spool, is_valid_uid, read_index_fields
@@ -372,20 +371,15 @@ def stored_record_from_file(
     sop_class = fields["SOPClassUID"]
     if not is_valid_uid(sop_class):
         raise ValueError("SOPClassUID is not a valid UID")
-    return InstanceStored(
-        key=key,
+    return InstanceStored.from_fields(
+        key,
+        fields,
         sop_class_uid=str(sop_class),
         transfer_syntax_uid=str(fields["TransferSyntaxUID"]),
         path=path,
         size_bytes=path.stat().st_size,
         received_at=received_at or dt.datetime.fromtimestamp(path.stat().st_mtime, tz=dt.UTC),
         association_id=association_id,
-        study_date=clip_text(fields["StudyDate"], 8),
-        modality=clip_text(fields["Modality"], 16),
-        series_number=as_int(fields["SeriesNumber"]),
-        series_description=clip_text(fields["SeriesDescription"], 64),
-        body_part_examined=clip_text(fields["BodyPartExamined"], 16),
-        instance_number=as_int(fields["InstanceNumber"]),
     )
 
 

@@ -4,6 +4,7 @@ processes send them down a pipe to the node's indexer)."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,36 @@ class InstanceStored:
     series_description: str | None = None
     body_part_examined: str | None = None
     instance_number: int | None = None
+
+    @classmethod
+    def from_fields(
+        cls,
+        key: InstanceKey,
+        fields: Mapping[str, str | None],
+        *,
+        sop_class_uid: str,
+        transfer_syntax_uid: str,
+        path: Path,
+        size_bytes: int,
+        received_at: dt.datetime,
+        association_id: str | None,
+    ) -> InstanceStored:
+        """From the header values as text (``storage.INDEX_TAGS``), clipped to the index."""
+        return cls(
+            key=key,
+            sop_class_uid=sop_class_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            path=path,
+            size_bytes=size_bytes,
+            received_at=received_at,
+            association_id=association_id,
+            study_date=clip_text(fields.get("StudyDate"), 8),
+            modality=clip_text(fields.get("Modality"), 16),
+            series_number=as_int(fields.get("SeriesNumber")),
+            series_description=clip_text(fields.get("SeriesDescription"), 64),
+            body_part_examined=clip_text(fields.get("BodyPartExamined"), 16),
+            instance_number=as_int(fields.get("InstanceNumber")),
+        )
 
 
 IndexRecord = AssociationOpened | AssociationClosed | InstanceStored

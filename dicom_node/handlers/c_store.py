@@ -27,7 +27,7 @@ from dicom_node.ae.dimse import Command
 from dicom_node.config import DuplicatePolicy
 from dicom_node.dimse_status import DimseStatus
 from dicom_node.handlers.context import AssociationState, ReceiverContext
-from dicom_node.records import InstanceStored, as_int, clip_text
+from dicom_node.records import InstanceStored
 from dicom_node.storage import (
     IncomingFile,
     InstanceKey,
@@ -304,20 +304,15 @@ class IncomingInstance:
             log.info("duplicate SOP instance overwritten", sop_instance_uid=key.sop_instance_uid)
         self.state.bytes_received += self.size
         context.index(
-            InstanceStored(
-                key=key,
-                sop_class_uid=str(self.request.affected_sop_class_uid),
+            InstanceStored.from_fields(
+                key,
+                fields,
+                sop_class_uid=self.request.affected_sop_class_uid,
                 transfer_syntax_uid=str(self.transfer_syntax),
                 path=path,
                 size_bytes=size,
                 received_at=dt.datetime.now(dt.UTC),
                 association_id=self.state.association_id,
-                study_date=clip_text(fields["StudyDate"], 8),
-                modality=clip_text(fields["Modality"], 16),
-                series_number=as_int(fields["SeriesNumber"]),
-                series_description=clip_text(fields["SeriesDescription"], 64),
-                body_part_examined=clip_text(fields["BodyPartExamined"], 16),
-                instance_number=as_int(fields["InstanceNumber"]),
             )
         )
         return SUCCESS
