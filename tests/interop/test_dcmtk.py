@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 from interop_support import wait_for_study, with_new_uids
-from pydicom import dcmread
+from pydicom import config, dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import DataElement
 from sqlalchemy import create_engine, select
 
 from db.models import Association
@@ -143,7 +144,9 @@ def test_bad_uid_refused_and_node_keeps_serving(
     import copy
 
     dataset = copy.deepcopy(small_ct.datasets[0])
-    dataset.SeriesInstanceUID = "1.2.3/../../../outside"
+    dataset["SeriesInstanceUID"] = DataElement(
+        "SeriesInstanceUID", "UI", "1.2.3/../../../outside", validation_mode=config.IGNORE
+    )
     bad = tmp_path / "bad.dcm"
     dataset.save_as(bad, enforce_file_format=True)
     result = storescu([bad], node_process.port, called_ae="DICOMNODE", extra_args=["-v"])

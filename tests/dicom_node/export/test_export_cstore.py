@@ -6,7 +6,8 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
+from pydicom import config, dcmread
+from pydicom.dataelem import DataElement
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,7 +41,10 @@ def test_a_failure_status_fails_only_that_instance(
     tmp_path: Path,
 ) -> None:
     bad = dcmread(series_files[0])
-    bad.StudyInstanceUID = "1.2.not-a-uid"  # the node answers 0xC000 for this one
+    # the node answers 0xC000 for this one
+    bad["StudyInstanceUID"] = DataElement(
+        "StudyInstanceUID", "UI", "1.2.not-a-uid", validation_mode=config.IGNORE
+    )
     bad.SOPInstanceUID = bad.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.99.1"
     bad_path = tmp_path / "bad.dcm"
     bad.save_as(bad_path, enforce_file_format=True)
