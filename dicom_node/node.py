@@ -15,6 +15,7 @@ is fsync'd when.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -31,7 +32,6 @@ from dicom_node.jobs.dispatcher import Dispatcher
 from dicom_node.jobs.executors import Executor, make_executor
 from dicom_node.receiver import Receiver
 from dicom_node.receiver_pool import ReceiverPool, open_listener, start_receivers
-from dicom_node.records import IndexRecord
 from dicom_node.routing import assembler_quiet_seconds
 from dicom_node.routing_store import sync_from_settings
 from dicom_node.storage import Spool
@@ -56,6 +56,7 @@ class Node:
         self.assembler: StudyAssembler | None = None
         self.indexer: Indexer | None = None
         self._receiver: Receiver | None = None
+        self._listener: socket.socket | None = None
         self.receivers = receivers
         self.exporter: Exporter | None = None
         self.executor: Executor | None = None
@@ -69,9 +70,8 @@ class Node:
         if self.receivers is None:
             # Receiving starts now; the database catches up with what they store.
             self.receivers = start_receivers(settings)
-            if self.receivers is None:
-                listener = open_listener(settings.host, settings.port)
-                self._receiver = Receiver(settings, listener, self._index)
+            if self.receivers is None:  # one receiver, in this process, once indexing is up
+                self._listener = open_listener(settings.host, settings.port)
         upgrade(settings.effective_database_url)
         self.engine = make_engine(settings.effective_database_url)
         self.sessions = make_sessionmaker(self.engine)
@@ -88,7 +88,8 @@ class Node:
             idle_interval=settings.assembler_interval_seconds,
         )
         self.indexer.start()
-        if self._receiver is not None:
+        if self._listener is not None:
+            self._receiver = Receiver(settings, self._listener, self.indexer.put)
             self._receiver.start()
         if self.receivers is not None:
             self.receivers.deliver_to(self.indexer.put)
@@ -104,10 +105,6 @@ class Node:
             receiver_processes=settings.effective_receiver_processes,
             data_dir=str(settings.data_dir),
         )
-
-    def _index(self, record: IndexRecord) -> None:
-        assert self.indexer is not None
-        self.indexer.put(record)
 
     def _check_studies(self) -> None:
         if self.assembler is not None:
@@ -146,7 +143,8 @@ class Node:
         grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
         if self._receiver is not None:
             self._receiver.stop(grace)
-            self._receiver.listener.close()
+        if self._listener is not None:
+            self._listener.close()
         if self.receivers is not None:
             self.receivers.stop(grace)
             self.receivers.listener.close()

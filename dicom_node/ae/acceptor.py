@@ -40,7 +40,6 @@ class Acceptor:
         self.context = context
         self.listener = listener
         self.negotiator = Negotiator(
-            settings.ae_title,
             settings.max_pdu_size or DEFAULT_MAX_PDU_LENGTH,
             settings.accept_unknown_sop_classes,
         )

@@ -155,8 +155,7 @@ class Negotiator:
     taken as storage of a SOP class the node does not know (a vendor's private one).
     """
 
-    def __init__(self, ae_title: str, max_pdu_length: int, accept_unknown: bool) -> None:
-        self.ae_title = ae_title
+    def __init__(self, max_pdu_length: int, accept_unknown: bool) -> None:
         self.max_pdu_length = max_pdu_length
         self.accept_unknown = accept_unknown
 

@@ -1,1 +1,2 @@
-"""One module per DIMSE service, plus the association lifecycle; each handler returns a status."""
+"""What the node does with what arrives: C-STORE (``c_store``) and the association's
+lifecycle (``association``); C-ECHO is answered by ``dicom_node.ae.association`` itself."""

@@ -55,7 +55,7 @@ def accepted(pdu: bytes) -> A_ASSOCIATE:
 
 
 def test_storage_and_echo_accepted_with_the_requestors_transfer_syntax() -> None:
-    negotiator = Negotiator("DICOMNODE", 1 << 20, accept_unknown=False)
+    negotiator = Negotiator(1 << 20, accept_unknown=False)
     request = decode_request(
         request_body(
             [
@@ -78,13 +78,13 @@ def test_storage_and_echo_accepted_with_the_requestors_transfer_syntax() -> None
 
 
 def test_unknown_sop_classes_accepted_when_configured() -> None:
-    negotiator = Negotiator("DICOMNODE", 1 << 20, accept_unknown=True)
+    negotiator = Negotiator(1 << 20, accept_unknown=True)
     request = decode_request(request_body([(PRIVATE_SOP_CLASS, [ExplicitVRLittleEndian])]))
     assert negotiator.negotiate(request).abstract_syntaxes == {1: PRIVATE_SOP_CLASS}
 
 
 def test_role_selection_and_async_window_proposals() -> None:
-    negotiator = Negotiator("DICOMNODE", 1 << 20, accept_unknown=False)
+    negotiator = Negotiator(1 << 20, accept_unknown=False)
     role = build_role(CTImageStorage, scu_role=True, scp_role=True)
     window = AsynchronousOperationsWindowNegotiation()
     window.maximum_number_operations_invoked = 5
@@ -134,7 +134,7 @@ def test_malformed_requests_are_protocol_errors(garbage: bytes) -> None:
 def test_the_requestors_first_transfer_syntax_is_taken() -> None:
     """dcmsend and storescu offer the file's own syntax first, then uncompressed ones: the
     node takes the first, so nothing is converted on the way."""
-    negotiator = Negotiator("DICOMNODE", 1 << 20, accept_unknown=False)
+    negotiator = Negotiator(1 << 20, accept_unknown=False)
     offered = [JPEG2000Lossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     request = decode_request(request_body([(CTImageStorage, offered)]))
     assert negotiator.negotiate(request).transfer_syntaxes == {1: JPEG2000Lossless}
