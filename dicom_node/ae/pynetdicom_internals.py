@@ -4,13 +4,10 @@ Read against pynetdicom 3.0.4; ``pyproject.toml`` pins ``PYNETDICOM_CHECKED``, a
 ``tests/dicom_node/ae/test_pynetdicom_internals.py`` fails, naming the piece, when one of
 these stops being what the code here expects: re-check before widening the pin.
 
-The receive path (``dicom_node.ae``) uses pynetdicom's codecs and negotiation, not its
-threads: ``pdu.A_ASSOCIATE_RQ`` (decode, ``to_primitive``), ``pdu.A_ASSOCIATE_AC``
-(``from_primitive``, encode), the ``pdu_primitives`` user-information items, and
-``presentation.negotiate_as_acceptor``. These are documented modules, but pynetdicom
-changes their shapes between minor versions.
-
-The sending side (``dicom_node.scu``, ``dicom_node.export``) uses the public ``AE``.
+The receive path (``dicom_node.ae``) is the node's own and takes only pynetdicom's public
+SOP class lists (``AllStoragePresentationContexts``, ``pynetdicom.sop_class``); its tests
+check its PDUs against pynetdicom's codecs. The sending side (``dicom_node.scu``,
+``dicom_node.export``) uses the public ``AE``.
 
 Tests only: ``Association._reactor_checkpoint`` and ``Association._is_paused``:
 ``paused_reactor`` pauses an association's reactor as pynetdicom's own ``send_c_*``

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 import threading
 import tomllib
 from importlib import metadata
@@ -12,8 +11,6 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from pynetdicom import AE
 from pynetdicom.association import Association
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.presentation import negotiate_as_acceptor
 
 from dicom_node.ae.pynetdicom_internals import PYNETDICOM_CHECKED
 
@@ -35,24 +32,6 @@ def test_pyproject_pins_pynetdicom_to_the_checked_versions() -> None:
     installed = metadata.version("pynetdicom")  # 3.0.0's __version__ says 3.0.0.dev0
     assert pin.specifier.contains(installed), (
         f"pynetdicom {installed} is installed; checked: {PYNETDICOM_CHECKED}"
-    )
-
-
-def test_the_pdu_codecs_the_receive_path_uses() -> None:
-    for pdu_class, methods in (
-        (A_ASSOCIATE_RQ, ("decode", "to_primitive")),
-        (A_ASSOCIATE_AC, ("from_primitive", "encode")),
-    ):
-        for method in methods:
-            assert callable(getattr(pdu_class, method, None)), changed(
-                f"pdu.{pdu_class.__name__}.{method}", "dicom_node.ae.negotiation"
-            )
-
-
-def test_negotiate_as_acceptor_takes_contexts_and_roles() -> None:
-    parameters = list(inspect.signature(negotiate_as_acceptor).parameters)
-    assert parameters == ["rq_contexts", "ac_contexts", "roles"], changed(
-        "presentation.negotiate_as_acceptor", "dicom_node.ae.negotiation"
     )
 
 
