@@ -95,9 +95,9 @@ class Association:
         self.requested = False
         """An A-ASSOCIATE-RQ came (until then this is just a connection)."""
         self.dropped = False
-        self.established = False
         self._admitted = False
         self.state: AssociationState | None = None
+        """Set once the association is established."""
         self._negotiated: Negotiated | None = None
         self._peer_max_pdu = 0
         self._message: _Message | None = None
@@ -121,8 +121,7 @@ class Association:
                 self._message.instance.abandon()
             with contextlib.suppress(OSError):
                 self.connection.close()
-            if self.established:
-                assert self.state is not None
+            if self.state is not None:  # established
                 record_closed(self.context, self.state, self._released)
             if self._admitted:
                 self.admit.leave(self)
@@ -175,7 +174,6 @@ class Association:
         self._peer_max_pdu = request.max_pdu_length
         self._send(self._negotiated.accept_pdu)
         self.state = record_established(self.context, peer)
-        self.established = True
         self._serve_established()
 
     def _serve_established(self) -> None:
