@@ -329,6 +329,9 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(1, ge=1)
     dispatcher_interval_seconds: float = Field(0.25, gt=0)
     uid_root: str | None = None
+    # Encryption at rest and of the pseudonym map (docs/security.md): a file of base64 keys,
+    # the current one first (dicom_node/security/keys.py). None: files are written in clear.
+    spool_encryption_key_file: Path | None = None
     # Names this node in jobs.claimed_by; empty = host name and port.
     node_name: str = ""
     # Routing (docs/routing.md). destinations come first: rules are checked against them.

@@ -1,0 +1,1 @@
+"""Security across the flow: TLS, de-identification, audit trail, encryption at rest."""
