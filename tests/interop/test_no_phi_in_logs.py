@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from orchestration_support import wait_for_exports, wait_for_jobs, write_config
+from orchestration_support import (
+    install_test_plugins,
+    plugin_env,
+    wait_for_exports,
+    wait_for_jobs,
+    write_config,
+)
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -49,8 +55,7 @@ destinations = ["pacs"]
 [[rules]]
 name = "mr-fails"
 match = { Modality = "MR" }
-pipeline = ["threshold_segment"]
-params = { threshold_segment = { lower = 5000000 } }
+pipeline = ["fail_raise"]
 destinations = ["pacs"]
 """
 
@@ -86,7 +91,8 @@ def test_no_patient_data_in_any_log_at_info(tmp_path: Path, orthanc: OrthancProc
         receiver_processes=2,
         log_level="INFO",
     )
-    node = start_node(tmp_path / "data", config=config)
+    plugins = plugin_env(install_test_plugins(tmp_path / "plugins"))
+    node = start_node(tmp_path / "data", config=config, env=plugins)
     try:
         series = generate_series(
             num_slices=12,
@@ -116,7 +122,7 @@ def test_no_patient_data_in_any_log_at_info(tmp_path: Path, orthanc: OrthancProc
         assert result.returncode != 0, "storescu reported no failed store"
 
         jobs = wait_for_jobs(node, 3, ("succeeded", "failed"), timeout=180)
-        assert {job["state"] for job in jobs} >= {"succeeded"}
+        assert {job["state"] for job in jobs} == {"succeeded", "failed"}  # the MR job fails
         assert wait_for_exports(node)
     finally:
         node.stop()
