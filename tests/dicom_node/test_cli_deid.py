@@ -65,8 +65,18 @@ def test_deidentify_writes_valid_files_without_phi(source: Path, tmp_path: Path)
     write_key_file(key_file, [b"k" * 32])
     result = runner.invoke(
         app,
-        ["deidentify", str(source), "-o", str(out), "--key-file", str(key_file)]
-        + ["--option", "retain-longitudinal-dates", "--option", "retain-patient-characteristics"],
+        [
+            "deidentify",
+            str(source),
+            "-o",
+            str(out),
+            "--key-file",
+            str(key_file),
+            "--option",
+            "retain-longitudinal-dates",
+            "--option",
+            "retain-patient-characteristics",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "de-identified 6 of 6 instances" in result.output
@@ -119,8 +129,16 @@ def test_the_same_key_gives_the_same_pseudonyms(tmp_path: Path) -> None:
         (["deidentify", "US", "-o", "OUT"], "1 instances refused"),
         (["deidentify", "US", "-o", "OUT", "--key-file", "NOTES"], "not base64"),
         (
-            ["deidentify", "US", "-o", "OUT", "--option", "retain-longitudinal-dates"]
-            + ["--option", "retain-longitudinal-full-dates"],
+            [
+                "deidentify",
+                "US",
+                "-o",
+                "OUT",
+                "--option",
+                "retain-longitudinal-dates",
+                "--option",
+                "retain-longitudinal-full-dates",
+            ],
             "exclude each other",
         ),
     ],
