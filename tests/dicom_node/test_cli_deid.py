@@ -20,6 +20,13 @@ from dicom_node.testing import require_tool
 runner = CliRunner()
 # An image with private tags, a SEG, an SR, an RT plan, a CT from pydicom-data.
 FILES = ("CT_small.dcm", "liver.dcm", "test-SR.dcm", "rtplan.dcm", "693_UNCI.dcm")
+OPTIONS = ("--option", "retain-longitudinal-dates", "--option", "retain-patient-characteristics")
+BOTH_DATE_OPTIONS = (
+    "--option",
+    "retain-longitudinal-dates",
+    "--option",
+    "retain-longitudinal-full-dates",
+)
 PHI = ("PatientName", "PatientID", "PatientBirthDate", "StudyDate", "AccessionNumber")
 
 
@@ -31,7 +38,7 @@ def data_file(name: str) -> Path:
 
 def phi_values(path: Path) -> set[bytes]:
     ds = dcmread(path, force=True)
-    values = set()
+    values: set[bytes] = set()
     for element in ds.iterall():
         if element.keyword in PHI and element.value not in (None, ""):
             values.update(part.encode() for part in str(element.value).split("^") if len(part) >= 4)
