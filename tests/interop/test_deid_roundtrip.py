@@ -54,9 +54,11 @@ class OutsideService:
         return 0x0000
 
     def __enter__(self) -> OutsideService:
-        self.server = self.ae.start_server(
+        server = self.ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
         )
+        assert server is not None
+        self.server = server
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -113,7 +115,7 @@ def make_seg(sources: list[Dataset]) -> hd.seg.Segmentation:
 
 def orthanc_segs(orthanc: OrthancProcess) -> list[Dataset]:
     found: list[dict[str, Any]] = orthanc.get_json("/instances?expand")  # type: ignore[assignment]
-    segs = []
+    segs: list[Dataset] = []
     for item in found:
         url = f"{orthanc.url}/instances/{item['ID']}/file"
         with urllib.request.urlopen(url, timeout=30) as response:
