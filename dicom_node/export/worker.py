@@ -97,7 +97,14 @@ def _send_deidentified(
         reason = "not sent: de-identification needs the node's key (spool_encryption_key_file)"
         return {claimed.id: Outcome(False, reason) for claimed in batch}
     with tempfile.TemporaryDirectory(prefix="dicom-node-deid-") as folder:
-        copies, outcomes, records = deidentified_copies(sessions, keys, target, batch, Path(folder))
+        try:
+            copies, outcomes, records = deidentified_copies(
+                sessions, keys, target, batch, Path(folder)
+            )
+        except Exception as exc:  # the map could not be written: send nothing
+            log.exception("de-identification failed", destination=target.name)
+            reason = f"not sent: de-identification failed ({type(exc).__name__})"
+            return {claimed.id: Outcome(False, reason) for claimed in batch}
         outcomes.update(_send_batch(target, copies, on_sent))
     by_id = {claimed.id: record for claimed, record in zip(copies, records, strict=True)}
     delivered = [by_id[i].pseudonymous_study_uid for i, o in outcomes.items() if o.delivered]
