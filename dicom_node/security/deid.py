@@ -38,7 +38,7 @@ from dicom_node.security.keys import KeyRing
 from processors.errors import BadInputError
 
 UID_ROOT = "2.25."
-PATIENT_PSEUDONYM_PREFIX = "ANON-"
+PATIENT_PSEUDONYM_PREFIX = "ANON"
 MAX_DATE_SHIFT_DAYS = 3650
 # Kinds of image that usually carry text in their pixels: ultrasound (the scanner's
 # annotations), secondary captures and other (screenshots, scanned documents), and
@@ -196,8 +196,11 @@ class Deidentifier:
         """A UID under 2.25 from the first 128 bits of HMAC-SHA256(secret, uid)."""
         return UID_ROOT + str(int.from_bytes(self._digest("uid", uid.strip())[:16], "big"))
 
-    def patient_pseudonym(self, patient_id: str) -> str:
-        return PATIENT_PSEUDONYM_PREFIX + self._digest("patient", patient_id).hex()[:12].upper()
+    def patient_pseudonym(self, patient_id: str, separator: str = "-") -> str:
+        """``ANON-`` and 12 hex digits, the same for one patient; ``separator="^"`` gives
+        it as a person name of two components (family ``ANON``)."""
+        digits = self._digest("patient", patient_id).hex()[:12].upper()
+        return f"{PATIENT_PSEUDONYM_PREFIX}{separator}{digits}"
 
     def date_shift_days(self, patient_id: str) -> int:
         """Days every date of this patient moves back: 1 to ``MAX_DATE_SHIFT_DAYS``."""
@@ -265,7 +268,8 @@ class Deidentifier:
                 if tag.group & 0xFF00 == 0x6000 and tag.element == 0x3000:
                     removed_groups.add(tag.group)  # an overlay without its data is no overlay
             elif tag in (Tag("PatientID"), Tag("PatientName")) and action in ("Z", "D"):
-                element.value = self.patient_pseudonym(patient_id)
+                separator = "^" if element.VR == "PN" else "-"
+                element.value = self.patient_pseudonym(patient_id, separator)
             elif action == "Z":
                 element.value = Sequence() if element.VR == "SQ" else None
             elif action in ("D", "K", "C", "U*") and element.VR == "SQ":

@@ -24,6 +24,7 @@ from dicom_node.security.deid import Deidentifier, DeidProfile, secret_from
 from dicom_node.security.keys import KeyRing
 from dicom_node.security.roundtrip import reidentify_returned_study
 from dicom_node.synthetic import generate_series
+from tests.dicom_node.test_cli_deid import dciodvfy_errors
 
 KEYS = KeyRing((b"t" * 32,))
 T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
@@ -88,6 +89,7 @@ def test_only_deidentified_copies_leave_and_the_map_is_sealed_first(
     for path in arrived:
         data = path.read_bytes()
         assert b"Roe" not in data and PATIENT_ID.encode() not in data
+    assert dciodvfy_errors(arrived[0]) <= dciodvfy_errors(files[0])
     with sessions() as session:
         (row,) = session.scalars(select(Pseudonym))
         assert row.destination == "outside" and b"Roe" not in row.sealed
