@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from dicom_node.security.deid_options import DeidOption, check_options
 from processors.errors import BadInputError
 
 ENV_PREFIX = "DICOM_NODE_"
@@ -103,6 +104,29 @@ class Destination(BaseModel):
     timeout: float = Field(60.0, gt=0)
     # At most this many associations at once towards it (C-STORE).
     associations: int = Field(4, ge=1, le=32)
+    # -- de-identification (issue 16 part 2, docs/security.md) ---------------------------
+    # "basic": what leaves for this destination (the source series of the rules that name
+    # it) is de-identified by PS3.15's Basic Profile with these options; the pseudonym map
+    # is sealed in the database (needs spool_encryption_key_file). Results it sends back
+    # under the pseudonymous study are re-identified and sent on to results_to.
+    deidentify: Literal["basic"] | None = None
+    deidentify_options: tuple[DeidOption, ...] = ()
+    allow_burned_in: bool = False
+    results_to: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_deidentify(self) -> Destination:
+        if self.deidentify is None and (self.deidentify_options or self.results_to):
+            raise ValueError(
+                f"destination {self.name!r}: deidentify_options and results_to need"
+                ' deidentify = "basic"'
+            )
+        problem = check_options(self.deidentify_options)
+        if problem:
+            raise ValueError(f"destination {self.name!r}: deidentify_options: {problem}")
+        return self
+
+    # -- end of de-identification ----------------------------------------------------------
 
     _check_ae_title = field_validator("ae_title")(validate_ae_title)
 
@@ -369,6 +393,24 @@ class Settings(BaseSettings):
                     f" (defined: {sorted(known) or 'none'})"
                 )
         return value
+
+    # -- de-identification (issue 16 part 2): needs the key, results go to known places ----
+    @model_validator(mode="after")
+    def _check_deidentifying_destinations(self) -> Settings:
+        known = {destination.name for destination in self.destinations}
+        for destination in self.destinations:
+            if destination.deidentify and self.spool_encryption_key_file is None:
+                raise ValueError(
+                    f"destinations.deidentify (destination {destination.name!r}) needs"
+                    " spool_encryption_key_file: the pseudonym map is sealed with its key"
+                )
+            for name in destination.results_to:
+                if name not in known or name == destination.name:
+                    raise ValueError(
+                        f"destination {destination.name!r}: results_to names {name!r},"
+                        f" which is not another defined destination"
+                    )
+        return self
 
     def destination(self, name: str) -> Destination:
         for destination in self.destinations:

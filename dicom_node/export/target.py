@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dicom_node.config import Destination
+from dicom_node.security.deid import DeidProfile
 
 TransportKind = Literal["c-store", "stow-rs"]
 
@@ -23,6 +24,8 @@ class ExportTarget:
     timeout: float = 60.0
     url: str | None = None
     associations: int = 4
+    # De-identified on the way out (issue 16 part 2): the profile, or None to send as is.
+    deidentify: DeidProfile | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -54,4 +57,9 @@ def export_target(destination: Destination, node_ae_title: str) -> ExportTarget:
         timeout=destination.timeout,
         url=destination.url,
         associations=destination.associations,
+        deidentify=(
+            DeidProfile(frozenset(destination.deidentify_options), destination.allow_burned_in)
+            if destination.deidentify
+            else None
+        ),
     )

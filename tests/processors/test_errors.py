@@ -26,6 +26,8 @@ BAD_INPUT = [
     "db.upsert.UnsupportedDatabaseError",
     "dicom_node.ae.wire.ProtocolError",
     "dicom_node.ae.wire.PeerGoneError",
+    "dicom_node.security.deid.DeidentificationError",
+    "dicom_node.security.deid.BurnedInAnnotationError",
 ]
 FAILED = [
     "dicom_node.scu.AssociationFailedError",
