@@ -28,6 +28,8 @@ BAD_INPUT = [
     "dicom_node.ae.wire.PeerGoneError",
     "dicom_node.security.deid.DeidentificationError",
     "dicom_node.security.deid.BurnedInAnnotationError",
+    "dicom_node.security.keys.KeyFileError",
+    "dicom_node.security.keys.DecryptionError",
 ]
 FAILED = [
     "dicom_node.scu.AssociationFailedError",
