@@ -22,10 +22,11 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Export, ExportState, Output
+from db.models import Export, ExportState, Output, Series, Study
 from db.upsert import insert_for
 from dicom_node.export.target import ExportTarget
 from dicom_node.export.transport import Outcome
+from dicom_node.security import audit
 from processors.errors import BadInputError
 
 log = structlog.get_logger(__name__)
@@ -239,6 +240,7 @@ def record(
 ) -> None:
     """Write each claimed row's outcome (``outcomes`` by export id) and add it to ``report``."""
     finished = utcnow()
+    outcome_of: dict[int, audit.AuditOutcome] = {}
     with sessions() as session, session.begin():
         for claimed in batch:
             outcome = outcomes[claimed.id]
@@ -272,8 +274,60 @@ def record(
                     values["state"] = ExportState.PENDING
                     values["next_attempt_at"] = finished + dt.timedelta(seconds=delay)
                     report.retrying.append(claimed.id)
-            session.execute(
+            changed = session.execute(
                 update(Export)
                 .where(Export.id == claimed.id, Export.state == ExportState.SENDING)
                 .values(**values)
-            )
+            ).rowcount  # type: ignore[attr-defined]
+            if changed:
+                outcome_of[claimed.id] = EXPORT_OUTCOMES[ExportState(str(values["state"]))]
+        _audit_exports(session, target, outcome_of, report.errors)
+
+
+EXPORT_OUTCOMES = {
+    ExportState.DELIVERED: audit.AuditOutcome.SUCCESS,
+    ExportState.PENDING: audit.AuditOutcome.RETRYING,
+    ExportState.FAILED: audit.AuditOutcome.FAILURE,
+}
+
+
+def _audit_exports(
+    session: Session,
+    target: ExportTarget,
+    outcomes: dict[int, audit.AuditOutcome],
+    errors: dict[int, str],
+) -> None:
+    """One row per instance sent (or tried), with the study of the output's source series."""
+    if not outcomes:
+        return
+    rows = session.execute(
+        select(
+            Export.id,
+            Export.attempts,
+            Export.sop_instance_uid,
+            Output.series_instance_uid,
+            Study.study_instance_uid,
+        )
+        .outerjoin(Output, Output.id == Export.output_id)
+        .outerjoin(Series, Series.series_instance_uid == Output.source_series_uid)
+        .outerjoin(Study, Study.id == Series.study_id)
+        .where(Export.id.in_(sorted(outcomes)))
+    )
+    for export_id, attempts, sop_uid, series_uid, study_uid in rows:
+        audit.record(
+            session,
+            action=audit.AuditAction.OUTPUT_EXPORTED,
+            actor=audit.Actor.node("exporter"),
+            outcome=outcomes[export_id],
+            reason=errors.get(export_id),
+            object_kind=audit.AuditObjectKind.EXPORT,
+            object_id=export_id,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            details={
+                "destination": target.name,  # its address is in the routing table
+                "transport": target.kind,
+                "attempt": attempts,
+            },
+        )

@@ -18,10 +18,11 @@ import structlog
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.models import Job, JobState, StudyEvent, StudyEventKind
+from db.models import Job, JobState, Study, StudyEvent, StudyEventKind
 from db.upsert import insert_for
 from dicom_node.config import Destination, Settings
 from dicom_node.routing import RouteDecision, matched, route
+from dicom_node.security import audit
 from processors.errors import BadInputError
 
 log = structlog.get_logger(__name__)
@@ -71,7 +72,39 @@ def transition(
     ).rowcount  # type: ignore[attr-defined]
     if changed:
         log.info("job state", job_id=job_id, state=str(to), **_loggable(values))
+        if JobState.RUNNING in sources and to is not JobState.RUNNING:
+            _audit_job_ran(session, job_id, to, values.get("error"), values.get("worker"))
     return bool(changed)
+
+
+JOB_OUTCOMES = {
+    JobState.SUCCEEDED: audit.AuditOutcome.SUCCESS,
+    JobState.FAILED: audit.AuditOutcome.FAILURE,
+    JobState.QUEUED: audit.AuditOutcome.RETRYING,
+}
+
+
+def _audit_job_ran(
+    session: Session, job_id: int, to: JobState, error: str | None, worker: str | None
+) -> None:
+    """A run ended (or was cut short): its audit row, in the transition's transaction."""
+    rule, series_uid, study_uid = session.execute(
+        select(Job.rule_name, Job.series_instance_uid, Study.study_instance_uid)
+        .join(Study, Study.id == Job.study_id)
+        .where(Job.id == job_id)
+    ).one()
+    audit.record(
+        session,
+        action=audit.AuditAction.JOB_RAN,
+        actor=audit.Actor.node("dispatcher"),
+        outcome=JOB_OUTCOMES[to],
+        reason=error,
+        object_kind=audit.AuditObjectKind.JOB,
+        object_id=job_id,
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        details={"rule": rule, "worker": worker},
+    )
 
 
 def _loggable(values: dict[str, Any]) -> dict[str, Any]:
