@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from db.enums import JobState
 from dicom_node import __version__
-from dicom_node.cli_audit import audit_command, record_phi_read
+from dicom_node.cli_audit import audit_command, record_phi_read, start_audit_forwarding
 from dicom_node.cli_base import (
     ConfigOption,
     OneLineErrorGroup,
@@ -153,10 +153,13 @@ def serve(config: ConfigOption = None) -> None:
         if isinstance(exc, OSError):
             raise OperationFailedError(f"cannot start the node: {exc}") from exc
         raise
+    forwarder = start_audit_forwarding(settings, node.sessions)
     while not stop.requested:
         time.sleep(0.2)
         node.check_children()
     node.stop()
+    if forwarder is not None:
+        forwarder.stop()
 
 
 def _ae_title(value: str) -> str:

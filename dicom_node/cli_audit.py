@@ -24,7 +24,10 @@ from dicom_node.cli_base import (
 )
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from dicom_node.config import Settings
+    from dicom_node.security.audit_syslog import AuditForwarder
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -65,6 +68,22 @@ def record_phi_read(session: Session, command: str, count: int) -> None:
         object_kind=audit.AuditObjectKind.COMMAND,
         object_id=command,
         count=count,
+    )
+
+
+def start_audit_forwarding(
+    settings: Settings, sessions: sessionmaker[Session] | None
+) -> AuditForwarder | None:
+    """Send the audit rows to ``audit_syslog_address`` while the node runs (None: not set)."""
+    if settings.audit_syslog_address is None or sessions is None:
+        return None
+    from dicom_node.security.audit_syslog import start_forwarding
+
+    return start_forwarding(
+        sessions,
+        settings.audit_syslog_address,
+        settings.audit_syslog_queue_size,
+        settings.effective_node_name,
     )
 
 

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.session import make_engine, make_sessionmaker, upgrade
 from dicom_node.security import audit
 from dicom_node.security.audit import (
     Actor,
@@ -27,15 +24,6 @@ from tests.dicom_node.security.audit_support import audit_rows
 
 T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
 STUDY = "1.2.826.0.1.3680043.10.1433.7"
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'audit.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def stored_at(session: Session, minutes: int, study: str | None = STUDY) -> None:
