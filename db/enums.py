@@ -36,6 +36,7 @@ class AuditAction(StrEnum):
     RULE_CHANGED = "rule_changed"
     DESTINATION_CHANGED = "destination_changed"
     PLUGIN_CHANGED = "plugin_changed"
+    RETRY_REQUESTED = "retry_requested"  # a job or an export queued again by hand
     PHI_READ = "phi_read"
     AUDIT_READ = "audit_read"
 

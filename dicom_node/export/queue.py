@@ -161,13 +161,28 @@ def _to_pending(row: Export, now: dt.datetime) -> None:
     row.last_error = None
 
 
-def retry(session: Session, export_id: int, *, now: dt.datetime | None = None) -> Export | None:
+def retry(
+    session: Session,
+    export_id: int,
+    *,
+    now: dt.datetime | None = None,
+    actor: audit.Actor | None = None,
+) -> Export | None:
     """Put one export back to ``pending``, due now, attempts kept (so a failed row gets one
-    more attempt). ``None`` if there is no such export; a delivered one is sent again."""
+    more attempt). ``None`` if there is no such export; a delivered one is sent again.
+    Audited as asked by ``actor`` (default: the OS user running this process)."""
     row = session.get(Export, export_id)
     if row is None:
         return None
     _to_pending(row, now or utcnow())
+    _audit_exports(
+        session,
+        {row.id: audit.AuditOutcome.SUCCESS},
+        {},
+        action=audit.AuditAction.RETRY_REQUESTED,
+        actor=actor or audit.Actor.os_user(),
+        details={"destination": row.destination},
+    )
     return row
 
 
@@ -281,7 +296,14 @@ def record(
             ).rowcount  # type: ignore[attr-defined]
             if changed:
                 outcome_of[claimed.id] = EXPORT_OUTCOMES[ExportState(str(values["state"]))]
-        _audit_exports(session, target, outcome_of, report.errors)
+        _audit_exports(
+            session,
+            outcome_of,
+            report.errors,
+            action=audit.AuditAction.OUTPUT_EXPORTED,
+            actor=audit.Actor.node("exporter"),
+            details={"destination": target.name, "transport": target.kind},
+        )
 
 
 EXPORT_OUTCOMES = {
@@ -293,11 +315,16 @@ EXPORT_OUTCOMES = {
 
 def _audit_exports(
     session: Session,
-    target: ExportTarget,
     outcomes: dict[int, audit.AuditOutcome],
     errors: dict[int, str],
+    *,
+    action: audit.AuditAction,
+    actor: audit.Actor,
+    details: dict[str, str | int | float | bool | None],
 ) -> None:
-    """One row per instance sent (or tried), with the study of the output's source series."""
+    """One row per export (``outcomes`` by id), with the instance and the study of the
+    output's source series; ``details`` name the destination (its address is in the routing
+    table)."""
     if not outcomes:
         return
     rows = session.execute(
@@ -316,8 +343,8 @@ def _audit_exports(
     for export_id, attempts, sop_uid, series_uid, study_uid in rows:
         audit.record(
             session,
-            action=audit.AuditAction.OUTPUT_EXPORTED,
-            actor=audit.Actor.node("exporter"),
+            action=action,
+            actor=actor,
             outcome=outcomes[export_id],
             reason=errors.get(export_id),
             object_kind=audit.AuditObjectKind.EXPORT,
@@ -325,9 +352,5 @@ def _audit_exports(
             study_instance_uid=study_uid,
             series_instance_uid=series_uid,
             sop_instance_uid=sop_uid,
-            details={
-                "destination": target.name,  # its address is in the routing table
-                "transport": target.kind,
-                "attempt": attempts,
-            },
+            details={**details, "attempt": attempts},
         )

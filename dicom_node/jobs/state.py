@@ -73,7 +73,15 @@ def transition(
     if changed:
         log.info("job state", job_id=job_id, state=str(to), **_loggable(values))
         if JobState.RUNNING in sources and to is not JobState.RUNNING:
-            _audit_job_ran(session, job_id, to, values.get("error"), values.get("worker"))
+            _audit_job(
+                session,
+                job_id,
+                audit.AuditAction.JOB_RAN,
+                audit.Actor.node("dispatcher"),
+                JOB_OUTCOMES[to],
+                values.get("error"),
+                values.get("worker"),
+            )
     return bool(changed)
 
 
@@ -84,10 +92,16 @@ JOB_OUTCOMES = {
 }
 
 
-def _audit_job_ran(
-    session: Session, job_id: int, to: JobState, error: str | None, worker: str | None
+def _audit_job(
+    session: Session,
+    job_id: int,
+    action: audit.AuditAction,
+    actor: audit.Actor,
+    outcome: audit.AuditOutcome = audit.AuditOutcome.SUCCESS,
+    reason: str | None = None,
+    worker: str | None = None,
 ) -> None:
-    """A run ended (or was cut short): its audit row, in the transition's transaction."""
+    """The job's audit row (a run that ended, a retry asked for), in the caller's transaction."""
     rule, series_uid, study_uid = session.execute(
         select(Job.rule_name, Job.series_instance_uid, Study.study_instance_uid)
         .join(Study, Study.id == Job.study_id)
@@ -95,10 +109,10 @@ def _audit_job_ran(
     ).one()
     audit.record(
         session,
-        action=audit.AuditAction.JOB_RAN,
-        actor=audit.Actor.node("dispatcher"),
-        outcome=JOB_OUTCOMES[to],
-        reason=error,
+        action=action,
+        actor=actor,
+        outcome=outcome,
+        reason=reason,
         object_kind=audit.AuditObjectKind.JOB,
         object_id=job_id,
         study_instance_uid=study_uid,
@@ -275,12 +289,15 @@ def requeue_interrupted(session: Session, node: str) -> list[int]:
     return requeued
 
 
-def retry(session: Session, job_id: int, *, force: bool = False) -> Job | None:
+def retry(
+    session: Session, job_id: int, *, force: bool = False, actor: audit.Actor | None = None
+) -> Job | None:
     """Queue a failed (or succeeded) job again, due now, with a fresh attempt count.
 
     ``force`` also takes a ``running`` job back: for one whose node is gone for good (a
     node that restarts under the same ``node_name`` recovers its jobs itself). If the
     node is in fact alive, the job runs twice; its outputs are the same objects.
+    Audited as asked by ``actor`` (default: the OS user running this process).
     """
     job = session.get(Job, job_id, populate_existing=True)
     if job is None:
@@ -299,6 +316,7 @@ def retry(session: Session, job_id: int, *, force: bool = False) -> Job | None:
         error=None,
         claimed_by=None,
     )
+    _audit_job(session, job_id, audit.AuditAction.RETRY_REQUESTED, actor or audit.Actor.os_user())
     session.refresh(job)
     return job
 

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import AuditAction, AuditActorKind, AuditEvent, AuditOutcome
 from dicom_node.security.audit import event_as_dict
+from processors.errors import BadInputError
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +64,7 @@ EVENTS: dict[AuditAction, tuple[Code, str, Code | None]] = {
     AuditAction.RULE_CHANGED: (SECURITY_ALERT, "E", SOFTWARE_CONFIGURATION),
     AuditAction.DESTINATION_CHANGED: (SECURITY_ALERT, "E", ("110128", "Network Configuration")),
     AuditAction.PLUGIN_CHANGED: (SECURITY_ALERT, "E", SOFTWARE_CONFIGURATION),
+    AuditAction.RETRY_REQUESTED: (INSTANCES_ACCESSED, "U", None),
     AuditAction.PHI_READ: (INSTANCES_ACCESSED, "R", None),
     AuditAction.AUDIT_READ: (("110101", "Audit Log Used"), "R", None),
 }
@@ -73,7 +75,7 @@ OUTCOME_INDICATORS = {
 }
 
 
-class SyslogAddressError(ValueError):
+class SyslogAddressError(BadInputError):
     """``audit_syslog_address`` is not ``udp://HOST:PORT`` or ``tcp://HOST:PORT``."""
 
 

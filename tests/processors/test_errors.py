@@ -26,6 +26,7 @@ BAD_INPUT = [
     "db.upsert.UnsupportedDatabaseError",
     "dicom_node.ae.wire.ProtocolError",
     "dicom_node.ae.wire.PeerGoneError",
+    "dicom_node.security.audit_syslog.SyslogAddressError",
 ]
 FAILED = [
     "dicom_node.scu.AssociationFailedError",

@@ -39,6 +39,7 @@ CHECKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "rule_changed",
             "destination_changed",
             "plugin_changed",
+            "retry_requested",
             "phi_read",
             "audit_read",
         ),

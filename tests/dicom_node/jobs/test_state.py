@@ -374,3 +374,9 @@ def test_each_run_that_ends_is_audited_with_its_outcome_in_its_transition(
     assert {row["series_instance_uid"] for row in runs} == {series_uid}
     assert {row["study_instance_uid"] for row in runs} == {test_routing.STUDY_UID}
     assert runs[-1]["details"] == {"rule": "ct", "worker": "w-1"}
+    [asked] = audit_rows(sessions, AuditAction.RETRY_REQUESTED)
+    assert (asked["actor_kind"], asked["object_id"], asked["series_instance_uid"]) == (
+        "os_user",
+        str(job.id),
+        series_uid,
+    )
