@@ -40,6 +40,7 @@ from dicom_node.records import (
     InstanceStored,
     clip_text,
 )
+from dicom_node.security.keys import KeyRing
 from dicom_node.storage import InstanceKey, Spool, is_valid_uid, read_index_fields
 
 log = structlog.get_logger(__name__)
@@ -362,9 +363,12 @@ class Indexer:
 
 
 def stored_record_from_file(
-    path: Path, received_at: dt.datetime | None = None, association_id: str | None = None
+    path: Path,
+    received_at: dt.datetime | None = None,
+    association_id: str | None = None,
+    keys: KeyRing | None = None,
 ) -> InstanceStored:
-    fields = read_index_fields(path)
+    fields = read_index_fields(path, keys)
     key = InstanceKey.checked(
         fields["StudyInstanceUID"], fields["SeriesInstanceUID"], fields["SOPInstanceUID"]
     )
@@ -408,7 +412,7 @@ def reconcile(
     for start in range(0, len(missing), batch_size):
         records = [
             record
-            for record in _records_for(missing[start : start + batch_size])
+            for record in _records_for(missing[start : start + batch_size], spool.keys)
             if _newer_than_indexed(record, indexed)
         ]
         with sessions.begin() as session:
@@ -431,11 +435,11 @@ def _newer_than_indexed(record: InstanceStored, indexed: dict[str, str]) -> bool
     return False
 
 
-def _records_for(paths: Iterable[Path]) -> list[InstanceStored]:
+def _records_for(paths: Iterable[Path], keys: KeyRing | None) -> list[InstanceStored]:
     records: list[InstanceStored] = []
     for path in paths:
         try:
-            records.append(stored_record_from_file(path))
+            records.append(stored_record_from_file(path, keys=keys))
         except Exception as exc:
             log.error("spooled file cannot be indexed", path=str(path), error=str(exc))
     return records

@@ -61,6 +61,7 @@ class Node:
         self.exporter: Exporter | None = None
         self.executor: Executor | None = None
         self.dispatcher: Dispatcher | None = None
+        self.spool: Spool | None = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -75,7 +76,7 @@ class Node:
         upgrade(settings.effective_database_url)
         self.engine = make_engine(settings.effective_database_url)
         self.sessions = make_sessionmaker(self.engine)
-        spool = Spool(settings.spool_dir, fsync=settings.fsync)
+        self.spool = spool = Spool.for_settings(settings)
         reconcile(spool, self.sessions, started_at=started_at)
         with self.sessions.begin() as session:
             sync_from_settings(session, settings)
@@ -112,8 +113,10 @@ class Node:
 
     def _start_processing(self) -> None:
         """The exporter, the executor and the dispatcher, which the assembler wakes."""
-        assert self.sessions is not None and self.assembler is not None
-        self.exporter = Exporter(self.sessions, (), node=self.settings.effective_node_name)
+        assert self.sessions is not None and self.assembler is not None and self.spool is not None
+        self.exporter = Exporter(
+            self.sessions, (), node=self.settings.effective_node_name, keys=self.spool.keys
+        )
         self.executor = make_executor(self.settings)
         self.dispatcher = Dispatcher(self.settings, self.sessions, self.executor, self.exporter)
         self.dispatcher.start()

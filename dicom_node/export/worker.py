@@ -33,6 +33,7 @@ from dicom_node.export.queue import (
 from dicom_node.export.target import ExportTarget, TransportKind
 from dicom_node.export.transport import Outcome, Transport
 from dicom_node.scu import SendFile, scan_files
+from dicom_node.security.keys import KeyRing
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +45,7 @@ def _send_batch(
     target: ExportTarget,
     batch: list[Claimed],
     on_sent: Callable[[int, int | None], None] | None,
+    keys: KeyRing | None = None,
 ) -> dict[int, Outcome]:
     """Read each claimed file's header, send the readable ones, an outcome per export id."""
     outcomes: dict[int, Outcome] = {}
@@ -51,7 +53,7 @@ def _send_batch(
     export_of: dict[Path, list[int]] = {}
     for claimed in batch:
         try:
-            found, skipped = scan_files([Path(claimed.path)])
+            found, skipped = scan_files([Path(claimed.path)], keys)
         except FileNotFoundError:
             outcomes[claimed.id] = Outcome(False, f"file missing: {claimed.path}")
             continue
@@ -91,12 +93,14 @@ def deliver_due(
     rng: random.Random | None = None,
     on_sent: Callable[[int, int | None], None] | None = None,
     node: str | None = None,
+    keys: KeyRing | None = None,
 ) -> DeliveryReport:
     """Send every due export of the given destinations once; record what became of each.
 
     Rows of a destination not in ``targets`` stay pending (it may be configured again).
     ``on_sent(export_id, status)`` is called after each C-STORE (``status`` ``None`` when
     there was no response).
+    ``keys`` decrypt the files the node encrypted (``dicom_node.security.crypto``).
     """
     now = now or utcnow()
     policy = policy or RetryPolicy()
@@ -115,7 +119,7 @@ def deliver_due(
         batches.setdefault(item.destination, []).append(item)
     for name, batch in batches.items():
         target = by_name[name]
-        outcomes = _send_batch(target, batch, on_sent)
+        outcomes = _send_batch(target, batch, on_sent, keys)
         record(sessions, target, batch, outcomes, policy, rng, report)
         log.info(
             "export batch sent",
@@ -138,8 +142,10 @@ class Exporter:
         policy: RetryPolicy | None = None,
         limit: int = 500,
         node: str | None = None,
+        keys: KeyRing | None = None,
     ) -> None:
         self.sessions = sessions
+        self.keys = keys
         self.node = node
         self.targets = tuple(targets)
         self.interval = interval
@@ -188,6 +194,7 @@ class Exporter:
                     policy=self.policy,
                     limit=self.limit,
                     node=self.node,
+                    keys=self.keys,
                 )
             except Exception:  # a database hiccup must not end the exporter
                 log.exception("export round failed")

@@ -221,6 +221,7 @@ class Dispatcher:
             device=self.settings.processing_device,
             uid_root=self.settings.uid_root,
             plugin_choices=load_states(session),
+            key_file=self.settings.spool_encryption_key_file,
         )
 
     def collect(self) -> int:

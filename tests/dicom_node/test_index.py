@@ -184,3 +184,32 @@ def test_another_node_indexing_the_same_study_meanwhile_is_not_an_error(tmp_path
         assert session.scalar(select(func.count(Instance.id))) == 2
         assert (study.status, as_utc(study.last_received_at)) == (StudyStatus.RECEIVING, NOW)
     engine.dispose()
+
+
+def test_reconcile_reads_an_encrypted_spool_after_a_key_rotation(tmp_path: Path, small_ct) -> None:  # type: ignore[no-untyped-def]
+    """Files spooled in clear before encryption was turned on, and files encrypted under
+    the key that was current then, are indexed by a node whose key file has a new key
+    first and the old one after it; a key file without the old key indexes none of those."""
+    from io import BytesIO
+
+    from dicom_node.security.keys import KeyRing
+
+    old, new = KeyRing.generate(), KeyRing.generate()
+    for number, dataset in enumerate(small_ct.datasets):
+        buffer = BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        spool = Spool(tmp_path / "spool", keys=None if number < 2 else old)
+        key = InstanceKey.checked(
+            dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
+        )
+        spool.write(key, [buffer.getvalue()])
+
+    lacking = Spool(tmp_path / "spool", keys=new)
+    assert reconcile(lacking, sessions_for(tmp_path / "lacking")) == 2  # the clear ones
+
+    rotated = Spool(tmp_path / "spool", keys=KeyRing((new.keys[0], old.keys[0])))
+    sessions = sessions_for(tmp_path)
+    assert reconcile(rotated, sessions) == len(small_ct.datasets)
+    with sessions() as session:
+        indexed = set(session.scalars(select(Instance.sop_instance_uid)))
+    assert indexed == {str(dataset.SOPInstanceUID) for dataset in small_ct.datasets}
