@@ -282,19 +282,18 @@ class EncryptedIncomingFile(IncomingFile):
             raise
 
     def write(self, data: bytes | memoryview) -> None:
-        encrypting = self._encrypting
-        self.size += encrypting.write(data)
-        if self.spool.fsync and encrypting.written - self._written_back >= WRITEBACK_BYTES:
-            _start_writeback(
-                self.fileno, self._written_back, encrypting.written - self._written_back
-            )
-            self._written_back = encrypting.written
+        self.size += self._encrypting.write(data)
+        unsynced = self._encrypting.written - self._written_back
+        if self.spool.fsync and unsynced >= WRITEBACK_BYTES:
+            _start_writeback(self.fileno, self._written_back, unsynced)
+            self._written_back += unsynced
 
     def open_for_reading(self) -> BinaryIO:
         """The plaintext, from the start. Reading finishes the file: only ``commit`` or
         ``discard`` may follow (the last segment is sealed; nothing more can be written)."""
         self._encrypting.finish()
-        return DecryptingReader(super().open_for_reading(), self.spool.keys, "incoming instance")
+        reader = DecryptingReader(super().open_for_reading(), self.spool.keys, "incoming instance")
+        return reader.as_binary_file()
 
     def commit(self, key: InstanceKey) -> tuple[Path, int]:
         try:

@@ -29,17 +29,16 @@ import os
 import secrets
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from pydicom import dcmread
-from pydicom.dataset import Dataset
 
 from dicom_node.security.keys import KEY_BYTES, DecryptionError, KeyRing
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
+    from pydicom.dataset import Dataset
 
 MAGIC = b"\x89DNENC\r\n"
 VERSION = 1
@@ -228,6 +227,10 @@ class DecryptingReader(io.RawIOBase):
             self.segments_decrypted += 1
         return self._cached
 
+    def as_binary_file(self) -> BinaryIO:
+        """Itself, typed as the binary file it is (typing's BinaryIO is no base of io's)."""
+        return cast(BinaryIO, self)
+
     def close(self) -> None:
         if not self.closed:
             self._source.close()
@@ -251,7 +254,7 @@ def open_data_file(path: Path, keys: KeyRing | None) -> BinaryIO:
         raise
     if not encrypted:
         return source
-    return DecryptingReader(source, keys, str(path))
+    return DecryptingReader(source, keys, str(path)).as_binary_file()
 
 
 def read_dicom(path: Path, keys: KeyRing | None, **options: object) -> Dataset:
@@ -259,6 +262,8 @@ def read_dicom(path: Path, keys: KeyRing | None, **options: object) -> Dataset:
     ``defer_size`` (a deferred value would be read from the file without decrypting)."""
     if "defer_size" in options:
         raise TypeError("read_dicom reads every value: defer_size is not supported")
+    from pydicom import dcmread  # here: `serve` checks the key file before pydicom loads
+
     with open_data_file(path, keys) as stream:
         return dcmread(stream, **options)  # type: ignore[arg-type]
 
