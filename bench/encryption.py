@@ -33,14 +33,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
-from bench.ingest import Copies, Receiver, load_average, node_receiver, rotated, send  # noqa: E402
-from bench.ingest_support import SeriesTemplate, frozen  # noqa: E402
-from dicom_node.security.crypto import SEGMENT_BYTES, EncryptingWriter  # noqa: E402
+from bench.ingest import (  # noqa: E402
+    Copies,
+    Receiver,
+    load_average,
+    node_receiver,
+    rotated,
+    send,
+    tail_bytes,
+)
+from bench.ingest_support import (  # noqa: E402
+    SeriesTemplate,
+    frames_for_megabytes,
+    frozen,
+    sampled_memory,
+    write_multiframe,
+)
+from dicom_node.security.crypto import SEGMENT_BYTES, EncryptingWriter, open_data_file  # noqa: E402
 from dicom_node.security.keys import KeyRing, write_key_file  # noqa: E402
 from dicom_node.synthetic import generate_series  # noqa: E402
-from dicom_node.testing import running_node  # noqa: E402
+from dicom_node.testing import NodeProcess, running_node  # noqa: E402
 
 MB = 1e6
 
@@ -97,6 +112,46 @@ def raw_throughput() -> list[str]:
     ]
 
 
+def stored_path(node: NodeProcess, sop_instance_uid: str) -> Path:
+    from sqlalchemy import create_engine, select
+
+    from db.models import Instance
+
+    engine = create_engine(node.database_url)
+    with engine.connect() as connection:
+        path = connection.scalar(
+            select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid)
+        )
+    engine.dispose()
+    return Path(str(path))
+
+
+def large_instance(node: NodeProcess, root: Path, megabytes: float, keys: KeyRing) -> str:
+    """One large multi-frame instance to the encrypting node: its memory growth, and that
+    what it stored decrypts to the pixels sent."""
+    slices = generate_series(num_slices=16, uid_seed="bench-multiframe").datasets
+    source = np.stack([ds.pixel_array.clip(0, 4095).astype(np.uint16) for ds in slices])
+    sent = root / "multiframe.dcm"
+    frames = frames_for_megabytes(megabytes, source.shape[1], source.shape[2])
+    uid = str(write_multiframe(sent, source, frames).SOPInstanceUID)
+    receiver = node_receiver(node)
+    with sampled_memory(receiver.pid) as memory:
+        elapsed = send(receiver, [sent])
+    stored = stored_path(node, uid)
+    plaintext = root / "decrypted.dcm"
+    with open_data_file(stored, keys) as stream, plaintext.open("wb") as copy:
+        while chunk := stream.read(8 << 20):
+            copy.write(chunk)
+    pixels = sent.stat().st_size - 1024  # everything but the headers, which may differ
+    same = tail_bytes(plaintext, pixels) == tail_bytes(sent, pixels)
+    return (
+        f"{sent.stat().st_size / MB:.0f} MB multi-frame instance to the encrypting node in"
+        f" {elapsed:.1f} s: memory growth {memory.growth_bytes / MB:.0f} MB (RSS of its"
+        f" processes, sampled and high-water marks); stored {stored.stat().st_size / MB:.1f}"
+        f" MB, pixel data decrypted {'identical' if same else 'DIFFERENT'}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -104,6 +159,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="best of N rounds (default 5)")
     parser.add_argument("--slices", type=int, default=200, help="CT slices per association")
     parser.add_argument("--reference-tree", type=Path, help="a checkout whose node runs in clear")
+    parser.add_argument(
+        "--multiframe-mb", type=float, default=400, help="large instance size; 0 skips"
+    )
     args = parser.parse_args()
     if args.rounds < 1 or args.slices < 1:
         parser.error("--rounds and --slices must be at least 1")
@@ -124,11 +182,11 @@ def main() -> None:
             tree = str(args.reference_tree.resolve())
             configurations["reference in clear"] = {"PYTHONPATH": tree}
         nodes: list[Receiver] = []
+        processes: dict[str, NodeProcess] = {}
         for name, env in configurations.items():
-            node = stack.enter_context(
-                running_node(root / name.replace(" ", "-") / "data", env=env)
-            )
-            receiver = node_receiver(node)
+            data_dir = root / name.replace(" ", "-") / "data"
+            processes[name] = stack.enter_context(running_node(data_dir, env=env))
+            receiver = node_receiver(processes[name])
             receiver.name = name
             nodes.append(receiver)
         print(
@@ -139,6 +197,7 @@ def main() -> None:
         )
         copies = Copies(template, root)
         rates: dict[str, list[float]] = {node.name: [] for node in nodes}
+        note = ""
         for round_index in range(args.rounds):
             for node in rotated(tuple(nodes), round_index):
                 others = [peer.pid for peer in nodes if peer is not node]
@@ -149,6 +208,11 @@ def main() -> None:
                 + ", ".join(f"{name} {values[-1]:.0f}" for name, values in rates.items()),
                 flush=True,
             )
+        if args.multiframe_mb > 0:
+            others = [node.pid for node in nodes if node.name != "encrypted"]
+            with frozen(others):
+                keys = KeyRing.from_file(root / "key")
+                note = large_instance(processes["encrypted"], root, args.multiframe_mb, keys)
     best = {name: max(values) for name, values in rates.items()}
     print("\ninstances/s, best of each (every round):")
     for name, values in rates.items():
@@ -157,6 +221,8 @@ def main() -> None:
     if "reference in clear" in best:
         ratio = best["in clear"] / best["reference in clear"]
         print(f"in clear / reference in clear ({args.reference_tree}): {ratio:.3f}")
+    if note:
+        print(note)
     print(f"\nwhole run: {time.perf_counter() - started:.0f} s; {load_average()}")
 
 

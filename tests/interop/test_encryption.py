@@ -6,7 +6,6 @@ node still reads, processes and sends what it stored."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -14,7 +13,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from orchestration_support import orthanc_instances, wait_for_exports, wait_for_jobs, write_config
+from orchestration_support import (
+    orthanc_instances,
+    run_cli,
+    wait_for_exports,
+    wait_for_jobs,
+    write_config,
+)
 
 from dicom_node.security.crypto import MAGIC, read_dicom
 from dicom_node.security.keys import KeyRing, write_key_file
@@ -104,13 +109,7 @@ def test_an_encrypting_node_sends_plaintext_and_keeps_no_name_in_clear(
     write_key_file(key_file, [new, old])  # rotated: the new key first, the old one kept
     node = start(tmp_path, orthanc, key_file)
     try:
-        retried = subprocess.run(
-            [sys.executable, "-m", "dicom_node.cli", "jobs", "retry", str(job["id"])],
-            env=node.env,
-            capture_output=True,
-            text=True,
-            cwd=node.data_dir.parent,
-        )
+        retried = run_cli(node, "jobs", "retry", str(job["id"]))
         assert retried.returncode == 0, retried.stderr
         time.sleep(0.5)
         [again] = wait_for_jobs(node, 1, ("succeeded", "failed"), timeout=180)
