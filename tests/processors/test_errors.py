@@ -26,6 +26,9 @@ BAD_INPUT = [
     "db.upsert.UnsupportedDatabaseError",
     "dicom_node.ae.wire.ProtocolError",
     "dicom_node.ae.wire.PeerGoneError",
+    "dicom_node.security.keys.KeyFileError",
+    "dicom_node.security.keys.DecryptionError",
+    "dicom_node.security.crypto.EncryptedFileError",
 ]
 FAILED = [
     "dicom_node.scu.AssociationFailedError",
