@@ -40,6 +40,7 @@ from dicom_node.records import (
     InstanceStored,
     clip_text,
 )
+from dicom_node.security.crypto import plaintext_size
 from dicom_node.security.keys import KeyRing
 from dicom_node.storage import InstanceKey, Spool, is_valid_uid, read_index_fields
 
@@ -381,7 +382,7 @@ def stored_record_from_file(
         sop_class_uid=str(sop_class),
         transfer_syntax_uid=str(fields["TransferSyntaxUID"]),
         path=path,
-        size_bytes=path.stat().st_size,
+        size_bytes=plaintext_size(path),
         received_at=received_at or dt.datetime.fromtimestamp(path.stat().st_mtime, tz=dt.UTC),
         association_id=association_id,
     )

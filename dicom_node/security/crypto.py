@@ -28,6 +28,7 @@ import io
 import os
 import secrets
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
 
@@ -124,6 +125,33 @@ class EncryptingWriter:
         self._pending.clear()
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where an encrypted file's segments are, and its plaintext size, from its header."""
+
+    prefix: bytes
+    segment_bytes: int
+    data_start: int
+    segments: int
+    size: int
+
+    @classmethod
+    def of(cls, fixed: bytes, file_size: int, where: str) -> _Layout:
+        if len(fixed) < _FIXED_HEADER.size or not fixed.startswith(MAGIC):
+            raise EncryptedFileError(f"{where}: not a file encrypted by this node")
+        fields: tuple[bytes, int, int, bytes, int] = _FIXED_HEADER.unpack(fixed)
+        _, version, segment_bytes, prefix, sealed_length = fields
+        if version != VERSION or segment_bytes == 0:
+            raise EncryptedFileError(f"{where}: encrypted in an unknown format (version {version})")
+        data_start = _FIXED_HEADER.size + sealed_length
+        stored = file_size - data_start
+        sealed_segment = segment_bytes + TAG_BYTES
+        segments = max(1, -(-stored // sealed_segment))
+        if stored - (segments - 1) * sealed_segment < TAG_BYTES:
+            raise EncryptedFileError(f"{where}: truncated (its last segment is cut off)")
+        return cls(prefix, segment_bytes, data_start, segments, stored - segments * TAG_BYTES)
+
+
 class DecryptingReader(io.RawIOBase):
     """A seekable view of an encrypted file's plaintext; reads decrypt only the segments
     they touch (the last one kept). Takes ownership of ``source`` (a seekable file).
@@ -152,32 +180,22 @@ class DecryptingReader(io.RawIOBase):
         source = self._source
         source.seek(0)
         fixed = source.read(_FIXED_HEADER.size)
-        if len(fixed) < _FIXED_HEADER.size or not fixed.startswith(MAGIC):
-            raise EncryptedFileError(f"{where}: not a file encrypted by this node")
-        fields: tuple[bytes, int, int, bytes, int] = _FIXED_HEADER.unpack(fixed)
-        _, version, segment_bytes, prefix, sealed_length = fields
-        if version != VERSION or segment_bytes == 0:
-            raise EncryptedFileError(f"{where}: encrypted in an unknown format (version {version})")
+        layout = _Layout.of(fixed, os.fstat(source.fileno()).st_size, where)
         if keys is None:
             raise EncryptedFileError(
                 f"{where} is encrypted and no key file is configured (spool_encryption_key_file)"
             )
-        sealed = source.read(sealed_length)
+        sealed = source.read(layout.data_start - _FIXED_HEADER.size)
         try:
             data_key = keys.open(sealed, fixed[:-2] + _SEAL_PURPOSE)
         except DecryptionError as exc:
             raise EncryptedFileError(f"{where}: cannot open its data key: {exc}") from None
         self._aead = AESGCM(data_key)
-        self._prefix = prefix
-        self._segment_bytes = segment_bytes
-        self._data_start = _FIXED_HEADER.size + sealed_length
-        stored = os.fstat(source.fileno()).st_size - self._data_start
-        sealed_segment = segment_bytes + TAG_BYTES
-        self._segments = max(1, -(-stored // sealed_segment))
-        last_sealed = stored - (self._segments - 1) * sealed_segment
-        if last_sealed < TAG_BYTES:
-            raise EncryptedFileError(f"{where}: truncated (its last segment is cut off)")
-        self._size = stored - self._segments * TAG_BYTES
+        self._prefix = layout.prefix
+        self._segment_bytes = layout.segment_bytes
+        self._data_start = layout.data_start
+        self._segments = layout.segments
+        self._size = layout.size
 
     @property
     def size(self) -> int:
@@ -241,6 +259,16 @@ def _has_magic(stream: BinaryIO) -> bool:
     found = stream.read(len(MAGIC)) == MAGIC
     stream.seek(0)
     return found
+
+
+def plaintext_size(path: Path) -> int:
+    """The size of ``path``'s plaintext (its own size when it is in clear); needs no key."""
+    with open(path, "rb") as source:
+        fixed = source.read(_FIXED_HEADER.size)
+        file_size = os.fstat(source.fileno()).st_size
+    if not fixed.startswith(MAGIC):
+        return file_size
+    return _Layout.of(fixed, file_size, str(path)).size
 
 
 def open_data_file(path: Path, keys: KeyRing | None) -> BinaryIO:

@@ -192,17 +192,22 @@ def test_reconcile_reads_an_encrypted_spool_after_a_key_rotation(tmp_path: Path,
     first and the old one after it; a key file without the old key indexes none of those."""
     from io import BytesIO
 
+    from pydicom.dataset import Dataset
+
     from dicom_node.security.keys import KeyRing
+
+    def encoded(dataset: Dataset) -> bytes:
+        buffer = BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
 
     old, new = KeyRing.generate(), KeyRing.generate()
     for number, dataset in enumerate(small_ct.datasets):
-        buffer = BytesIO()
-        dataset.save_as(buffer, enforce_file_format=True)
         spool = Spool(tmp_path / "spool", keys=None if number < 2 else old)
         key = InstanceKey.checked(
             dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
         )
-        spool.write(key, [buffer.getvalue()])
+        spool.write(key, [encoded(dataset)])
 
     lacking = Spool(tmp_path / "spool", keys=new)
     assert reconcile(lacking, sessions_for(tmp_path / "lacking")) == 2  # the clear ones
@@ -211,5 +216,7 @@ def test_reconcile_reads_an_encrypted_spool_after_a_key_rotation(tmp_path: Path,
     sessions = sessions_for(tmp_path)
     assert reconcile(rotated, sessions) == len(small_ct.datasets)
     with sessions() as session:
-        indexed = set(session.scalars(select(Instance.sop_instance_uid)))
-    assert indexed == {str(dataset.SOPInstanceUID) for dataset in small_ct.datasets}
+        rows = session.execute(select(Instance.sop_instance_uid, Instance.size_bytes))
+        indexed = {str(uid): size for uid, size in rows}
+    sizes = {str(dataset.SOPInstanceUID): len(encoded(dataset)) for dataset in small_ct.datasets}
+    assert indexed == sizes  # the instances' own sizes, as the receiver records them

@@ -19,6 +19,7 @@ from dicom_node.security.crypto import (
     EncryptedFileError,
     EncryptingWriter,
     open_data_file,
+    plaintext_size,
     read_dicom,
     save_dataset,
     write_data_file,
@@ -58,6 +59,7 @@ def test_round_trip(tmp_path: Path, keys: KeyRing, size: int) -> None:
     assert len(stored) == header_bytes(path) + size + segments * TAG_BYTES
     with open_data_file(path, keys) as stream:
         assert stream.read() == data
+    assert plaintext_size(path) == size  # from the header and the file's size, no key
     assert read_through_small_writes(tmp_path, keys, data) == data
 
 
@@ -123,6 +125,7 @@ def test_files_written_in_clear_stay_readable_with_encryption_on(
     save_dataset(dataset, path, None)
     assert path.read_bytes()[128:132] == b"DICM"
     assert read_dicom(path, keys) == dataset == read_dicom(path, None)
+    assert plaintext_size(path) == path.stat().st_size
 
 
 def tampered(path: Path, change: str, start: int) -> None:
