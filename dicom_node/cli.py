@@ -133,10 +133,12 @@ def serve(config: ConfigOption = None) -> None:
     """Run the node: receive over DICOM, index, detect complete studies. Stops on SIGTERM/SIGINT."""
     from dicom_node.logging import configure_logging
     from dicom_node.receiver_pool import StopFlag, start_receivers
+    from dicom_node.security.crypto import load_keys
 
     settings = settings_from(config)
     refuse_unusable_device(settings)
     check_rule_pipelines(settings)
+    load_keys(settings.spool_encryption_key_file)  # a bad key file stops serve here
     configure_logging(settings.log_level, settings.log_format)
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop.handler)

@@ -41,6 +41,8 @@ from dicom_node.records import (
     clip_text,
 )
 from dicom_node.security import audit
+from dicom_node.security.crypto import plaintext_size
+from dicom_node.security.keys import KeyRing
 from dicom_node.storage import InstanceKey, Spool, is_valid_uid, read_index_fields
 
 log = structlog.get_logger(__name__)
@@ -415,9 +417,12 @@ class Indexer:
 
 
 def stored_record_from_file(
-    path: Path, received_at: dt.datetime | None = None, association_id: str | None = None
+    path: Path,
+    received_at: dt.datetime | None = None,
+    association_id: str | None = None,
+    keys: KeyRing | None = None,
 ) -> InstanceStored:
-    fields = read_index_fields(path)
+    fields = read_index_fields(path, keys)
     key = InstanceKey.checked(
         fields["StudyInstanceUID"], fields["SeriesInstanceUID"], fields["SOPInstanceUID"]
     )
@@ -430,7 +435,7 @@ def stored_record_from_file(
         sop_class_uid=str(sop_class),
         transfer_syntax_uid=str(fields["TransferSyntaxUID"]),
         path=path,
-        size_bytes=path.stat().st_size,
+        size_bytes=plaintext_size(path),
         received_at=received_at or dt.datetime.fromtimestamp(path.stat().st_mtime, tz=dt.UTC),
         association_id=association_id,
     )
@@ -461,7 +466,7 @@ def reconcile(
     for start in range(0, len(missing), batch_size):
         records = [
             record
-            for record in _records_for(missing[start : start + batch_size])
+            for record in _records_for(missing[start : start + batch_size], spool.keys)
             if _newer_than_indexed(record, indexed)
         ]
         with sessions.begin() as session:
@@ -484,11 +489,11 @@ def _newer_than_indexed(record: InstanceStored, indexed: dict[str, str]) -> bool
     return False
 
 
-def _records_for(paths: Iterable[Path]) -> list[InstanceStored]:
+def _records_for(paths: Iterable[Path], keys: KeyRing | None) -> list[InstanceStored]:
     records: list[InstanceStored] = []
     for path in paths:
         try:
-            records.append(stored_record_from_file(path))
+            records.append(stored_record_from_file(path, keys=keys))
         except Exception as exc:
             log.error("spooled file cannot be indexed", path=str(path), error=str(exc))
     return records

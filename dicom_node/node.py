@@ -34,7 +34,6 @@ from dicom_node.receiver import Receiver
 from dicom_node.receiver_pool import ReceiverPool, open_listener, start_receivers
 from dicom_node.routing import assembler_quiet_seconds
 from dicom_node.routing_store import sync_from_settings
-from dicom_node.security.roundtrip import node_keys
 from dicom_node.storage import Spool
 
 log = structlog.get_logger(__name__)
@@ -62,6 +61,7 @@ class Node:
         self.exporter: Exporter | None = None
         self.executor: Executor | None = None
         self.dispatcher: Dispatcher | None = None
+        self.spool: Spool | None = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -76,7 +76,7 @@ class Node:
         upgrade(settings.effective_database_url)
         self.engine = make_engine(settings.effective_database_url)
         self.sessions = make_sessionmaker(self.engine)
-        spool = Spool(settings.spool_dir, fsync=settings.fsync)
+        self.spool = spool = Spool.for_settings(settings)
         reconcile(spool, self.sessions, started_at=started_at)
         with self.sessions.begin() as session:
             sync_from_settings(session, settings)
@@ -113,12 +113,9 @@ class Node:
 
     def _start_processing(self) -> None:
         """The exporter, the executor and the dispatcher, which the assembler wakes."""
-        assert self.sessions is not None and self.assembler is not None
+        assert self.sessions is not None and self.assembler is not None and self.spool is not None
         self.exporter = Exporter(
-            self.sessions,
-            (),
-            node=self.settings.effective_node_name,
-            keys=node_keys(self.settings),  # de-identifying destinations seal their map
+            self.sessions, (), node=self.settings.effective_node_name, keys=self.spool.keys
         )
         self.executor = make_executor(self.settings)
         self.dispatcher = Dispatcher(self.settings, self.sessions, self.executor, self.exporter)

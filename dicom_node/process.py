@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pydicom
 from pydantic import ValidationError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -31,6 +30,8 @@ from dicom_node.encode.derived import encode_derived
 from dicom_node.encode.seg import SegEncoding, encode_seg
 from dicom_node.encode.sr import encode_sr
 from dicom_node.encode.uids import Provenance, check_root
+from dicom_node.security.crypto import read_dicom, save_dataset
+from dicom_node.security.keys import KeyRing
 from dicom_node.volume import SeriesError, datasets_to_volume
 from processors.api import result_to_host, run_on_backend, volume_to
 from processors.backend import resolve
@@ -115,7 +116,7 @@ def scan_series(
     skipped: list[tuple[str, str]] = []
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = read_dicom(path, None, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError) as exc:
             skipped.append((str(path), f"not DICOM: {exc}"))
             continue
@@ -181,9 +182,9 @@ def build_steps(
     return steps
 
 
-def _write(ds: Dataset, path: Path) -> Path:
+def _write(ds: Dataset, path: Path, keys: KeyRing | None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    save_dataset(ds, path, keys)
     return path
 
 
@@ -194,8 +195,9 @@ def encode_results(
     step: Step,
     folder: Path,
     problems: list[str] | None = None,
+    keys: KeyRing | None = None,
 ) -> list[OutputRecord]:
-    """Encode one step's results and write them under ``folder``.
+    """Encode one step's results and write them under ``folder`` (encrypted with ``keys``).
 
     A derived series that cannot be encoded (say, from a multi-frame source) is left out
     with its reason in ``problems``; the step's SEG and SR are still written.
@@ -242,7 +244,7 @@ def encode_results(
             counters["sr"] += 1
     records = []
     for kind, ds, path in written:
-        _write(ds, path)
+        _write(ds, path, keys)
         records.append(
             OutputRecord(
                 sop_instance_uid=str(ds.SOPInstanceUID),
@@ -267,8 +269,12 @@ def process_series(
     problems: list[str] | None = None,
     timings: list[tuple[str, float]] | None = None,
     on_step_written: Callable[[int, list[OutputRecord]], None] | None = None,
+    keys: KeyRing | None = None,
 ) -> list[OutputRecord]:
     """Run the pipeline on one series' files and write every output.
+
+    ``keys``: the files are read through them when encrypted, and the outputs written
+    encrypted (``dicom_node.security.crypto``).
 
     ``on_step_written(step_number, records)`` is called (on the encoder thread, in step
     order) as soon as a step's outputs are on disk.
@@ -289,14 +295,14 @@ def process_series(
 
     def encode(number: int, results: list[Result], step: Step, folder: Path) -> list[OutputRecord]:
         started = time.perf_counter()
-        written = encode_results(results, datasets, volume, step, folder, problems)
+        written = encode_results(results, datasets, volume, step, folder, problems, keys)
         if timings is not None:
             timings.append((f"{step.name}:encode", time.perf_counter() - started))
         if on_step_written is not None:
             on_step_written(number, written)
         return written
 
-    datasets = [pydicom.dcmread(path) for path in paths]
+    datasets = [read_dicom(path, keys) for path in paths]
     volume = datasets_to_volume(datasets)
     blanked = blank_unparseable_values(datasets)
     if blanked and problems is not None:

@@ -51,7 +51,7 @@ class Receiver:
         settings = self.settings
         context = ReceiverContext(
             settings=settings,
-            spool=Spool(settings.spool_dir, fsync=settings.fsync),
+            spool=Spool.for_settings(settings),
             index=self.index,
         )
         self._acceptor = Acceptor(context, self.listener)

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from sqlalchemy import func, select
@@ -33,6 +32,8 @@ from dicom_node.config import (
     Rule,
     Settings,
 )
+from dicom_node.security.crypto import load_keys, read_dicom
+from dicom_node.security.keys import KeyRing
 
 # A series' orientation is that of the patient axis its slice normal is closest to;
 # the normal must be within this many degrees of that axis, otherwise it is oblique.
@@ -220,7 +221,12 @@ def _database_tags(series: Series, study: Study) -> dict[str, tuple[str, ...]]:
 
 
 def _describe_series(
-    series: Series, study: Study, num_instances: int, titles: tuple[str, ...], path: str | None
+    series: Series,
+    study: Study,
+    num_instances: int,
+    titles: tuple[str, ...],
+    path: str | None,
+    keys: KeyRing | None,
 ) -> SeriesCandidate:
     tags = _database_tags(series, study)
     orientation: Orientation | None = None
@@ -230,7 +236,7 @@ def _describe_series(
         error = "the series has no instances"
     else:
         try:
-            ds = dcmread(Path(path), stop_before_pixels=True)
+            ds = read_dicom(Path(path), keys, stop_before_pixels=True)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
         else:
@@ -259,8 +265,11 @@ def _series_order(candidate: SeriesCandidate) -> tuple[bool, int, str]:
     return (number is None, number or 0, candidate.series_instance_uid)
 
 
-def select_series(study_id: int, session: Session) -> list[SeriesCandidate]:
-    """Describe every series of the study, ordered by SeriesNumber (series without last)."""
+def select_series(
+    study_id: int, session: Session, keys: KeyRing | None = None
+) -> list[SeriesCandidate]:
+    """Describe every series of the study, ordered by SeriesNumber (series without last);
+    ``keys`` decrypt the spooled files when they are encrypted."""
     study = session.get(Study, study_id)
     if study is None:
         raise LookupError(f"no study with id {study_id}")
@@ -280,7 +289,12 @@ def select_series(study_id: int, session: Session) -> list[SeriesCandidate]:
     titles = _calling_ae_titles(session, ids)
     candidates = [
         _describe_series(
-            series, study, counts.get(series.id, 0), titles.get(series.id, ()), paths.get(series.id)
+            series,
+            study,
+            counts.get(series.id, 0),
+            titles.get(series.id, ()),
+            paths.get(series.id),
+            keys,
         )
         for series in series_rows
     ]
@@ -419,7 +433,7 @@ def route(settings: Settings, session: Session, study_id: int) -> list[RouteDeci
     study = session.get(Study, study_id)
     if study is None:
         raise LookupError(f"no study with id {study_id}")
-    candidates = select_series(study_id, session)
+    candidates = select_series(study_id, session, load_keys(settings.spool_encryption_key_file))
     destinations = {destination.name: destination for destination in settings.destinations}
     last_received = _as_utc(study.last_received_at) if study.last_received_at else None
     keyed: list[tuple[tuple[int, bool, int, str, int], RouteDecision]] = []

@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -15,6 +14,8 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.dimse_status import STORED, describe
+from dicom_node.security.crypto import read_dicom
+from dicom_node.security.keys import DecryptionError, KeyRing
 from processors.errors import OperationFailedError
 
 MAX_CONTEXTS_PER_ASSOCIATION = 128
@@ -29,6 +30,8 @@ class SendFile:
     path: Path
     sop_class_uid: str
     transfer_syntax_uid: str
+    keys: KeyRing | None = field(default=None, repr=False)
+    """Decrypts the file when it is encrypted (``dicom_node.security.crypto``)."""
 
 
 @dataclass
@@ -83,25 +86,28 @@ def _transfer_syntax_of(dataset: Dataset) -> str:
     return str(ExplicitVRLittleEndian if little_endian else ExplicitVRBigEndian)
 
 
-def scan_files(paths: Iterable[Path]) -> tuple[list[SendFile], list[tuple[Path, str]]]:
-    """Read each file's header; DICOM files without a preamble or a .dcm name are kept."""
+def scan_files(
+    paths: Iterable[Path], keys: KeyRing | None = None
+) -> tuple[list[SendFile], list[tuple[Path, str]]]:
+    """Read each file's header; DICOM files without a preamble or a .dcm name are kept.
+    ``keys`` decrypt the encrypted ones (the node's data folder)."""
     found: list[SendFile] = []
     skipped: list[tuple[Path, str]] = []
     for path in iter_candidate_files(paths):
         try:
-            header = dcmread(path, stop_before_pixels=True, force=True)
+            header = read_dicom(path, keys, stop_before_pixels=True, force=True)
             sop_class = header.get("SOPClassUID")
             if not sop_class or "SOPInstanceUID" not in header:
                 skipped.append((path, "not a DICOM instance (no SOP Class/Instance UID)"))
                 continue
-            found.append(SendFile(path, str(sop_class), _transfer_syntax_of(header)))
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            found.append(SendFile(path, str(sop_class), _transfer_syntax_of(header), keys))
+        except (InvalidDicomError, OSError, ValueError, EOFError, DecryptionError) as exc:
             skipped.append((path, f"not readable as DICOM: {exc}"))
     return found, skipped
 
 
 def _load_for_sending(item: SendFile) -> Dataset:
-    dataset = dcmread(item.path, force=True)
+    dataset = read_dicom(item.path, item.keys, force=True)
     if "TransferSyntaxUID" not in getattr(dataset, "file_meta", {}):
         meta = FileMetaDataset()
         meta.TransferSyntaxUID = UID(item.transfer_syntax_uid)

@@ -16,15 +16,19 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydicom import config
 from pydicom.dataset import Dataset
-from pydicom.filereader import dcmread
 from pydicom.tag import Tag
 from pydicom.valuerep import validate_value
 
+from dicom_node.security.crypto import DecryptingReader, EncryptingWriter, load_keys, read_dicom
+from dicom_node.security.keys import KeyRing
 from processors.errors import BadInputError
+
+if TYPE_CHECKING:
+    from dicom_node.config import Settings
 
 SPOOL_SUFFIX = ".dcm"
 INCOMING_DIR = ".incoming"
@@ -94,11 +98,21 @@ class InstanceKey:
 
 
 class Spool:
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    """``keys``: files are written encrypted (``dicom_node.security.crypto``); read either way."""
+
+    def __init__(self, root: Path, *, fsync: bool = True, keys: KeyRing | None = None) -> None:
         self.root = root
         self.fsync = fsync
+        self.keys = keys
         self._known_dirs: set[Path] = set()
         self._unnamed_files_work = True
+        self._incoming_class = IncomingFile if keys is None else EncryptedIncomingFile
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Spool:
+        """The node's spool: its folder, fsync and encryption as configured."""
+        keys = load_keys(settings.spool_encryption_key_file)
+        return cls(settings.spool_dir, fsync=settings.fsync, keys=keys)
 
     def path_for(self, key: InstanceKey) -> Path:
         return (
@@ -130,7 +144,8 @@ class Spool:
             self._known_dirs.add(self.root)
         if _O_TMPFILE and self._unnamed_files_work:
             try:
-                return IncomingFile(self, os.open(self.root, _O_TMPFILE | os.O_RDWR, 0o644), None)
+                handle = os.open(self.root, _O_TMPFILE | os.O_RDWR, 0o644)
+                return self._incoming_class(self, handle, None)
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                     raise
@@ -140,7 +155,7 @@ class Spool:
             directory.mkdir(parents=True, exist_ok=True)
             self._known_dirs.add(directory)
         handle, temp_name = tempfile.mkstemp(prefix=INCOMING_PREFIX, dir=directory)
-        return IncomingFile(self, handle, Path(temp_name))
+        return self._incoming_class(self, handle, Path(temp_name))
 
     def write(self, key: InstanceKey, chunks: Iterable[bytes]) -> tuple[Path, int]:
         """Write a file atomically: temp file, fsync, rename, fsync the directory.
@@ -253,6 +268,42 @@ class IncomingFile:
             self.path.unlink(missing_ok=True)
 
 
+class EncryptedIncomingFile(IncomingFile):
+    """An incoming file written encrypted as it arrives (``spool.keys`` set); ``size``
+    counts plaintext bytes, as the sender sent them."""
+
+    def __init__(self, spool: Spool, handle: int, path: Path | None) -> None:
+        super().__init__(spool, handle, path)
+        assert spool.keys is not None
+        try:
+            self._encrypting = EncryptingWriter(self._stream, spool.keys)
+        except BaseException:
+            self.discard()
+            raise
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += self._encrypting.write(data)
+        unsynced = self._encrypting.written - self._written_back
+        if self.spool.fsync and unsynced >= WRITEBACK_BYTES:
+            _start_writeback(self.fileno, self._written_back, unsynced)
+            self._written_back += unsynced
+
+    def open_for_reading(self) -> BinaryIO:
+        """The plaintext, from the start. Reading finishes the file: only ``commit`` or
+        ``discard`` may follow (the last segment is sealed; nothing more can be written)."""
+        self._encrypting.finish()
+        reader = DecryptingReader(super().open_for_reading(), self.spool.keys, "incoming instance")
+        return reader.as_binary_file()
+
+    def commit(self, key: InstanceKey) -> tuple[Path, int]:
+        try:
+            self._encrypting.finish()
+        except BaseException:
+            self.discard()
+            raise
+        return super().commit(key)
+
+
 WRITEBACK_BYTES = 256 * 1024
 """The disk starts writing an incoming file every this many bytes, while the rest of it
 is still arriving: the fsync before the response then waits for less (about 0.6 ms
@@ -323,9 +374,10 @@ def header_text(header: Dataset, keyword: str) -> str | None:
     return text or None
 
 
-def read_index_fields(path: Path) -> dict[str, str | None]:
-    """The header fields the index needs, as written, read without the pixel data."""
-    dataset = dcmread(path, stop_before_pixels=True, specific_tags=_INDEX_TAG_VALUES)
+def read_index_fields(path: Path, keys: KeyRing | None = None) -> dict[str, str | None]:
+    """The header fields the index needs, as written, read without the pixel data
+    (decrypting only the segments the header is in)."""
+    dataset = read_dicom(path, keys, stop_before_pixels=True, specific_tags=_INDEX_TAG_VALUES)
     fields = {keyword: header_text(dataset, keyword) for keyword in INDEX_TAGS}
     fields["TransferSyntaxUID"] = header_text(dataset.file_meta, "TransferSyntaxUID")
     return fields

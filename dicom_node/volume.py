@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import pydicom
 from pydicom.dataset import Dataset
 
+from dicom_node.security.crypto import read_dicom
+from dicom_node.security.keys import KeyRing
 from processors.base import Volume
 from processors.errors import BadInputError
 
@@ -286,15 +287,16 @@ def datasets_to_volume(datasets: Sequence[Dataset]) -> Volume:
     )
 
 
-def load_series(sources: Iterable[str | Path | Dataset]) -> Volume:
-    """Read the files (or take the datasets) of one series and build its Volume."""
+def load_series(sources: Iterable[str | Path | Dataset], keys: KeyRing | None = None) -> Volume:
+    """Read the files (or take the datasets) of one series and build its Volume; ``keys``
+    decrypt files the node encrypted (``dicom_node.security.crypto``)."""
     datasets: list[Dataset] = []
     for source in sources:
         if isinstance(source, Dataset):
             datasets.append(source)
             continue
         try:
-            datasets.append(pydicom.dcmread(source))
+            datasets.append(read_dicom(Path(source), keys))
         except Exception as exc:
             raise SeriesError(f"{source}: not a readable DICOM file: {exc}") from exc
     return datasets_to_volume(datasets)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +26,8 @@ from db.upsert import insert_for
 from dicom_node.export.target import ExportTarget
 from dicom_node.export.transport import Outcome
 from dicom_node.security import audit
+from dicom_node.security.crypto import read_dicom
+from dicom_node.security.keys import DecryptionError, KeyRing
 from processors.errors import BadInputError
 
 log = structlog.get_logger(__name__)
@@ -78,15 +79,16 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _instance_uids(path: Path) -> tuple[str, str]:
+def _instance_uids(path: Path, keys: KeyRing | None) -> tuple[str, str]:
     try:
-        header = dcmread(
+        header = read_dicom(
             path,
+            keys,
             stop_before_pixels=True,
             force=True,
             specific_tags=["SOPClassUID", "SOPInstanceUID"],
         )
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+    except (InvalidDicomError, OSError, ValueError, EOFError, DecryptionError) as exc:
         raise ExportError(f"{path}: not readable as DICOM: {exc}") from exc
     sop_class, sop_instance = header.get("SOPClassUID"), header.get("SOPInstanceUID")
     if not sop_class or not sop_instance:
@@ -100,13 +102,15 @@ def enqueue(
     files_or_outputs: Iterable[Path | Output],
     *,
     now: dt.datetime | None = None,
+    keys: KeyRing | None = None,
 ) -> list[Export]:
     """Add (or find) one row per instance for ``target``, due now, in the caller's transaction.
     Another node adding the same row meanwhile is not an error (``ON CONFLICT DO NOTHING``).
 
     A row already ``pending``, ``sending`` or ``delivered`` is left as it is (an instance
     exported twice is sent once); a ``failed`` one goes back to ``pending`` with its
-    attempts kept, like ``retry``. Raises ``ExportError`` for a file that is not DICOM.
+    attempts kept, like ``retry``. Raises ``ExportError`` for a file that is not DICOM
+    (``keys`` decrypt an encrypted one).
     """
     now = now or utcnow()
     rows: list[Export] = []
@@ -119,7 +123,7 @@ def enqueue(
                 item.id,
             )
         else:
-            sop_class, sop_instance = _instance_uids(item)
+            sop_class, sop_instance = _instance_uids(item, keys)
             path, output_id = str(item.resolve()), None
         session.execute(
             insert_for(session, Export)

@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydicom import dcmread
-
 from dicom_node.export.target import ExportTarget
 from dicom_node.export.transport import OnSent, Outcome
 from dicom_node.scu import SendFile
+from dicom_node.security.crypto import read_dicom
 
 STOW_BATCH = 32
 _FAILED_SOP_SEQUENCE = 0x00081198
@@ -49,7 +48,7 @@ def send(
     for start in range(0, len(files), STOW_BATCH):
         chunk = files[start : start + STOW_BATCH]
         try:
-            datasets = [dcmread(item.path) for item in chunk]
+            datasets = [read_dicom(item.path, item.keys) for item in chunk]
             failures = failures_of(client.store_instances(datasets=datasets))
             errors = {
                 item.path: failures.get(str(ds.SOPInstanceUID))

@@ -46,6 +46,7 @@ def _send_batch(
     target: ExportTarget,
     batch: list[Claimed],
     on_sent: Callable[[int, int | None], None] | None,
+    keys: KeyRing | None = None,
 ) -> dict[int, Outcome]:
     """Read each claimed file's header, send the readable ones, an outcome per export id."""
     outcomes: dict[int, Outcome] = {}
@@ -53,7 +54,7 @@ def _send_batch(
     export_of: dict[Path, list[int]] = {}
     for claimed in batch:
         try:
-            found, skipped = scan_files([Path(claimed.path)])
+            found, skipped = scan_files([Path(claimed.path)], keys)
         except FileNotFoundError:
             outcomes[claimed.id] = Outcome(False, f"file missing: {claimed.path}")
             continue
@@ -129,7 +130,9 @@ def deliver_due(
 
     Rows of a destination not in ``targets`` stay pending (it may be configured again).
     ``on_sent(export_id, status)`` is called after each C-STORE (``status`` ``None`` when
-    there was no response). ``keys`` seal the pseudonym map of de-identifying destinations.
+    there was no response). ``keys`` decrypt the files the node encrypted
+    (``dicom_node.security.crypto``) and seal the pseudonym map of de-identifying
+    destinations.
     """
     now = now or utcnow()
     policy = policy or RetryPolicy()
@@ -151,7 +154,7 @@ def deliver_due(
         if target.deidentify is not None:
             outcomes = _send_deidentified(sessions, keys, target, batch, on_sent)
         else:
-            outcomes = _send_batch(target, batch, on_sent)
+            outcomes = _send_batch(target, batch, on_sent, keys)
         record(sessions, target, batch, outcomes, policy, rng, report)
         log.info(
             "export batch sent",
@@ -177,6 +180,7 @@ class Exporter:
         keys: KeyRing | None = None,
     ) -> None:
         self.sessions = sessions
+        self.keys = keys
         self.node = node
         self.keys = keys
         self.targets = tuple(targets)

@@ -54,7 +54,8 @@ from dicom_node.outputs import upsert_outputs
 from dicom_node.plugin_state import load_states
 from dicom_node.process import OutputRecord
 from dicom_node.routing_store import load_routing
-from dicom_node.security.roundtrip import enqueue_sources, node_keys, reidentify_returned_study
+from dicom_node.security.crypto import load_keys
+from dicom_node.security.roundtrip import enqueue_sources, reidentify_returned_study
 from processors.registry import discover
 
 log = structlog.get_logger(__name__)
@@ -94,7 +95,7 @@ class Dispatcher:
         self.executor = executor
         self.exporter = exporter
         self.node = settings.effective_node_name
-        self.keys = node_keys(settings)
+        self.keys = load_keys(settings.spool_encryption_key_file)
         self.routing = settings
         self._routing_loaded = 0.0
         self._running: dict[int, _Running] = {}
@@ -186,7 +187,7 @@ class Dispatcher:
                         if reidentify_returned_study(session, self.routing, self.keys, study_id):
                             continue  # a result back from an outside destination: not routed
                         jobs = create_jobs(session, self.routing, study_id)
-                        enqueue_sources(session, self.routing, jobs)
+                        enqueue_sources(session, self.routing, jobs, self.keys)
                         made += len(jobs)
                 except Exception:
                     log.exception("routing the study failed", study_id=study_id)
@@ -229,6 +230,7 @@ class Dispatcher:
             device=self.settings.processing_device,
             uid_root=self.settings.uid_root,
             plugin_choices=load_states(session),
+            key_file=self.settings.spool_encryption_key_file,
         )
 
     def collect(self) -> int:

@@ -21,6 +21,8 @@ from typing import Any
 from dicom_node.encode.common import EncodeError
 from dicom_node.logging import keep_patient_values_out_of_logs
 from dicom_node.process import OutputRecord, ProcessError, build_steps, process_series
+from dicom_node.security.crypto import load_keys
+from dicom_node.security.keys import DecryptionError, KeyFileError
 from dicom_node.volume import SeriesError
 from processors.base import ProcessorError
 from processors.errors import OperationFailedError
@@ -79,6 +81,9 @@ class JobSpec:
     plugin_choices: dict[str, PluginChoice] = field(default_factory=dict)
     """The admins' choices (``plugin_state``) when the job was submitted: a disabled
     processor, or one pinned to a version other than the installed one, fails the job."""
+    key_file: Path | None = None
+    """``spool_encryption_key_file``: the worker reads it (the keys never travel in a spec)
+    to decrypt the series and encrypt the outputs."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,7 @@ def run_job(spec: JobSpec) -> JobResult:
     shutil.rmtree(steps_dir, ignore_errors=True)  # an earlier attempt's
     steps_dir.mkdir(parents=True)
     try:
+        keys = load_keys(spec.key_file)
         steps = build_steps(
             spec.pipeline,
             params=params,
@@ -125,8 +131,16 @@ def run_job(spec: JobSpec) -> JobResult:
             problems,
             timings,
             on_step_written=lambda number, written: _write_step(steps_dir, number, written),
+            keys=keys,
         )
-    except (ProcessError, SeriesError, EncodeError, ProcessorError) as exc:
+    except (
+        ProcessError,
+        SeriesError,
+        EncodeError,
+        ProcessorError,
+        DecryptionError,
+        KeyFileError,
+    ) as exc:
         raise JobError(str(exc)) from None
     except FileNotFoundError as exc:
         raise JobError(f"a source file is missing: {exc.filename}") from None

@@ -16,7 +16,7 @@ import hashlib
 import os
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -46,7 +46,7 @@ def key_id(key: bytes) -> bytes:
 class KeyRing:
     """The current key (``keys[0]``) and the older ones, by key id."""
 
-    keys: tuple[bytes, ...]
+    keys: tuple[bytes, ...] = field(repr=False)  # a logged ring must not show its keys
 
     def __post_init__(self) -> None:
         if not self.keys:

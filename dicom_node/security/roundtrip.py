@@ -18,7 +18,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import structlog
-from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,6 +27,7 @@ from dicom_node.export.queue import Claimed, enqueue
 from dicom_node.export.target import ExportTarget, export_target
 from dicom_node.export.transport import Outcome
 from dicom_node.security import audit
+from dicom_node.security.crypto import read_dicom, save_dataset
 from dicom_node.security.deid import (
     BurnedInAnnotationError,
     Deidentifier,
@@ -40,12 +40,6 @@ from dicom_node.security.reid import recall, reidentify, remember
 log = structlog.get_logger(__name__)
 
 REIDENTIFIED_FOLDER = "reidentified"
-
-
-def node_keys(settings: Settings) -> KeyRing | None:
-    """The node's key ring, or None without ``spool_encryption_key_file``."""
-    path = settings.spool_encryption_key_file
-    return KeyRing.from_file(path) if path is not None else None
 
 
 # -- the two points the audit trail records ---------------------------------------------------
@@ -86,8 +80,11 @@ def result_reidentified(
 # -- out -------------------------------------------------------------------------------------
 
 
-def enqueue_sources(session: Session, settings: Settings, jobs: Sequence[Job]) -> int:
-    """Queue each job's source series for the de-identifying destinations it names."""
+def enqueue_sources(
+    session: Session, settings: Settings, jobs: Sequence[Job], keys: KeyRing | None
+) -> int:
+    """Queue each job's source series for the de-identifying destinations it names
+    (``keys`` read the spool's files when it is encrypted)."""
     by_name = {destination.name: destination for destination in settings.destinations}
     queued = 0
     for job in jobs:
@@ -97,7 +94,8 @@ def enqueue_sources(session: Session, settings: Settings, jobs: Sequence[Job]) -
         paths = session.scalars(select(Instance.path).where(Instance.series_id == job.series_id))
         files = [Path(path) for path in paths]
         for destination in outside:
-            queued += len(enqueue(session, export_target(destination, settings.ae_title), files))
+            target = export_target(destination, settings.ae_title)
+            queued += len(enqueue(session, target, files, keys=keys))
     return queued
 
 
@@ -118,7 +116,7 @@ def deidentified_copies(
     records: list[PseudonymRecord] = []
     for claimed in batch:
         try:
-            ds = dcmread(claimed.path, force=True)
+            ds = read_dicom(Path(claimed.path), keys, force=True)
             record = deidentifier.deidentify(ds)
             path = folder / f"{claimed.id}.dcm"
             ds.save_as(path, enforce_file_format=True)
@@ -168,14 +166,14 @@ def reidentify_returned_study(
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for path in paths:
-        ds = dcmread(path, force=True)
+        ds = read_dicom(Path(path), keys, force=True)
         reidentify(ds, record)
         target = folder / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(target, enforce_file_format=True)
+        save_dataset(ds, target, keys)
         written.append(target)
     targets = [d for d in settings.destinations if d.name in results_to]
     for result_destination in targets:
-        enqueue(session, export_target(result_destination, settings.ae_title), written)
+        enqueue(session, export_target(result_destination, settings.ae_title), written, keys=keys)
     if not targets:
         log.warning("a re-identified result has no results_to", destination=destination_name)
     result_reidentified(session, destination_name, record.original_study_uid, len(written))

@@ -232,7 +232,7 @@ def test_process_on_a_full_disk_is_one_line_and_exit_1(
 
     import dicom_node.process
 
-    def full_disk(_dataset: object, path: Path) -> Path:
+    def full_disk(_dataset: object, path: Path, _keys: object) -> Path:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     monkeypatch.setattr(dicom_node.process, "_write", full_disk)

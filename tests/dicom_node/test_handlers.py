@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from pydicom import config, dcmread
@@ -22,6 +23,9 @@ from dicom_node.ae.pynetdicom_internals import paused_reactor
 from dicom_node.config import DuplicatePolicy, Settings
 from dicom_node.node import Node
 from dicom_node.scu import echo, scan_files, send
+from dicom_node.security.crypto import MAGIC, read_dicom
+from dicom_node.security.keys import KeyRing, write_key_file
+from dicom_node.storage import EncryptedIncomingFile
 from dicom_node.synthetic import SyntheticSeries
 from dicom_node.testing import local_settings
 
@@ -324,3 +328,46 @@ def test_unknown_sop_classes_accepted_only_by_a_node_that_allows_them(
     finally:
         accepting.stop(1)
     assert _config.UNRESTRICTED_STORAGE_SERVICE is False
+
+
+def test_a_node_with_a_key_file_spools_what_it_receives_encrypted(
+    tmp_path: Path, small_ct: SyntheticSeries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real files (deflated, big endian among them) and a header longer than the bytes the
+    handler keeps in memory, which it then reads back from the encrypted file: all stored
+    encrypted, indexed, and read back exactly as sent."""
+    write_key_file(tmp_path / "key", [KeyRing.generate().keys[0]])
+    keys = KeyRing.from_file(tmp_path / "key")
+    long_header = copy.deepcopy(small_ct.datasets[0])
+    long_header.private_block(0x0009, "TEST", create=True).add_new(0x01, "OB", bytes(100_000))
+    names = ["CT_small.dcm", "image_dfl.dcm", "MR_small_bigendian.dcm"]
+    sources = [Path(get_testdata_file(name)) for name in names]  # type: ignore[arg-type]
+    read_back: list[str] = []
+    reading = EncryptedIncomingFile.open_for_reading
+
+    def spied(self: EncryptedIncomingFile) -> BinaryIO:
+        read_back.append("header")
+        return reading(self)
+
+    monkeypatch.setattr(EncryptedIncomingFile, "open_for_reading", spied)
+    node = Node(local_settings(tmp_path, spool_encryption_key_file=tmp_path / "key"))
+    node.start()
+    try:
+        assert send_paths(node, sources).sent == len(sources)
+        uid = long_header.SOPInstanceUID
+        assert not read_back
+        assert _raw_store(node.settings.port, long_header, CTImageStorage, uid) == 0
+        assert read_back == ["header"]  # past the bytes kept in memory: read from the file
+        assert count_instances(node) == len(sources) + 1
+        with node.sessions() as session:  # type: ignore[misc]
+            stored = {
+                row.sop_instance_uid: Path(row.path) for row in session.scalars(select(Instance))
+            }
+    finally:
+        node.stop(1)
+    for original in [*(dcmread(path, force=True) for path in sources), long_header]:
+        path = stored[original.SOPInstanceUID]
+        data = path.read_bytes()
+        assert data.startswith(MAGIC) and b"CompressedSamples" not in data
+        assert read_dicom(path, keys) == original
+    assert set(spooled_files(node.settings.spool_dir)) == set(stored.values())

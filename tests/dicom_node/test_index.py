@@ -243,3 +243,39 @@ def test_associations_and_stored_instances_are_audited_with_the_batch(tmp_path: 
     ]
     assert {row["study_instance_uid"] for row in stored_rows} == {"1.1"}
     assert stored_rows[0]["details"] == {"bytes": 20}
+
+
+def test_reconcile_reads_an_encrypted_spool_after_a_key_rotation(tmp_path: Path, small_ct) -> None:  # type: ignore[no-untyped-def]
+    """Files spooled in clear before encryption was turned on, and files encrypted under
+    the key that was current then, are indexed by a node whose key file has a new key
+    first and the old one after it; a key file without the old key indexes none of those."""
+    from io import BytesIO
+
+    from pydicom.dataset import Dataset
+
+    from dicom_node.security.keys import KeyRing
+
+    def encoded(dataset: Dataset) -> bytes:
+        buffer = BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    old, new = KeyRing.generate(), KeyRing.generate()
+    for number, dataset in enumerate(small_ct.datasets):
+        spool = Spool(tmp_path / "spool", keys=None if number < 2 else old)
+        key = InstanceKey.checked(
+            dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
+        )
+        spool.write(key, [encoded(dataset)])
+
+    lacking = Spool(tmp_path / "spool", keys=new)
+    assert reconcile(lacking, sessions_for(tmp_path / "lacking")) == 2  # the clear ones
+
+    rotated = Spool(tmp_path / "spool", keys=KeyRing((new.keys[0], old.keys[0])))
+    sessions = sessions_for(tmp_path)
+    assert reconcile(rotated, sessions) == len(small_ct.datasets)
+    with sessions() as session:
+        rows = session.execute(select(Instance.sop_instance_uid, Instance.size_bytes))
+        indexed = {str(uid): size for uid, size in rows}
+    sizes = {str(dataset.SOPInstanceUID): len(encoded(dataset)) for dataset in small_ct.datasets}
+    assert indexed == sizes  # the instances' own sizes, as the receiver records them

@@ -14,6 +14,8 @@ from pydicom.dataelem import DataElement
 from pydicom.uid import generate_uid
 from pydicom.valuerep import validate_value
 
+from dicom_node.security.crypto import MAGIC, EncryptedFileError, open_data_file, save_dataset
+from dicom_node.security.keys import KeyFileError, KeyRing, write_key_file
 from dicom_node.storage import (
     InstanceKey,
     InvalidUIDError,
@@ -22,6 +24,7 @@ from dicom_node.storage import (
     is_valid_uid,
     read_index_fields,
 )
+from dicom_node.testing import local_settings
 
 
 @pytest.mark.parametrize(
@@ -216,3 +219,71 @@ def test_writeback_starts_while_the_instance_arrives(
         incoming.write(b"x" * (64 * 1024))
     assert started == expected
     incoming.discard()
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "named temp file"])
+def test_an_encrypted_spool_writes_each_instance_encrypted_as_it_arrives(
+    tmp_path: Path, unnamed: bool
+) -> None:
+    keys = KeyRing.generate()
+    spool = Spool(tmp_path / "spool", keys=keys)
+    spool._unnamed_files_work = unnamed
+    key = InstanceKey.checked("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    content = b"DICM PATIENT^NAME " * 10_000
+    incoming = spool.incoming()
+    for start in range(0, len(content), 4096):
+        incoming.write(memoryview(content)[start : start + 4096])
+    with incoming.open_for_reading() as stream:  # the handler's header read, from the file
+        stream.seek(5)
+        assert stream.read(7) == b"PATIENT"
+    path, size = incoming.commit(key)
+    assert size == len(content)
+    stored = path.read_bytes()
+    assert stored.startswith(MAGIC) and b"PATIENT" not in stored and b"DICM" not in stored
+    with open_data_file(path, keys) as stream:
+        assert stream.read() == content
+    assert [p for p in spool.root.rglob("*") if p.is_file()] == [path]
+
+
+def test_an_encrypted_instance_is_complete_on_disk_when_it_is_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last segment is sealed before the fsync that precedes the acknowledgement: the
+    file the sender hears about is whole, as in clear."""
+    import os
+
+    spool = Spool(tmp_path / "spool", keys=KeyRing.generate())
+    incoming = spool.incoming()
+    incoming.write(b"x" * 100_000)
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_size)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path, _ = incoming.commit(InstanceKey.checked("1.2.3", "1.2.3.4", "1.2.3.4.5"))
+    assert synced[0] == path.stat().st_size  # the file's fsync, then its directory's
+    assert len(synced) >= 2
+
+
+def test_read_index_fields_of_an_encrypted_file(tmp_path: Path, small_ct) -> None:  # type: ignore[no-untyped-def]
+    keys = KeyRing.generate()
+    path = tmp_path / "encrypted.dcm"
+    save_dataset(small_ct.datasets[0], path, keys)
+    fields = read_index_fields(path, keys)
+    assert fields["SOPInstanceUID"] == small_ct.datasets[0].SOPInstanceUID
+    assert fields["TransferSyntaxUID"] == "1.2.840.10008.1.2.1"
+    with pytest.raises(EncryptedFileError, match="no key file is configured"):
+        read_index_fields(path)
+
+
+def test_the_spool_of_settings_with_a_key_file_encrypts(tmp_path: Path) -> None:
+    write_key_file(tmp_path / "key", [KeyRing.generate().keys[0]])
+    encrypted = local_settings(tmp_path, spool_encryption_key_file=tmp_path / "key")
+    assert Spool.for_settings(encrypted).keys == KeyRing.from_file(tmp_path / "key")
+    assert Spool.for_settings(local_settings(tmp_path)).keys is None
+    missing = local_settings(tmp_path, spool_encryption_key_file=tmp_path / "absent")
+    with pytest.raises(KeyFileError, match="key file not found"):
+        Spool.for_settings(missing)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -106,6 +107,18 @@ def install_test_plugins(directory: Path) -> Path:
 def plugin_env(directory: Path) -> dict[str, str]:
     """The environment that puts the test plugins of ``directory`` on the node's path."""
     return {"PYTHONPATH": f"{directory}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def run_cli(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """``dicom-node ARGS`` with the node's environment, as an operator would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", *args],
+        env=node.env,
+        capture_output=True,
+        text=True,
+        cwd=node.data_dir.parent,
+        timeout=60,
+    )
 
 
 def write_config(path: Path, orthanc: OrthancProcess, body: str, **settings: object) -> Path:

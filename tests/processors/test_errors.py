@@ -31,6 +31,7 @@ BAD_INPUT = [
     "dicom_node.security.keys.KeyFileError",
     "dicom_node.security.keys.DecryptionError",
     "dicom_node.security.audit_syslog.SyslogAddressError",
+    "dicom_node.security.crypto.EncryptedFileError",
 ]
 FAILED = [
     "dicom_node.scu.AssociationFailedError",

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.export.stowrs import failures_of, send
 from dicom_node.export.target import ExportTarget
 from dicom_node.scu import scan_files
+from dicom_node.security.crypto import write_data_file
+from dicom_node.security.keys import KeyRing
 from dicom_node.testing import free_port
 
 
@@ -40,3 +44,27 @@ def test_an_unreachable_server_fails_every_file(series_files: list[Path]) -> Non
     for result in outcomes.values():
         assert not result.delivered
         assert (result.error or "").startswith(f"STOW-RS to {url}: ConnectionError")
+
+
+def test_encrypted_files_are_sent_as_their_plaintext(
+    series_files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicomweb_client.api import DICOMwebClient
+
+    keys = KeyRing.generate()
+    encrypted = []
+    for path in series_files:
+        encrypted.append(tmp_path / path.name)
+        write_data_file(encrypted[-1], path.read_bytes(), keys)
+    sent: list[Dataset] = []
+
+    def store_instances(self: DICOMwebClient, datasets: list[Dataset]) -> None:
+        sent.extend(datasets)
+
+    monkeypatch.setattr(DICOMwebClient, "store_instances", store_instances)
+    target = ExportTarget("web", "http://127.0.0.1:1/dicom-web", 0, "STOW-RS", url="http://x/")
+    files, skipped = scan_files(encrypted, keys)
+    assert not skipped
+    outcomes = send(target, files, None)
+    assert all(outcome.delivered for outcome in outcomes.values())
+    assert sent == [dcmread(path) for path in series_files]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from dicom_node.synthetic import generate_series
 
@@ -83,3 +85,33 @@ def test_a_malformed_birth_date_neither_stops_the_job_nor_reaches_its_logs(tmp_p
     assert birth_date not in completed.stderr + completed.stdout
     for output in (tmp_path / "out").rglob("*.dcm"):
         assert pydicom.dcmread(output).PatientBirthDate == ""
+
+
+def test_a_job_reads_its_keys_from_the_key_file_and_never_carries_them(tmp_path: Path) -> None:
+    """The spec names the key file (a worker loads it); the keys are in no field, repr or
+    pickle of the spec. Encrypted sources are read and the outputs written encrypted; a
+    key file the worker cannot read fails the job with the reason."""
+    import pickle
+
+    from dicom_node.jobs.worker import JobError, JobSpec, run_job
+    from dicom_node.security.crypto import MAGIC, read_dicom, save_dataset
+    from dicom_node.security.keys import KeyRing, write_key_file
+
+    keys = KeyRing.generate()
+    write_key_file(tmp_path / "key", keys.keys)
+    series = generate_series(num_slices=4, rows=32, columns=32, uid_seed="worker-keys")
+    paths = []
+    for number, dataset in enumerate(series.datasets):
+        paths.append(str(tmp_path / f"{number}.dcm"))
+        save_dataset(dataset, Path(paths[-1]), keys)
+    spec = JobSpec(1, "s", tuple(paths), ("threshold_segment",), {}, str(tmp_path / "out"))
+    spec = dataclasses.replace(spec, key_file=tmp_path / "key")
+    assert keys.keys[0] not in pickle.dumps(spec) and keys.keys[0].hex() not in repr(spec)
+    records = run_job(spec).records
+    assert {record.kind for record in records} == {"seg", "sr"}
+    for record in records:
+        assert record.path.read_bytes().startswith(MAGIC)
+        assert read_dicom(record.path, keys).SOPInstanceUID == record.sop_instance_uid
+    missing = dataclasses.replace(spec, key_file=tmp_path / "absent")
+    with pytest.raises(JobError, match="key file not found"):
+        run_job(missing)

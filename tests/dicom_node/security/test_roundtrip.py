@@ -20,6 +20,7 @@ from dicom_node.export.queue import enqueue
 from dicom_node.export.target import ExportTarget, export_target
 from dicom_node.export.worker import deliver_due
 from dicom_node.node import Node
+from dicom_node.security.crypto import read_dicom
 from dicom_node.security.deid import Deidentifier, DeidProfile, secret_from
 from dicom_node.security.keys import KeyRing
 from dicom_node.security.roundtrip import reidentify_returned_study
@@ -169,7 +170,7 @@ def test_a_study_back_under_its_pseudonymous_uid_is_reidentified_for_results_to(
     originals = {str(dcmread(p).SOPInstanceUID): dcmread(p) for p in files}
     assert {row.sop_instance_uid for row in queued} == set(originals)
     for row in queued:
-        ds = dcmread(row.path)
+        ds = read_dicom(Path(row.path), KEYS)  # written encrypted, as every output
         original = originals[ds.SOPInstanceUID]
         assert (str(ds.PatientName), ds.PatientID) == (NAME, PATIENT_ID)
         assert ds.StudyInstanceUID == original.StudyInstanceUID
