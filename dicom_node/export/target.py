@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dicom_node.config import Destination
+from dicom_node.security.tls import ClientTls, destination_tls
 
 TransportKind = Literal["c-store", "stow-rs"]
 
@@ -23,6 +24,8 @@ class ExportTarget:
     timeout: float = 60.0
     url: str | None = None
     associations: int = 4
+    tls: ClientTls | None = None
+    """C-STORE over DICOM TLS, with these certificates; None: plain TCP."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -54,4 +57,5 @@ def export_target(destination: Destination, node_ae_title: str) -> ExportTarget:
         timeout=destination.timeout,
         url=destination.url,
         associations=destination.associations,
+        tls=destination_tls(destination),
     )
