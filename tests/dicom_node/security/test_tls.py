@@ -338,3 +338,22 @@ def test_a_server_certificate_that_does_not_chain_to_the_destination_ca_is_refus
     ).context()
     with pytest.raises(AssociationFailedError, match="TLS handshake failed"):
         echo("127.0.0.1", tls_node.settings.tls_port, **_titles(), tls=untrusting)
+
+
+def test_shutdown_cuts_an_open_tls_association(pki: ThrowawayPki, tmp_path: Path) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    node = Node(tls_settings(tmp_path, pki))
+    node.start()
+    ae = AE(ae_title="TLS-SCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.settings.tls_port, tls_args=(client(pki), "localhost"))
+    assert assoc.is_established
+    started = time.monotonic()
+    node.stop(grace_seconds=0.2)
+    assert time.monotonic() - started < 5
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not assoc.is_established
