@@ -15,6 +15,14 @@ import pytest
 from sqlalchemy import select
 
 from db.models import Association
+from dicom_node.ae.wire import (
+    PduReader,
+    PduType,
+    PeerGoneError,
+    ProtocolError,
+    iter_pdvs,
+    p_data_pdu,
+)
 from dicom_node.config import ConfigError, Destination, Settings, load_settings
 from dicom_node.node import Node
 from dicom_node.scu import AssociationFailedError, echo, scan_files, send
@@ -357,3 +365,89 @@ def test_shutdown_cuts_an_open_tls_association(pki: ThrowawayPki, tmp_path: Path
     while assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not assoc.is_established
+
+
+# ---------------------------------------------------------------- the wire reader over TLS
+
+
+@pytest.fixture
+def tls_pair(pki: ThrowawayPki) -> Iterator[tuple[ssl.SSLSocket, ssl.SSLSocket]]:
+    """A connected (node side, peer side) pair of TLS sockets."""
+    import threading
+
+    node_end, peer_end = socket.socketpair()
+    accepting = server_context(pki.server.certificate, pki.server.private_key)
+    wrapped: list[ssl.SSLSocket] = []
+    handshake = threading.Thread(
+        target=lambda: wrapped.append(accepting.wrap_socket(node_end, server_side=True))
+    )
+    handshake.start()
+    peer = client_context(pki.ca).wrap_socket(peer_end, server_hostname="localhost")
+    handshake.join()
+    with wrapped[0] as node, peer:
+        yield node, peer
+
+
+def test_the_pdu_reader_reassembles_a_pdu_from_many_tls_records(
+    tls_pair: tuple[ssl.SSLSocket, ssl.SSLSocket],
+) -> None:
+    import threading
+
+    node, peer = tls_pair
+    fragment = bytes(range(256)) * 4000  # ~1 MB in one PDV
+    pdu = p_data_pdu(1, 0x02, fragment)
+
+    data = pdu + p_data_pdu(3, 0x03, b"next")  # the next PDU starts inside a TLS record
+
+    def send() -> None:
+        for start in range(0, len(data), 997):  # one TLS record per write
+            peer.sendall(data[start : start + 997])
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        reader = PduReader(node, timeout=5, max_p_data_length=len(pdu))
+        kind, body = reader.read()
+        assert kind is PduType.P_DATA_TF
+        [pdv] = iter_pdvs(body)
+        assert bytes(pdv.data) == fragment
+        kind, body = reader.read()
+        assert [bytes(p.data) for p in iter_pdvs(body)] == [b"next"]
+    finally:
+        sender.join(10)
+
+
+def test_over_tls_a_pdu_over_the_limit_is_refused_from_its_header(
+    tls_pair: tuple[ssl.SSLSocket, ssl.SSLSocket],
+) -> None:
+    node, peer = tls_pair
+    peer.sendall(bytes([0x04, 0]) + (1 << 30).to_bytes(4, "big"))  # announces 1 GiB
+    with pytest.raises(ProtocolError, match="exceeds"):
+        PduReader(node, timeout=5, max_p_data_length=1 << 20).read()
+
+
+def test_over_tls_a_dripping_pdu_is_cut_at_its_deadline(
+    tls_pair: tuple[ssl.SSLSocket, ssl.SSLSocket],
+) -> None:
+    import threading
+
+    node, peer = tls_pair
+    pdu = p_data_pdu(1, 0x03, bytes(100))
+    stop = threading.Event()
+
+    def drip() -> None:
+        for byte in pdu:
+            if stop.wait(0.05):
+                return
+            peer.sendall(bytes([byte]))
+
+    dripper = threading.Thread(target=drip)
+    dripper.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(PeerGoneError, match="within the timeout"):
+            PduReader(node, timeout=0.5, max_p_data_length=1 << 20).read()
+        assert time.monotonic() - started < 1.5
+    finally:
+        stop.set()
+        dripper.join()
