@@ -45,22 +45,27 @@ def _load_own_certificate(
 ) -> None:
     _readable(certificate, f"{prefix}tls_certificate")
     _readable(private_key, f"{prefix}tls_private_key")
+
+    def encrypted() -> str:  # OpenSSL asks for a password only for an encrypted key
+        raise ConfigError(
+            f"{prefix}tls_private_key {private_key} is encrypted: give it unencrypted"
+        )
+
     try:
-        context.load_cert_chain(certificate, private_key, password=_no_password)
+        context.load_cert_chain(certificate, private_key, password=encrypted)
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc):
             raise ConfigError(
                 f"{prefix}tls_private_key {private_key} is not the key of"
                 f" {prefix}tls_certificate {certificate}"
             ) from None
+        if b"-----BEGIN CERTIFICATE-----" not in certificate.read_bytes():
+            raise ConfigError(
+                f"{prefix}tls_certificate {certificate} is not a PEM certificate"
+            ) from None
         raise ConfigError(
-            f"{prefix}tls_certificate {certificate} or {prefix}tls_private_key {private_key}"
-            f" is not a PEM certificate / unencrypted PEM private key ({exc.reason or exc})"
+            f"{prefix}tls_private_key {private_key} is not a PEM private key ({exc.reason or exc})"
         ) from None
-
-
-def _no_password() -> str:
-    raise ConfigError("the TLS private key is encrypted: give the node an unencrypted key file")
 
 
 def _load_trusted(context: ssl.SSLContext, ca_certificates: Path, setting: str) -> None:

@@ -138,7 +138,14 @@ def test_client_certificates_are_required_when_a_ca_file_is_given(pki: Throwaway
             lambda pki, tmp: {"tls_private_key": pki.client.private_key},
             "is not the key of tls_certificate",
         ),
-        (lambda pki, tmp: {"tls_certificate": pki.ca.parent / "garbage"}, "not a PEM certificate"),
+        (
+            lambda pki, tmp: {"tls_certificate": pki.ca.parent / "garbage"},
+            "tls_certificate .*garbage is not a PEM certificate",
+        ),
+        (
+            lambda pki, tmp: {"tls_private_key": pki.ca.parent / "garbage"},
+            "tls_private_key .*garbage is not a PEM private key",
+        ),
         (lambda pki, tmp: {"tls_ca_certificates": pki.ca.parent / "garbage"}, "holds no PEM"),
     ],
 )
@@ -171,7 +178,7 @@ def test_an_encrypted_private_key_is_a_config_error(pki: ThrowawayPki, tmp_path:
             serialization.BestAvailableEncryption(b"secret"),
         )
     )
-    with pytest.raises(ConfigError, match="encrypted"):
+    with pytest.raises(ConfigError, match=r"tls_private_key .*encrypted\.key is encrypted"):
         server_context(pki.server.certificate, encrypted)
 
 
