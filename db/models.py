@@ -19,6 +19,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -315,4 +316,20 @@ class RoutingEntry(Base):
     position: Mapped[int] = mapped_column(Integer, default=0)
     definition: Mapped[dict[str, Any]] = mapped_column(JSON_DOCUMENT)
     origin: Mapped[RoutingOrigin] = mapped_column(state_type(RoutingOrigin, "routing_origin"))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Pseudonym(Base):
+    """What re-identifying one de-identified study needs, sealed with the node's key
+    (``dicom_node.security.pseudonyms``): its UIDs, original patient and study attributes
+    and date shift. Only the pseudonymous study UID, which results come back under, is
+    in clear."""
+
+    __tablename__ = "pseudonyms"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pseudonymous_study_uid: Mapped[str] = mapped_column(UID, unique=True)
+    destination: Mapped[str] = mapped_column(String(128))
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

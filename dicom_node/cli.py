@@ -26,6 +26,7 @@ from dicom_node.cli_base import (
     printed_as_json_or_empty,
     settings_from,
 )
+from dicom_node.cli_deid import deidentify
 from dicom_node.cli_plugins import plugins_app
 from dicom_node.cli_tls import TlsCaOption, TlsCertOption, TlsKeyOption, TlsOption, tls_context
 from dicom_node.config import Settings, validate_ae_title
@@ -43,6 +44,7 @@ db_app = typer.Typer(
 )
 app.add_typer(db_app, name="db")
 app.add_typer(plugins_app, name="plugins", help="Processor plugins: list, show, enable, pin.")
+app.command("deidentify")(deidentify)
 
 
 def progress_bar(label: str) -> Progress:

@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from dicom_node.security.deid_options import DeidOption, check_options
 from processors.errors import BadInputError
 
 ENV_PREFIX = "DICOM_NODE_"
@@ -103,10 +104,11 @@ class Destination(BaseModel):
     timeout: float = Field(60.0, gt=0)
     # At most this many associations at once towards it (C-STORE).
     associations: int = Field(4, ge=1, le=32)
-    # DICOM TLS towards it (docs/security.md "DICOM TLS", issue 16 part 1): its certificate
-    # must chain to tls_ca_certificates (the system's roots when not given) and name its
-    # host unless tls_check_hostname = false; tls_certificate and tls_private_key are the
-    # node's client certificate, for a peer that asks for one.
+    # -- DICOM TLS (issue 16 part 1, docs/security.md) ------------------------------------
+    # tls = true: C-STORE to it over DICOM TLS. Its certificate must chain to
+    # tls_ca_certificates (the system's roots when not given) and name its host unless
+    # tls_check_hostname = false; tls_certificate and tls_private_key are the node's client
+    # certificate, for a peer that asks for one.
     tls: bool = False
     tls_ca_certificates: Path | None = None
     tls_certificate: Path | None = None
@@ -129,6 +131,32 @@ class Destination(BaseModel):
                 f"destination {self.name!r}: tls_certificate and tls_private_key go together"
             )
         return self
+
+    # -- end of DICOM TLS -----------------------------------------------------------------
+
+    # -- de-identification (issue 16 part 2, docs/security.md) ---------------------------
+    # "basic": what leaves for this destination (the source series of the rules that name
+    # it) is de-identified by PS3.15's Basic Profile with these options; the pseudonym map
+    # is sealed in the database (needs spool_encryption_key_file). Results it sends back
+    # under the pseudonymous study are re-identified and sent on to results_to.
+    deidentify: Literal["basic"] | None = None
+    deidentify_options: tuple[DeidOption, ...] = ()
+    allow_burned_in: bool = False
+    results_to: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_deidentify(self) -> Destination:
+        if self.deidentify is None and (self.deidentify_options or self.results_to):
+            raise ValueError(
+                f"destination {self.name!r}: deidentify_options and results_to need"
+                ' deidentify = "basic"'
+            )
+        problem = check_options(self.deidentify_options)
+        if problem:
+            raise ValueError(f"destination {self.name!r}: deidentify_options: {problem}")
+        return self
+
+    # -- end of de-identification ----------------------------------------------------------
 
     _check_ae_title = field_validator("ae_title")(validate_ae_title)
 
@@ -363,8 +391,9 @@ class Settings(BaseSettings):
     # Routing (docs/routing.md). destinations come first: rules are checked against them.
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Rule, ...] = ()
-    # DICOM TLS (docs/security.md "DICOM TLS", issue 16 part 1). With tls_certificate and
-    # tls_private_key the node also listens on tls_port with TLS; port = 0 leaves only that.
+    # -- DICOM TLS (issue 16 part 1, docs/security.md) ------------------------------------
+    # With tls_certificate and tls_private_key (PEM, the key unencrypted) the node also
+    # listens on tls_port with TLS; port = 0 leaves only that.
     # Peers' certificates are checked against tls_ca_certificates; a certificate is
     # required of them when tls_require_client_certificate (default: when a CA file is given).
     tls_port: int = Field(2762, ge=1, le=65535)
@@ -404,6 +433,8 @@ class Settings(BaseSettings):
             return self.tls_ca_certificates is not None
         return self.tls_require_client_certificate
 
+    # -- end of DICOM TLS -----------------------------------------------------------------
+
     _check_ae_title = field_validator("ae_title")(validate_ae_title)
 
     @field_validator("destinations")
@@ -435,6 +466,24 @@ class Settings(BaseSettings):
                     f" (defined: {sorted(known) or 'none'})"
                 )
         return value
+
+    # -- de-identification (issue 16 part 2): needs the key, results go to known places ----
+    @model_validator(mode="after")
+    def _check_deidentifying_destinations(self) -> Settings:
+        known = {destination.name for destination in self.destinations}
+        for destination in self.destinations:
+            if destination.deidentify and self.spool_encryption_key_file is None:
+                raise ValueError(
+                    f"destinations.deidentify (destination {destination.name!r}) needs"
+                    " spool_encryption_key_file: the pseudonym map is sealed with its key"
+                )
+            for name in destination.results_to:
+                if name not in known or name == destination.name:
+                    raise ValueError(
+                        f"destination {destination.name!r}: results_to names {name!r},"
+                        f" which is not another defined destination"
+                    )
+        return self
 
     def destination(self, name: str) -> Destination:
         for destination in self.destinations:

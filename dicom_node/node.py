@@ -33,6 +33,7 @@ from dicom_node.receiver import Receiver
 from dicom_node.receiver_pool import Listeners, ReceiverPool, open_listeners, start_receivers
 from dicom_node.routing import assembler_quiet_seconds
 from dicom_node.routing_store import sync_from_settings
+from dicom_node.security.roundtrip import node_keys
 from dicom_node.storage import Spool
 
 log = structlog.get_logger(__name__)
@@ -113,7 +114,12 @@ class Node:
     def _start_processing(self) -> None:
         """The exporter, the executor and the dispatcher, which the assembler wakes."""
         assert self.sessions is not None and self.assembler is not None
-        self.exporter = Exporter(self.sessions, (), node=self.settings.effective_node_name)
+        self.exporter = Exporter(
+            self.sessions,
+            (),
+            node=self.settings.effective_node_name,
+            keys=node_keys(self.settings),  # de-identifying destinations seal their map
+        )
         self.executor = make_executor(self.settings)
         self.dispatcher = Dispatcher(self.settings, self.sessions, self.executor, self.exporter)
         self.dispatcher.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -33,6 +34,7 @@ from dicom_node.export.queue import (
 from dicom_node.export.target import ExportTarget, TransportKind
 from dicom_node.export.transport import Outcome, Transport
 from dicom_node.scu import SendFile, scan_files
+from dicom_node.security.keys import KeyRing
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +83,36 @@ def _send_batch(
     return outcomes
 
 
+def _send_deidentified(
+    sessions: sessionmaker[Session],
+    keys: KeyRing | None,
+    target: ExportTarget,
+    batch: list[Claimed],
+    on_sent: Callable[[int, int | None], None] | None,
+) -> dict[int, Outcome]:
+    """De-identify, then send (issue 16 part 2): never the original, whatever fails."""
+    from dicom_node.security.roundtrip import deidentified_copies, deidentified_copies_sent
+
+    if keys is None:
+        reason = "not sent: de-identification needs the node's key (spool_encryption_key_file)"
+        return {claimed.id: Outcome(False, reason) for claimed in batch}
+    with tempfile.TemporaryDirectory(prefix="dicom-node-deid-") as folder:
+        try:
+            copies, outcomes, records = deidentified_copies(
+                sessions, keys, target, batch, Path(folder)
+            )
+        except Exception as exc:  # the map could not be written: send nothing
+            log.exception("de-identification failed", destination=target.name)
+            reason = f"not sent: de-identification failed ({type(exc).__name__})"
+            return {claimed.id: Outcome(False, reason) for claimed in batch}
+        outcomes.update(_send_batch(target, copies, on_sent))
+    by_id = {claimed.id: record for claimed, record in zip(copies, records, strict=True)}
+    delivered = [by_id[i].pseudonymous_study_uid for i, o in outcomes.items() if o.delivered]
+    if delivered:
+        deidentified_copies_sent(target.name, delivered)
+    return outcomes
+
+
 def deliver_due(
     sessions: sessionmaker[Session],
     targets: Iterable[ExportTarget],
@@ -91,12 +123,13 @@ def deliver_due(
     rng: random.Random | None = None,
     on_sent: Callable[[int, int | None], None] | None = None,
     node: str | None = None,
+    keys: KeyRing | None = None,
 ) -> DeliveryReport:
     """Send every due export of the given destinations once; record what became of each.
 
     Rows of a destination not in ``targets`` stay pending (it may be configured again).
     ``on_sent(export_id, status)`` is called after each C-STORE (``status`` ``None`` when
-    there was no response).
+    there was no response). ``keys`` seal the pseudonym map of de-identifying destinations.
     """
     now = now or utcnow()
     policy = policy or RetryPolicy()
@@ -115,7 +148,10 @@ def deliver_due(
         batches.setdefault(item.destination, []).append(item)
     for name, batch in batches.items():
         target = by_name[name]
-        outcomes = _send_batch(target, batch, on_sent)
+        if target.deidentify is not None:
+            outcomes = _send_deidentified(sessions, keys, target, batch, on_sent)
+        else:
+            outcomes = _send_batch(target, batch, on_sent)
         record(sessions, target, batch, outcomes, policy, rng, report)
         log.info(
             "export batch sent",
@@ -138,9 +174,11 @@ class Exporter:
         policy: RetryPolicy | None = None,
         limit: int = 500,
         node: str | None = None,
+        keys: KeyRing | None = None,
     ) -> None:
         self.sessions = sessions
         self.node = node
+        self.keys = keys
         self.targets = tuple(targets)
         self.interval = interval
         self.policy = policy or RetryPolicy()
@@ -188,6 +226,7 @@ class Exporter:
                     policy=self.policy,
                     limit=self.limit,
                     node=self.node,
+                    keys=self.keys,
                 )
             except Exception:  # a database hiccup must not end the exporter
                 log.exception("export round failed")

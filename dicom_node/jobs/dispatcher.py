@@ -54,6 +54,7 @@ from dicom_node.outputs import upsert_outputs
 from dicom_node.plugin_state import load_states
 from dicom_node.process import OutputRecord
 from dicom_node.routing_store import load_routing
+from dicom_node.security.roundtrip import enqueue_sources, node_keys, reidentify_returned_study
 from processors.registry import discover
 
 log = structlog.get_logger(__name__)
@@ -93,6 +94,7 @@ class Dispatcher:
         self.executor = executor
         self.exporter = exporter
         self.node = settings.effective_node_name
+        self.keys = node_keys(settings)
         self.routing = settings
         self._routing_loaded = 0.0
         self._running: dict[int, _Running] = {}
@@ -181,9 +183,15 @@ class Dispatcher:
             for study_id in consume_completed_studies(session):
                 try:
                     with session.begin_nested():
-                        made += len(create_jobs(session, self.routing, study_id))
+                        if reidentify_returned_study(session, self.routing, self.keys, study_id):
+                            continue  # a result back from an outside destination: not routed
+                        jobs = create_jobs(session, self.routing, study_id)
+                        enqueue_sources(session, self.routing, jobs)
+                        made += len(jobs)
                 except Exception:
                     log.exception("routing the study failed", study_id=study_id)
+        if self.exporter is not None:
+            self.exporter.wake()
         return made
 
     def fill(self) -> int:
@@ -263,7 +271,7 @@ class Dispatcher:
             destination = destinations.get(name)
             if destination is None:
                 notes.append(f"destination {name!r} is no longer defined; not sent there")
-            elif rows:
+            elif rows and not destination.deidentify:  # it gets the source, de-identified
                 enqueue(session, export_target(destination, self.settings.ae_title), rows)
         return notes
 

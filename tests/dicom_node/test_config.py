@@ -353,3 +353,46 @@ def test_commented_routing_examples_in_node_toml_are_valid(tmp_path: Path) -> No
     assert [rule.name for rule in settings.rules] == ["ct-default"]
     assert [destination.name for destination in settings.destinations] == ["pacs", "archive-web"]
     assert settings.destinations[1].url == "http://pacs.example.org:8042/dicom-web"
+
+
+# -- de-identifying destinations (issue 16 part 2) -------------------------------------------
+
+OUTSIDE = {"name": "ai", "host": "ai.example.com", "port": 104, "deidentify": "basic"}
+PACS = {"name": "pacs", "host": "pacs", "port": 104}
+
+
+def test_a_deidentifying_destination_needs_the_key_file() -> None:
+    with pytest.raises(ConfigError, match=r"deidentify.*'ai'.*needs spool_encryption_key_file"):
+        load_settings(destinations=[OUTSIDE])
+    settings = load_settings(
+        destinations=[PACS, {**OUTSIDE, "results_to": ["pacs"]}],
+        spool_encryption_key_file="node.key",
+    )
+    assert settings.destination("ai").results_to == ("pacs",)
+
+
+@pytest.mark.parametrize(
+    ("destination", "problem"),
+    [
+        ({**OUTSIDE, "results_to": ["nowhere"]}, "results_to names 'nowhere'"),
+        ({**OUTSIDE, "results_to": ["ai"]}, "results_to names 'ai'"),
+        ({**PACS, "name": "p2", "results_to": ["pacs"]}, 'need deidentify = "basic"'),
+        ({**OUTSIDE, "deidentify_options": ["retain-nothing"]}, "deidentify_options"),
+        (
+            {
+                **OUTSIDE,
+                "deidentify_options": [
+                    "retain-longitudinal-dates",
+                    "retain-longitudinal-full-dates",
+                ],
+            },
+            "exclude each other",
+        ),
+        ({**OUTSIDE, "deidentify": "full"}, "deidentify"),
+    ],
+)
+def test_invalid_deidentification_settings_are_refused(
+    destination: dict[str, object], problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load_settings(destinations=[PACS, destination], spool_encryption_key_file="node.key")

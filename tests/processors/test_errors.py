@@ -26,6 +26,10 @@ BAD_INPUT = [
     "db.upsert.UnsupportedDatabaseError",
     "dicom_node.ae.wire.ProtocolError",
     "dicom_node.ae.wire.PeerGoneError",
+    "dicom_node.security.deid.DeidentificationError",
+    "dicom_node.security.deid.BurnedInAnnotationError",
+    "dicom_node.security.keys.KeyFileError",
+    "dicom_node.security.keys.DecryptionError",
 ]
 FAILED = [
     "dicom_node.scu.AssociationFailedError",

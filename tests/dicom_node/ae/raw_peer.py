@@ -51,7 +51,7 @@ def dataset_after_file_meta(path: Path) -> bytes:
 
 
 def _uid(value: str) -> bytes:
-    raw = value.encode("ascii")
+    raw = value.encode("latin-1")  # a hostile peer may send any byte
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
