@@ -189,6 +189,13 @@ class Association:
             reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
             log.info("TLS handshake not completed", peer=self.address[0], reason=reason)
             return False
+        cipher = self.connection.cipher()
+        log.debug(
+            "TLS established",
+            peer=self.address[0],
+            version=self.connection.version(),
+            cipher=cipher[0] if cipher else None,
+        )
         return True
 
     def _serve(self) -> None:
