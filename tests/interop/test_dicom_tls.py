@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 from interop_support import wait_for_study
-from orchestration_support import orthanc_instances, wait_for_exports, wait_for_jobs
+from orchestration_support import (
+    orthanc_instances,
+    wait_for_exports,
+    wait_for_jobs,
+    write_config,
+)
 from sqlalchemy import create_engine, select
 
 from db.models import Association
@@ -184,22 +189,15 @@ def test_tls_only_node_receives_and_exports_to_orthanc_over_dicom_tls(
         "DicomTlsRemoteCertificateRequired": True,
     }
     with running_orthanc(tmp_path / "orthanc", extra_config=orthanc_tls) as orthanc:
-        config = tmp_path / "node.toml"
-        config.write_text(
-            f"""study_quiet_seconds = 1.0
-
-[[destinations]]
-name = "pacs"
-host = "127.0.0.1"
-port = {orthanc.dicom_port}
-ae_title = "{orthanc.ae_title}"
-timeout = 10
+        # The lines before the rule continue write_config's [[destinations]] table "pacs".
+        destination_tls = f"""
 tls = true
 tls_ca_certificates = "{pki.ca}"
 tls_certificate = "{pki.client.certificate}"
 tls_private_key = "{pki.client.private_key}"
 """
-            + QUICK_RULE
+        config = write_config(
+            tmp_path / "node.toml", orthanc, destination_tls + QUICK_RULE, study_quiet_seconds=1.0
         )
         # TLS only (port = 0), in and out, with two receiver processes.
         env = tls_env(pki, DICOM_NODE_PORT="0", DICOM_NODE_RECEIVER_PROCESSES="2")

@@ -263,22 +263,18 @@ def _titles() -> dict[str, str]:
     return {"calling_ae": "TLS-SCU", "called_ae": "DICOMNODE"}
 
 
-def test_a_client_without_a_certificate_is_refused_and_recorded(
-    tls_node: Node, pki: ThrowawayPki
+@pytest.mark.parametrize(
+    ("presented", "reason"),
+    [("none", "peer did not return a certificate"), ("untrusted", "certificate verify failed")],
+)
+def test_a_client_without_a_trusted_certificate_is_refused_and_recorded(
+    tls_node: Node, pki: ThrowawayPki, presented: str, reason: str
 ) -> None:
-    anonymous = client_context(pki.ca)
+    anonymous = presented == "none"
+    context = client_context(pki.ca) if anonymous else client(pki, pki.untrusted_client)
     with pytest.raises(AssociationFailedError, match="TLS handshake failed"):
-        echo("127.0.0.1", tls_node.settings.tls_port, **_titles(), tls=anonymous)
-    wait_for_rejection(tls_node, "TLS handshake failed: peer did not return a certificate")
-
-
-def test_a_client_with_an_untrusted_certificate_is_refused_and_recorded(
-    tls_node: Node, pki: ThrowawayPki
-) -> None:
-    stranger = client(pki, pki.untrusted_client)
-    with pytest.raises(AssociationFailedError, match="TLS handshake failed"):
-        echo("127.0.0.1", tls_node.settings.tls_port, **_titles(), tls=stranger)
-    wait_for_rejection(tls_node, "TLS handshake failed: certificate verify failed")
+        echo("127.0.0.1", tls_node.settings.tls_port, **_titles(), tls=context)
+    wait_for_rejection(tls_node, f"TLS handshake failed: {reason}")
 
 
 def test_weak_suites_and_plain_dicom_on_the_tls_port_are_refused(
