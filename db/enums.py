@@ -18,3 +18,50 @@ class JobState(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+
+
+# -- audit trail (issue 16, section 3): the CLI filters on actions before it loads the models
+
+
+class AuditAction(StrEnum):
+    ASSOCIATION_ACCEPTED = "association_accepted"
+    ASSOCIATION_REFUSED = "association_refused"
+    INSTANCES_STORED = "instances_stored"
+    STUDY_COMPLETED = "study_completed"
+    JOB_RAN = "job_ran"
+    OUTPUT_EXPORTED = "output_exported"
+    DEIDENTIFIED_SENT = "deidentified_sent"
+    RESULT_REIDENTIFIED = "result_reidentified"
+    SETTING_CHANGED = "setting_changed"
+    RULE_CHANGED = "rule_changed"
+    DESTINATION_CHANGED = "destination_changed"
+    PLUGIN_CHANGED = "plugin_changed"
+    RETRY_REQUESTED = "retry_requested"  # a job or an export queued again by hand
+    PHI_READ = "phi_read"
+    AUDIT_READ = "audit_read"
+
+
+class AuditActorKind(StrEnum):
+    NODE = "node"  # the node's own stages (indexer, assembler, dispatcher, exporter)
+    DICOM_PEER = "dicom_peer"  # a calling AE title, with its address
+    API_TOKEN = "api_token"  # noqa: S105 (the REST API token's name, not a secret)
+    OS_USER = "os_user"  # whoever ran the command line
+
+
+class AuditOutcome(StrEnum):
+    SUCCESS = "success"
+    RETRYING = "retrying"  # failed; tried again later
+    FAILURE = "failure"
+
+
+class AuditObjectKind(StrEnum):
+    ASSOCIATION = "association"
+    STUDY = "study"
+    SERIES = "series"
+    JOB = "job"
+    EXPORT = "export"
+    RULE = "rule"
+    DESTINATION = "destination"
+    PLUGIN = "plugin"
+    SETTING = "setting"
+    COMMAND = "command"

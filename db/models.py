@@ -29,6 +29,10 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from db.enums import AssociationStatus as AssociationStatus
+from db.enums import AuditAction as AuditAction
+from db.enums import AuditActorKind as AuditActorKind
+from db.enums import AuditObjectKind as AuditObjectKind
+from db.enums import AuditOutcome as AuditOutcome
 from db.enums import JobState as JobState
 
 UID = String(64)
@@ -40,7 +44,7 @@ JSON_DOCUMENT = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "
 STATE_LENGTH = 16
 
 
-def state_type(states: type[StrEnum], name: str) -> Enum:
+def state_type(states: type[StrEnum], name: str, length: int = STATE_LENGTH) -> Enum:
     """A column of ``states`` members, stored as their (lowercase) values.
 
     A VARCHAR with a named CHECK constraint rather than a PostgreSQL ENUM type: the same
@@ -53,7 +57,7 @@ def state_type(states: type[StrEnum], name: str) -> Enum:
         name=name,
         native_enum=False,
         create_constraint=True,
-        length=STATE_LENGTH,
+        length=length,
         values_callable=lambda members: [member.value for member in members],
     )
 
@@ -333,3 +337,41 @@ class Pseudonym(Base):
     sealed: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# -- audit trail (issue 16, section 3) -------------------------------------------------------
+
+
+AUDIT_ENUM_LENGTH = 32
+
+
+class AuditEvent(Base):
+    """Who did what to which object, and how it ended: written in the transaction of the
+    change it records (``dicom_node.security.audit.record``). UIDs, names of rules,
+    plugins and destinations, counts: never a patient's name, ID or birth date."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor_kind: Mapped[AuditActorKind] = mapped_column(
+        state_type(AuditActorKind, "audit_actor_kind")
+    )
+    actor: Mapped[str] = mapped_column(String(128))
+    actor_address: Mapped[str | None] = mapped_column(String(80))
+    action: Mapped[AuditAction] = mapped_column(
+        state_type(AuditAction, "audit_action", AUDIT_ENUM_LENGTH)
+    )
+    outcome: Mapped[AuditOutcome] = mapped_column(state_type(AuditOutcome, "audit_outcome"))
+    reason: Mapped[str | None] = mapped_column(Text)
+    object_kind: Mapped[AuditObjectKind | None] = mapped_column(
+        state_type(AuditObjectKind, "audit_object_kind")
+    )
+    object_id: Mapped[str | None] = mapped_column(String(128))
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(UID)
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    count: Mapped[int | None] = mapped_column(Integer)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON_DOCUMENT)
+
+    __table_args__ = (Index("ix_audit_events_action_at", "action", "at"),)

@@ -16,6 +16,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Instance, Series, Study, StudyEvent, StudyEventKind, StudyStatus
+from dicom_node.security import audit
 
 log = structlog.get_logger(__name__)
 
@@ -69,6 +70,15 @@ def complete_quiet_studies(
                 at=now,
                 num_instances=num_instances,
             )
+        )
+        audit.record(
+            session,
+            action=audit.AuditAction.STUDY_COMPLETED,
+            actor=audit.Actor.node("assembler"),
+            object_kind=audit.AuditObjectKind.STUDY,
+            study_instance_uid=study.study_instance_uid,
+            count=num_instances,
+            at=now,
         )
         completed.append(StudyCompleted(study.id, study.study_instance_uid, num_instances, now))
     return completed

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from db.enums import JobState
 from dicom_node import __version__
+from dicom_node.cli_audit import audit_command, record_phi_read, start_audit_forwarding
 from dicom_node.cli_base import (
     ConfigOption,
     OneLineErrorGroup,
@@ -45,6 +46,7 @@ db_app = typer.Typer(
 app.add_typer(db_app, name="db")
 app.add_typer(plugins_app, name="plugins", help="Processor plugins: list, show, enable, pin.")
 app.command("deidentify")(deidentify)
+app.command("audit")(audit_command)
 
 
 def progress_bar(label: str) -> Progress:
@@ -154,10 +156,13 @@ def serve(config: ConfigOption = None) -> None:
         if isinstance(exc, OSError):
             raise OperationFailedError(f"cannot start the node: {exc}") from exc
         raise
+    forwarder = start_audit_forwarding(settings, node.sessions)
     while not stop.requested:
         time.sleep(0.2)
         node.check_children()
     node.stop()
+    if forwarder is not None:
+        forwarder.stop()
 
 
 def _ae_title(value: str) -> str:
@@ -273,7 +278,7 @@ def study_rows(settings: Settings) -> list[dict[str, Any]]:
             .group_by(Study.id)
             .order_by(Study.first_received_at)
         )
-        return [
+        rows = [
             {
                 "study_instance_uid": study.study_instance_uid,
                 "status": study.status,
@@ -288,6 +293,8 @@ def study_rows(settings: Settings) -> list[dict[str, Any]]:
             }
             for study, num_series, num_instances in session.execute(query)
         ]
+        record_phi_read(session, "studies", len(rows))
+        return rows
 
 
 @app.command()
@@ -415,7 +422,7 @@ def export_rows(settings: Settings) -> list[dict[str, Any]]:
         return as_utc(value).isoformat() if value is not None else None
 
     with database_session(settings) as session:
-        return [
+        rows = [
             {
                 "id": row.id,
                 "destination": row.destination,
@@ -436,6 +443,8 @@ def export_rows(settings: Settings) -> list[dict[str, Any]]:
             }
             for row in session.scalars(select(Export).order_by(Export.id))
         ]
+        record_phi_read(session, "exports", len(rows))
+        return rows
 
 
 @exports_app.callback(invoke_without_command=True)
@@ -514,6 +523,7 @@ def jobs(
         if state is not None:
             query = query.where(Job.state == state)
         rows = [job_as_dict(job) for job in session.scalars(query)]
+        record_phi_read(session, "jobs", len(rows))
     empty = f"no {state.value} jobs" if state else "no jobs yet"
     if printed_as_json_or_empty(rows, as_json, empty):
         return

@@ -388,6 +388,11 @@ class Settings(BaseSettings):
     spool_encryption_key_file: Path | None = None
     # Names this node in jobs.claimed_by; empty = host name and port.
     node_name: str = ""
+    # Audit trail (docs/security.md): also send each audit row as a DICOM audit message
+    # (PS3.15 A.5) over RFC 5424 syslog to udp://HOST:PORT or tcp://HOST:PORT (None: don't);
+    # at most audit_syslog_queue_size messages wait for a slow or absent collector.
+    audit_syslog_address: str | None = Field(None, pattern=r"^(udp|tcp)://[^\s/]+:\d{1,5}$")
+    audit_syslog_queue_size: int = Field(1000, ge=1, le=1_000_000)
     # Routing (docs/routing.md). destinations come first: rules are checked against them.
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Rule, ...] = ()

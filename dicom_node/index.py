@@ -40,6 +40,7 @@ from dicom_node.records import (
     InstanceStored,
     clip_text,
 )
+from dicom_node.security import audit
 from dicom_node.storage import InstanceKey, Spool, is_valid_uid, read_index_fields
 
 log = structlog.get_logger(__name__)
@@ -107,6 +108,7 @@ def write_batch(session: Session, records: Sequence[IndexRecord]) -> list[Path]:
                 )
             )
             session.flush()
+            _audit_association(session, record)
         elif isinstance(record, AssociationClosed):
             association = session.get(Association, record.association_id)
             if association is None:
@@ -128,7 +130,58 @@ def write_batch(session: Session, records: Sequence[IndexRecord]) -> list[Path]:
                 new_instances[record.key.sop_instance_uid] = _instance_row(series, record)
     if new_instances:
         obsolete += _insert_instances(session, new_instances, series_rows, stored)
+    _audit_stored(session, stored)
     return obsolete
+
+
+def _audit_association(session: Session, record: AssociationOpened) -> None:
+    actor = audit.Actor.dicom_peer(record.calling_ae_title, record.peer_address, record.peer_port)
+    audit.record(
+        session,
+        action=(
+            audit.AuditAction.ASSOCIATION_ACCEPTED
+            if record.accepted
+            else audit.AuditAction.ASSOCIATION_REFUSED
+        ),
+        actor=actor,
+        outcome=audit.AuditOutcome.SUCCESS if record.accepted else audit.AuditOutcome.FAILURE,
+        reason=record.reject_reason,
+        object_kind=audit.AuditObjectKind.ASSOCIATION,
+        object_id=record.association_id,
+        details={"called_ae_title": record.called_ae_title},
+        at=record.started_at,
+    )
+
+
+def _audit_stored(session: Session, stored: Sequence[InstanceStored]) -> None:
+    """One row per association and series of the batch, with the count: a row per
+    instance would cost ingest speed for no more information (the instances table has them)."""
+    groups: dict[tuple[str | None, str, str], list[InstanceStored]] = {}
+    for record in stored:
+        key = (record.association_id, record.key.study_instance_uid, record.key.series_instance_uid)
+        groups.setdefault(key, []).append(record)
+    for (association_id, study_uid, series_uid), records in groups.items():
+        association = session.get(Association, association_id) if association_id else None
+        actor = (
+            audit.Actor.dicom_peer(
+                association.calling_ae_title, association.peer_address, association.peer_port
+            )
+            if association is not None
+            else audit.Actor.node("indexer")  # re-indexed from the spool at start
+        )
+        audit.record(
+            session,
+            action=audit.AuditAction.INSTANCES_STORED,
+            actor=actor,
+            object_kind=audit.AuditObjectKind.ASSOCIATION if association_id else None,
+            object_id=association_id,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            sop_instance_uid=records[0].key.sop_instance_uid if len(records) == 1 else None,
+            count=len(records),
+            details={"bytes": sum(record.size_bytes for record in records)},
+            at=max(record.received_at for record in records),
+        )
 
 
 def _insert_missing(

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from db.models import PluginState
 from db.upsert import insert_for
+from dicom_node.security import audit
 from processors.registry import PluginChoice, PluginInfo, apply_states, discover
 
 
@@ -39,9 +40,11 @@ def set_state(
     enabled: bool | None = None,
     pinned_version: str | None = None,
     unpin: bool = False,
+    actor: audit.Actor | None = None,
 ) -> PluginState:
     """Create or update the ``plugin_state`` row for ``name`` (the caller commits); two
-    admins (or nodes) setting it at once do not collide."""
+    admins (or nodes) setting it at once do not collide. The change is audited as done by
+    ``actor`` (default: the OS user running this process)."""
     changes: dict[str, Any] = {"updated_at": dt.datetime.now(dt.UTC)}
     if enabled is not None:
         changes["enabled"] = enabled
@@ -53,6 +56,14 @@ def set_state(
         insert_for(session, PluginState)
         .values(name=name, **{"enabled": True, **changes})
         .on_conflict_do_update(index_elements=[PluginState.name.key], set_=changes)
+    )
+    audit.record(
+        session,
+        action=audit.AuditAction.PLUGIN_CHANGED,
+        actor=actor or audit.Actor.os_user(),
+        object_kind=audit.AuditObjectKind.PLUGIN,
+        object_id=name,
+        details={key: value for key, value in changes.items() if key != "updated_at"},
     )
     return session.scalars(
         select(PluginState)

@@ -18,13 +18,32 @@ from sqlalchemy.orm import Session
 from db.models import RoutingEntry, RoutingEntryKind, RoutingOrigin, utcnow
 from db.upsert import insert_for
 from dicom_node.config import ConfigError, Destination, Rule, Settings
+from dicom_node.security import audit
+
+AUDIT_ACTIONS = {
+    RoutingEntryKind.RULE: (audit.AuditAction.RULE_CHANGED, audit.AuditObjectKind.RULE),
+    RoutingEntryKind.DESTINATION: (
+        audit.AuditAction.DESTINATION_CHANGED,
+        audit.AuditObjectKind.DESTINATION,
+    ),
+}
 
 
 def _store(
     session: Session, kind: RoutingEntryKind, items: Sequence[BaseModel], names: list[str]
 ) -> None:
     """Insert or overwrite the file's entries of ``kind`` (nodes starting together on one
-    database both do, without a conflict); remove those the file no longer has."""
+    database both do, without a conflict); remove those the file no longer has. Each entry
+    added, changed or removed gets its audit row."""
+    before = {
+        name: (definition, origin)
+        for name, definition, origin in session.execute(
+            select(RoutingEntry.name, RoutingEntry.definition, RoutingEntry.origin).where(
+                RoutingEntry.kind == kind
+            )
+        )
+    }
+    definitions = [item.model_dump(mode="json", exclude_defaults=True) for item in items]
     if names:
         upsert = insert_for(session, RoutingEntry).values(
             [
@@ -32,11 +51,11 @@ def _store(
                     "kind": kind,
                     "name": name,
                     "position": position,
-                    "definition": item.model_dump(mode="json", exclude_defaults=True),
+                    "definition": definition,
                     "origin": RoutingOrigin.CONFIG,
                     "updated_at": utcnow(),
                 }
-                for position, (name, item) in enumerate(zip(names, items, strict=True))
+                for position, (name, definition) in enumerate(zip(names, definitions, strict=True))
             ]
         )
         session.execute(
@@ -55,6 +74,26 @@ def _store(
             RoutingEntry.name.not_in(names),
         )
     )
+    changes = {
+        name: "added" if name not in before else "changed"
+        for name, definition in zip(names, definitions, strict=True)
+        if before.get(name) != (definition, RoutingOrigin.CONFIG)
+    }
+    changes |= {
+        name: "removed"
+        for name, (_definition, origin) in before.items()
+        if origin == RoutingOrigin.CONFIG and name not in names
+    }
+    action, object_kind = AUDIT_ACTIONS[kind]
+    for name, change in sorted(changes.items()):
+        audit.record(
+            session,
+            action=action,
+            actor=audit.Actor.node("configuration file"),
+            object_kind=object_kind,
+            object_id=name,
+            details={"change": change},
+        )
 
 
 def sync_from_settings(session: Session, settings: Settings) -> None:

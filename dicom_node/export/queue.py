@@ -22,10 +22,11 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Export, ExportState, Output
+from db.models import Export, ExportState, Output, Series, Study
 from db.upsert import insert_for
 from dicom_node.export.target import ExportTarget
 from dicom_node.export.transport import Outcome
+from dicom_node.security import audit
 from processors.errors import BadInputError
 
 log = structlog.get_logger(__name__)
@@ -160,13 +161,28 @@ def _to_pending(row: Export, now: dt.datetime) -> None:
     row.last_error = None
 
 
-def retry(session: Session, export_id: int, *, now: dt.datetime | None = None) -> Export | None:
+def retry(
+    session: Session,
+    export_id: int,
+    *,
+    now: dt.datetime | None = None,
+    actor: audit.Actor | None = None,
+) -> Export | None:
     """Put one export back to ``pending``, due now, attempts kept (so a failed row gets one
-    more attempt). ``None`` if there is no such export; a delivered one is sent again."""
+    more attempt). ``None`` if there is no such export; a delivered one is sent again.
+    Audited as asked by ``actor`` (default: the OS user running this process)."""
     row = session.get(Export, export_id)
     if row is None:
         return None
     _to_pending(row, now or utcnow())
+    _audit_exports(
+        session,
+        {row.id: audit.AuditOutcome.SUCCESS},
+        {},
+        action=audit.AuditAction.RETRY_REQUESTED,
+        actor=actor or audit.Actor.os_user(),
+        details={"destination": row.destination},
+    )
     return row
 
 
@@ -239,6 +255,7 @@ def record(
 ) -> None:
     """Write each claimed row's outcome (``outcomes`` by export id) and add it to ``report``."""
     finished = utcnow()
+    outcome_of: dict[int, audit.AuditOutcome] = {}
     with sessions() as session, session.begin():
         for claimed in batch:
             outcome = outcomes[claimed.id]
@@ -272,8 +289,72 @@ def record(
                     values["state"] = ExportState.PENDING
                     values["next_attempt_at"] = finished + dt.timedelta(seconds=delay)
                     report.retrying.append(claimed.id)
-            session.execute(
+            changed = session.execute(
                 update(Export)
                 .where(Export.id == claimed.id, Export.state == ExportState.SENDING)
                 .values(**values)
-            )
+            ).rowcount  # type: ignore[attr-defined]
+            if changed:
+                outcome_of[claimed.id] = EXPORT_OUTCOMES[ExportState(str(values["state"]))]
+        _audit_exports(
+            session,
+            outcome_of,
+            report.errors,
+            action=(
+                audit.AuditAction.OUTPUT_EXPORTED
+                if target.deidentify is None
+                else audit.AuditAction.DEIDENTIFIED_SENT
+            ),
+            actor=audit.Actor.node("exporter"),
+            details={"destination": target.name, "transport": target.kind},
+        )
+
+
+EXPORT_OUTCOMES = {
+    ExportState.DELIVERED: audit.AuditOutcome.SUCCESS,
+    ExportState.PENDING: audit.AuditOutcome.RETRYING,
+    ExportState.FAILED: audit.AuditOutcome.FAILURE,
+}
+
+
+def _audit_exports(
+    session: Session,
+    outcomes: dict[int, audit.AuditOutcome],
+    errors: dict[int, str],
+    *,
+    action: audit.AuditAction,
+    actor: audit.Actor,
+    details: dict[str, str | int | float | bool | None],
+) -> None:
+    """One row per export (``outcomes`` by id), with the instance and the study of the
+    output's source series; ``details`` name the destination (its address is in the routing
+    table)."""
+    if not outcomes:
+        return
+    rows = session.execute(
+        select(
+            Export.id,
+            Export.attempts,
+            Export.sop_instance_uid,
+            Output.series_instance_uid,
+            Study.study_instance_uid,
+        )
+        .outerjoin(Output, Output.id == Export.output_id)
+        .outerjoin(Series, Series.series_instance_uid == Output.source_series_uid)
+        .outerjoin(Study, Study.id == Series.study_id)
+        .where(Export.id.in_(sorted(outcomes)))
+    )
+    for export_id, attempts, sop_uid, series_uid, study_uid in rows:
+        audit.record(
+            session,
+            action=action,
+            actor=actor,
+            outcome=outcomes[export_id],
+            reason=errors.get(export_id),
+            object_kind=audit.AuditObjectKind.EXPORT,
+            object_id=export_id,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            details={**details, "attempt": attempts},
+        )

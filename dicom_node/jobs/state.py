@@ -18,10 +18,11 @@ import structlog
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.models import Job, JobState, StudyEvent, StudyEventKind
+from db.models import Job, JobState, Study, StudyEvent, StudyEventKind
 from db.upsert import insert_for
 from dicom_node.config import Destination, Settings
 from dicom_node.routing import RouteDecision, matched, route
+from dicom_node.security import audit
 from processors.errors import BadInputError
 
 log = structlog.get_logger(__name__)
@@ -71,7 +72,53 @@ def transition(
     ).rowcount  # type: ignore[attr-defined]
     if changed:
         log.info("job state", job_id=job_id, state=str(to), **_loggable(values))
+        if JobState.RUNNING in sources and to is not JobState.RUNNING:
+            _audit_job(
+                session,
+                job_id,
+                audit.AuditAction.JOB_RAN,
+                audit.Actor.node("dispatcher"),
+                JOB_OUTCOMES[to],
+                values.get("error"),
+                values.get("worker"),
+            )
     return bool(changed)
+
+
+JOB_OUTCOMES = {
+    JobState.SUCCEEDED: audit.AuditOutcome.SUCCESS,
+    JobState.FAILED: audit.AuditOutcome.FAILURE,
+    JobState.QUEUED: audit.AuditOutcome.RETRYING,
+}
+
+
+def _audit_job(
+    session: Session,
+    job_id: int,
+    action: audit.AuditAction,
+    actor: audit.Actor,
+    outcome: audit.AuditOutcome = audit.AuditOutcome.SUCCESS,
+    reason: str | None = None,
+    worker: str | None = None,
+) -> None:
+    """The job's audit row (a run that ended, a retry asked for), in the caller's transaction."""
+    rule, series_uid, study_uid = session.execute(
+        select(Job.rule_name, Job.series_instance_uid, Study.study_instance_uid)
+        .join(Study, Study.id == Job.study_id)
+        .where(Job.id == job_id)
+    ).one()
+    audit.record(
+        session,
+        action=action,
+        actor=actor,
+        outcome=outcome,
+        reason=reason,
+        object_kind=audit.AuditObjectKind.JOB,
+        object_id=job_id,
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        details={"rule": rule, "worker": worker},
+    )
 
 
 def _loggable(values: dict[str, Any]) -> dict[str, Any]:
@@ -242,12 +289,15 @@ def requeue_interrupted(session: Session, node: str) -> list[int]:
     return requeued
 
 
-def retry(session: Session, job_id: int, *, force: bool = False) -> Job | None:
+def retry(
+    session: Session, job_id: int, *, force: bool = False, actor: audit.Actor | None = None
+) -> Job | None:
     """Queue a failed (or succeeded) job again, due now, with a fresh attempt count.
 
     ``force`` also takes a ``running`` job back: for one whose node is gone for good (a
     node that restarts under the same ``node_name`` recovers its jobs itself). If the
     node is in fact alive, the job runs twice; its outputs are the same objects.
+    Audited as asked by ``actor`` (default: the OS user running this process).
     """
     job = session.get(Job, job_id, populate_existing=True)
     if job is None:
@@ -266,6 +316,7 @@ def retry(session: Session, job_id: int, *, force: bool = False) -> Job | None:
         error=None,
         claimed_by=None,
     )
+    _audit_job(session, job_id, audit.AuditAction.RETRY_REQUESTED, actor or audit.Actor.os_user())
     session.refresh(job)
     return job
 

@@ -27,6 +27,7 @@ from dicom_node.config import Settings
 from dicom_node.export.queue import Claimed, enqueue
 from dicom_node.export.target import ExportTarget, export_target
 from dicom_node.export.transport import Outcome
+from dicom_node.security import audit
 from dicom_node.security.deid import (
     BurnedInAnnotationError,
     Deidentifier,
@@ -59,9 +60,21 @@ def deidentified_copies_sent(destination: str, pseudonymous_study_uids: Iterable
     )
 
 
-def result_reidentified(destination: str, study_instance_uid: str, instances: int) -> None:
+def result_reidentified(
+    session: Session, destination: str, study_instance_uid: str, instances: int
+) -> None:
     """A result ``destination`` sent back was re-identified (``study_instance_uid`` is the
-    original study's) and queued for its ``results_to``."""
+    original study's) and queued for its ``results_to``: audited in ``session``'s
+    transaction, the one that queues the re-identified copies."""
+    audit.record(
+        session,
+        action=audit.AuditAction.RESULT_REIDENTIFIED,
+        actor=audit.Actor.node("re-identifier"),
+        object_kind=audit.AuditObjectKind.STUDY,
+        study_instance_uid=study_instance_uid,
+        count=instances,
+        details={"destination": destination},
+    )
     log.info(
         "result re-identified",
         destination=destination,
@@ -165,5 +178,5 @@ def reidentify_returned_study(
         enqueue(session, export_target(result_destination, settings.ae_title), written)
     if not targets:
         log.warning("a re-identified result has no results_to", destination=destination_name)
-    result_reidentified(destination_name, record.original_study_uid, len(written))
+    result_reidentified(session, destination_name, record.original_study_uid, len(written))
     return True

@@ -15,6 +15,11 @@ from sqlalchemy.orm import Session
 from db.models import (
     Association,
     AssociationStatus,
+    AuditAction,
+    AuditActorKind,
+    AuditEvent,
+    AuditObjectKind,
+    AuditOutcome,
     Base,
     Export,
     ExportState,
@@ -174,6 +179,30 @@ ROWS_AT_0004: dict[str, list[dict[str, Any]]] = {
 }
 
 
+def an_audit_event() -> AuditEvent:
+    return AuditEvent(
+        at=AT,
+        actor_kind=AuditActorKind.DICOM_PEER,
+        actor="CT1",
+        actor_address="127.0.0.1:5000",
+        action=AuditAction.INSTANCES_STORED,
+        outcome=AuditOutcome.SUCCESS,
+        object_kind=AuditObjectKind.ASSOCIATION,
+        object_id="a-1",
+        study_instance_uid=f"{UI}.1",
+        series_instance_uid=f"{UI}.1.1",
+        count=3,
+        details={"bytes": 30},
+    )
+
+
+def table_names(url: str) -> set[str]:
+    engine = create_engine(url)
+    names = set(inspect(engine).get_table_names())
+    engine.dispose()
+    return names
+
+
 def database_at_0004_with_rows(url: str) -> None:
     upgrade(url, "0004")
     engine = create_engine(url)
@@ -277,6 +306,8 @@ def test_states_outside_their_enum_are_refused_by_the_database(empty_database: s
     database_at_0004_with_rows(empty_database)
     upgrade(empty_database)
     engine = make_engine(empty_database)
+    with Session(engine) as session, session.begin():
+        session.add(an_audit_event())
     accepted = []
     for table, column, _type in state_columns():
         with engine.connect() as connection:
@@ -322,3 +353,28 @@ def test_downgrade_to_0004_gives_back_the_text(empty_database: str) -> None:
         connection.execute(text("UPDATE jobs SET state = 'anything'"))  # no CHECK any more
     engine.dispose()
     upgrade(empty_database)
+
+
+def test_0006_adds_the_audit_trail_and_its_downgrade_removes_it(empty_database: str) -> None:
+    database_at_0004_with_rows(empty_database)
+    upgrade(empty_database, "0005")
+    assert "audit_events" not in table_names(empty_database)
+    upgrade(empty_database)
+    engine = make_engine(empty_database)
+    with Session(engine) as session, session.begin():
+        session.add(an_audit_event())
+    with Session(engine) as session:
+        stored = session.scalars(select(AuditEvent)).one()
+        assert (stored.action, stored.actor_kind, stored.outcome, stored.object_kind) == (
+            AuditAction.INSTANCES_STORED,
+            AuditActorKind.DICOM_PEER,
+            AuditOutcome.SUCCESS,
+            AuditObjectKind.ASSOCIATION,
+        )
+        assert (stored.count, stored.details, stored.reason) == (3, {"bytes": 30}, None)
+    engine.dispose()
+    downgrade(empty_database, "0005")
+    assert "audit_events" not in table_names(empty_database)
+    assert "jobs" in table_names(empty_database)
+    upgrade(empty_database)
+    assert "audit_events" in table_names(empty_database)

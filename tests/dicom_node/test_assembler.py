@@ -10,7 +10,9 @@ from db.session import make_engine, make_sessionmaker, upgrade
 from dicom_node.assembler import StudyAssembler, StudyCompleted
 from dicom_node.index import write_batch
 from dicom_node.records import InstanceStored
+from dicom_node.security.audit import AuditAction
 from dicom_node.storage import InstanceKey
+from tests.dicom_node.security.audit_support import audit_rows
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -53,3 +55,9 @@ def test_quiet_study_completes_once_and_listeners_hear(tmp_path: Path) -> None:
             ("complete", 2, None),
             ("complete", 1, None),
         ]
+    completions = audit_rows(sessions, AuditAction.STUDY_COMPLETED)
+    assert [(row["study_instance_uid"], row["count"], row["actor"]) for row in completions] == [
+        ("1.5", 2, "assembler"),
+        ("1.6", 1, "assembler"),
+    ]
+    assert completions[0]["at"] == (T0 + dt.timedelta(seconds=31)).isoformat()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import pytest
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -73,7 +74,7 @@ def test_a_later_batch_of_a_known_series_inserts_only_its_instances(tmp_path: Pa
             write_batch(session, [record("1.1", "1.1.1", "1.1.1.2", tmp_path / "2", NOW)])
     finally:
         event.remove(engine, "before_cursor_execute", count_insert)
-    assert inserts == ["instances"]
+    assert inserts == ["instances", "audit_events"]  # the batch's one audit row
 
 
 def test_association_rows_and_counts(tmp_path: Path) -> None:
@@ -184,3 +185,61 @@ def test_another_node_indexing_the_same_study_meanwhile_is_not_an_error(tmp_path
         assert session.scalar(select(func.count(Instance.id))) == 2
         assert (study.status, as_utc(study.last_received_at)) == (StudyStatus.RECEIVING, NOW)
     engine.dispose()
+
+
+def test_associations_and_stored_instances_are_audited_with_the_batch(tmp_path: Path) -> None:
+    from dicom_node.security.audit import AuditAction
+    from tests.dicom_node.security.audit_support import audit_rows
+
+    sessions = sessions_for(tmp_path)
+    opened = AssociationOpened("a-1", "CT1", "DICOMNODE", "10.0.0.5", 4100, True, None, NOW)
+    refused = AssociationOpened(
+        "a-2", "INTRUDER", "DICOMNODE", "10.0.0.9", 4200, False, "calling AE title not allowed", NOW
+    )
+
+    def sent(series: str, sop: str) -> InstanceStored:
+        stored = record("1.1", series, sop, tmp_path / sop, NOW)
+        return InstanceStored(**{**stored.__dict__, "association_id": "a-1"})
+
+    with sessions.begin() as session:
+        write_batch(
+            session,
+            [
+                opened,
+                refused,
+                sent("1.1.1", "1.1.1.1"),
+                sent("1.1.1", "1.1.1.2"),
+                sent("1.1.2", "1.1.2.1"),
+            ],
+        )
+    with sessions.begin() as session:  # a later batch, and a file re-indexed from the spool
+        write_batch(session, [sent("1.1.1", "1.1.1.3")])
+        write_batch(session, [record("1.1", "1.1.1", "1.1.1.4", tmp_path / "r", NOW)])
+    with pytest.raises(RuntimeError), sessions.begin() as session:
+        write_batch(session, [sent("1.1.1", "1.1.1.5")])
+        raise RuntimeError("the batch's transaction fails")
+    accepted, refused_row = audit_rows(
+        sessions, AuditAction.ASSOCIATION_ACCEPTED, AuditAction.ASSOCIATION_REFUSED
+    )
+    assert (accepted["actor"], accepted["actor_address"], accepted["object_id"]) == (
+        "CT1",
+        "10.0.0.5:4100",
+        "a-1",
+    )
+    assert (refused_row["action"], refused_row["outcome"], refused_row["reason"]) == (
+        "association_refused",
+        "failure",
+        "calling AE title not allowed",
+    )
+    stored_rows = audit_rows(sessions, AuditAction.INSTANCES_STORED)
+    assert [
+        (row["actor"], row["series_instance_uid"], row["count"], row["sop_instance_uid"])
+        for row in stored_rows
+    ] == [
+        ("CT1", "1.1.1", 2, None),
+        ("CT1", "1.1.2", 1, "1.1.2.1"),
+        ("CT1", "1.1.1", 1, "1.1.1.3"),
+        ("indexer", "1.1.1", 1, "1.1.1.4"),
+    ]
+    assert {row["study_instance_uid"] for row in stored_rows} == {"1.1"}
+    assert stored_rows[0]["details"] == {"bytes": 20}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from sqlalchemy.orm import Session
 from db.session import make_engine, make_sessionmaker, upgrade
 from db.testing import writer_gets_in_first
 from dicom_node.plugin_state import list_plugins, load_states, set_state
+from dicom_node.security.audit import Actor, AuditAction
 from processors.registry import PluginChoice, PluginInfo, find
+from tests.dicom_node.security.audit_support import audit_rows
 
 
 @pytest.fixture
@@ -71,3 +74,20 @@ def test_two_admins_setting_a_new_plugins_state_at_once(session: Session) -> Non
         session.commit()
     assert race.happened
     assert load_states(session) == {"median": PluginChoice(enabled=False, pinned_version="9.9")}
+
+
+def test_each_change_is_audited_with_who_made_it(session: Session) -> None:
+    set_state(session, "median", enabled=False)
+    set_state(session, "mean", pinned_version="1.0", actor=Actor.api_token("ops"))
+    set_state(session, "mean", unpin=True)
+    rows = audit_rows(session, AuditAction.PLUGIN_CHANGED)
+    assert [(row["object_id"], row["details"]) for row in rows] == [
+        ("median", {"enabled": False}),
+        ("mean", {"pinned_version": "1.0"}),
+        ("mean", {"pinned_version": None}),
+    ]
+    assert [(row["actor_kind"], row["actor"]) for row in rows] == [
+        ("os_user", getpass.getuser()),
+        ("api_token", "ops"),
+        ("os_user", getpass.getuser()),
+    ]

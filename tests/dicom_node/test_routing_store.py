@@ -12,7 +12,9 @@ from db.models import RoutingEntry, RoutingEntryKind, RoutingOrigin
 from db.testing import writer_gets_in_first
 from dicom_node.config import ConfigError, Settings
 from dicom_node.routing_store import load_routing, sync_from_settings
+from dicom_node.security.audit import AuditAction
 from tests.dicom_node import test_routing
+from tests.dicom_node.security.audit_support import audit_rows
 from tests.dicom_node.test_routing import settings_with
 
 sessions = test_routing.sessions  # a migrated SQLite database
@@ -102,3 +104,28 @@ def test_nodes_starting_together_both_sync_without_a_conflict(
     }
     with sessions() as session:
         assert [rule.name for rule in load_routing(session, Settings()).rules] == ["ct"]
+
+
+def test_entries_added_changed_and_removed_by_the_file_are_audited(
+    sessions: sessionmaker[Session],
+) -> None:
+    b_rule = {"name": "b", "pipeline": ["x"]}
+    for rules in (
+        (CT_RULE, b_rule),
+        (b_rule, {**CT_RULE, "pipeline": ["median"]}),
+        (b_rule,),
+        (b_rule,),  # nothing changed: nothing recorded
+    ):
+        with sessions.begin() as session:
+            sync_from_settings(session, settings_with(*rules))
+    changes = audit_rows(sessions, AuditAction.RULE_CHANGED, AuditAction.DESTINATION_CHANGED)
+    assert [(row["object_kind"], row["object_id"], row["details"]) for row in changes] == [
+        ("destination", "pacs", {"change": "added"}),
+        ("rule", "b", {"change": "added"}),
+        ("rule", "ct", {"change": "added"}),
+        ("rule", "ct", {"change": "changed"}),
+        ("rule", "ct", {"change": "removed"}),
+    ]
+    assert {(row["actor_kind"], row["actor"]) for row in changes} == {
+        ("node", "configuration file")
+    }

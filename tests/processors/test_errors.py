@@ -30,6 +30,7 @@ BAD_INPUT = [
     "dicom_node.security.deid.BurnedInAnnotationError",
     "dicom_node.security.keys.KeyFileError",
     "dicom_node.security.keys.DecryptionError",
+    "dicom_node.security.audit_syslog.SyslogAddressError",
 ]
 FAILED = [
     "dicom_node.scu.AssociationFailedError",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,25 @@ from db.session import make_engine, make_sessionmaker, upgrade
 from db.testing import writer_gets_in_first
 from dicom_node.cli import app
 from dicom_node.config import Settings
-from dicom_node.export.queue import ExportError, RetryPolicy, enqueue, recover_interrupted
+from dicom_node.export.queue import (
+    DeliveryReport,
+    ExportError,
+    RetryPolicy,
+    claim,
+    enqueue,
+    record,
+    recover_interrupted,
+    retry,
+)
 from dicom_node.export.target import ExportTarget
+from dicom_node.export.transport import Outcome
 from dicom_node.export.worker import deliver_due
+from dicom_node.index import stored_record_from_file, write_batch
+from dicom_node.security.audit import Actor, AuditAction
 from tests.dicom_node.export.export_support import T0, refusing_target, rows, target_for, uid_of
+from tests.dicom_node.security.audit_support import audit_rows
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def test_enqueue_is_one_row_per_destination_and_instance(
@@ -61,24 +77,38 @@ def test_enqueue_while_another_node_enqueues_the_same_instance(
     assert [(r.id, r.state) for r in rows(sessions)] == [(row.id, ExportState.PENDING)]
 
 
+def added_output(
+    session: Session, sop_uid: str, series_uid: str, source_series_uid: str, path: Path
+) -> Output:
+    """An output row (a derived image of ``source_series_uid``), flushed: it has its id."""
+    output = Output(
+        sop_instance_uid=sop_uid,
+        sop_class_uid=CT_IMAGE_STORAGE,
+        kind=OutputKind.DERIVED,
+        path=str(path),
+        series_instance_uid=series_uid,
+        source_series_uid=source_series_uid,
+        processor_name="gaussian",
+        processor_version="1",
+        params={},
+    )
+    session.add(output)
+    session.flush()
+    return output
+
+
 def test_enqueue_outputs_links_them(
     sessions: sessionmaker[Session], series_files: list[Path]
 ) -> None:
     header = dcmread(series_files[0], stop_before_pixels=True)
     with sessions() as session, session.begin():
-        output = Output(
-            sop_instance_uid=str(header.SOPInstanceUID),
-            sop_class_uid=str(header.SOPClassUID),
-            kind=OutputKind.DERIVED,
-            path=str(series_files[0]),
-            series_instance_uid=str(header.SeriesInstanceUID),
-            source_series_uid=str(header.SeriesInstanceUID),
-            processor_name="gaussian",
-            processor_version="1",
-            params={},
+        output = added_output(
+            session,
+            str(header.SOPInstanceUID),
+            str(header.SeriesInstanceUID),
+            str(header.SeriesInstanceUID),
+            series_files[0],
         )
-        session.add(output)
-        session.flush()
         (row,) = enqueue(session, ExportTarget("pacs", "127.0.0.1", 104, "PACS"), [output])
         assert row.output_id == output.id
         assert row.sop_instance_uid == output.sop_instance_uid
@@ -149,3 +179,58 @@ def test_cli_lists_and_retries_exports(
 
     unknown = runner.invoke(app, ["exports", "retry", "999", "--config", str(config)])
     assert unknown.exit_code == 2 and "no export with id 999" in unknown.output
+
+
+def test_each_send_is_audited_with_its_outcome_and_the_source_study(
+    sessions: sessionmaker[Session], series_files: list[Path], settings: Settings
+) -> None:
+    header = dcmread(series_files[0], stop_before_pixels=True)
+    pacs = target_for(settings, max_attempts=2)
+    with sessions() as session, session.begin():
+        write_batch(session, [stored_record_from_file(series_files[0])])  # the source study
+        output = added_output(
+            session, "2.25.1001", "2.25.1000", str(header.SeriesInstanceUID), series_files[1]
+        )
+        enqueue(session, pacs, [output, series_files[2], series_files[3]], now=T0)
+    delivered, retrying, failing = claim(sessions, ["pacs"], T0, 10, None)
+    outcomes = {
+        delivered.id: Outcome(delivered=True),
+        retrying.id: Outcome(delivered=False, error="association refused"),
+        failing.id: Outcome(delivered=False, error="timed out"),
+    }
+    batch = [delivered, retrying, replace(failing, attempts=1)]  # its last attempt
+    record(sessions, pacs, batch, outcomes, RetryPolicy(), random.Random(0), DeliveryReport())
+    sends = audit_rows(sessions, AuditAction.OUTPUT_EXPORTED)
+    assert [(row["outcome"], row["reason"], row["object_id"]) for row in sends] == [
+        ("success", None, str(delivered.id)),
+        ("retrying", "association refused", str(retrying.id)),
+        ("failure", "timed out", str(failing.id)),
+    ]
+    assert (sends[0]["study_instance_uid"], sends[0]["series_instance_uid"]) == (
+        str(header.StudyInstanceUID),
+        "2.25.1000",
+    )
+    assert [row["sop_instance_uid"] for row in sends] == [
+        "2.25.1001",
+        uid_of(series_files[2]),
+        uid_of(series_files[3]),
+    ]
+    assert sends[0]["details"] == {"destination": "pacs", "transport": "c-store", "attempt": 1}
+    assert {row["actor"] for row in sends} == {"exporter"}
+
+
+def test_a_retry_asked_for_is_audited_with_who_asked(
+    sessions: sessionmaker[Session], series_files: list[Path], settings: Settings
+) -> None:
+    with sessions() as session, session.begin():
+        (row,) = enqueue(session, target_for(settings), series_files[:1], now=T0)
+    with sessions() as session, session.begin():
+        retry(session, row.id, actor=Actor.api_token("ops"))
+    [asked] = audit_rows(sessions, AuditAction.RETRY_REQUESTED)
+    assert (asked["actor_kind"], asked["actor"], asked["object_id"]) == (
+        "api_token",
+        "ops",
+        str(row.id),
+    )
+    assert asked["sop_instance_uid"] == uid_of(series_files[0])
+    assert asked["details"] == {"destination": "pacs", "attempt": 0}

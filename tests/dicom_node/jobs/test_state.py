@@ -38,8 +38,10 @@ from dicom_node.jobs.state import (
 from dicom_node.jobs.worker import JobResult, JobSpec, run_job, written_steps
 from dicom_node.plugin_state import set_state
 from dicom_node.routing_store import sync_from_settings
+from dicom_node.security.audit import AuditAction
 from dicom_node.storage import Spool
 from tests.dicom_node import test_routing
+from tests.dicom_node.security.audit_support import audit_rows
 from tests.dicom_node.test_routing import PACS, add_series, settings_with, study_id
 
 LATER = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
@@ -341,3 +343,40 @@ def test_a_job_the_executor_cannot_take_is_queued_again_without_using_an_attempt
     [job] = jobs(sessions)
     assert (job.state, job.attempts) == ("queued", 0)
     assert job.error == "could not submit: scheduler at tcp://10.0.0.9:8786 unreachable"
+
+
+def test_each_run_that_ends_is_audited_with_its_outcome_in_its_transition(
+    sessions: sessionmaker[Session], spool: Spool
+) -> None:
+    series_uid = add_series(spool, sessions, number=1)
+    [job] = make_jobs(sessions, settings_with(CT_RULE))
+    with sessions.begin() as session:
+        transition(session, job.id, JobState.RUNNING, expected=JobState.QUEUED)
+        transition(session, job.id, JobState.QUEUED, expected=JobState.RUNNING, error="died")
+        transition(session, job.id, JobState.RUNNING, expected=JobState.QUEUED)
+        transition(session, job.id, JobState.FAILED, expected=JobState.RUNNING, error="bad input")
+    with sessions.begin() as session:
+        retry(session, job.id)  # an operator's retry is not a run
+        transition(session, job.id, JobState.RUNNING, expected=JobState.QUEUED)
+        transition(session, job.id, JobState.SUCCEEDED, expected=JobState.RUNNING, worker="w-1")
+    with pytest.raises(RuntimeError), sessions.begin() as session:
+        retry(session, job.id)
+        transition(session, job.id, JobState.RUNNING, expected=JobState.QUEUED)
+        transition(session, job.id, JobState.SUCCEEDED, expected=JobState.RUNNING)
+        raise RuntimeError("the transaction fails: neither the change nor its row")
+    runs = audit_rows(sessions, AuditAction.JOB_RAN)
+    assert [(row["outcome"], row["reason"]) for row in runs] == [
+        ("retrying", "died"),
+        ("failure", "bad input"),
+        ("success", None),
+    ]
+    assert {(row["object_kind"], row["object_id"]) for row in runs} == {("job", str(job.id))}
+    assert {row["series_instance_uid"] for row in runs} == {series_uid}
+    assert {row["study_instance_uid"] for row in runs} == {test_routing.STUDY_UID}
+    assert runs[-1]["details"] == {"rule": "ct", "worker": "w-1"}
+    [asked] = audit_rows(sessions, AuditAction.RETRY_REQUESTED)
+    assert (asked["actor_kind"], asked["object_id"], asked["series_instance_uid"]) == (
+        "os_user",
+        str(job.id),
+        series_uid,
+    )

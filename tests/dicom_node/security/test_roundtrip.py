@@ -13,7 +13,7 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Export, Instance, Pseudonym, Series, Study
+from db.models import AuditAction, AuditEvent, Export, Instance, Pseudonym, Series, Study
 from db.session import make_engine, make_sessionmaker
 from dicom_node.config import Destination, Settings
 from dicom_node.export.queue import enqueue
@@ -93,6 +93,9 @@ def test_only_deidentified_copies_leave_and_the_map_is_sealed_first(
     with sessions() as session:
         (row,) = session.scalars(select(Pseudonym))
         assert row.destination == "outside" and b"Roe" not in row.sealed
+        actions = [event.action for event in session.scalars(select(AuditEvent))]
+    assert actions.count(AuditAction.DEIDENTIFIED_SENT) == len(files)
+    assert AuditAction.OUTPUT_EXPORTED not in actions
 
 
 def test_without_the_key_nothing_is_sent(
@@ -173,6 +176,11 @@ def test_a_study_back_under_its_pseudonymous_uid_is_reidentified_for_results_to(
         assert ds.SeriesInstanceUID == original.SeriesInstanceUID
         assert ds.FrameOfReferenceUID == original.FrameOfReferenceUID
         assert "PatientIdentityRemoved" not in ds
+    with sessions() as session:
+        (event,) = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == AuditAction.RESULT_REIDENTIFIED)
+        )
+    assert (event.study_instance_uid, event.count) == (original.StudyInstanceUID, len(files))
 
 
 def test_a_study_the_map_does_not_know_is_routed_as_usual(
