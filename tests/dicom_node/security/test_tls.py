@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from db.models import Association
+from db.models import Association, AuditAction, AuditEvent
 from dicom_node.ae.wire import (
     PduReader,
     PduType,
@@ -275,6 +275,12 @@ def test_a_client_without_a_trusted_certificate_is_refused_and_recorded(
     with pytest.raises(AssociationFailedError, match="TLS handshake failed"):
         echo("127.0.0.1", tls_node.settings.tls_port, **_titles(), tls=context)
     wait_for_rejection(tls_node, f"TLS handshake failed: {reason}")
+    assert tls_node.sessions is not None
+    with tls_node.sessions() as session:  # audited in the same transaction
+        refused = session.scalars(
+            select(AuditEvent.reason).where(AuditEvent.action == AuditAction.ASSOCIATION_REFUSED)
+        ).all()
+    assert f"TLS handshake failed: {reason}" in refused
 
 
 def test_weak_suites_and_plain_dicom_on_the_tls_port_are_refused(
