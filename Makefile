@@ -24,6 +24,7 @@ deps:
 	test -e $(ORTHANC_DICOMWEB) || missing="$$missing orthanc-dicomweb"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v stdbuf >/dev/null || missing="$$missing coreutils"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		if [ "$$(id -u)" != 0 ]; then echo "run as root, or: sudo apt-get install$$missing" >&2; exit 1; fi; \

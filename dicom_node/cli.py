@@ -29,6 +29,7 @@ from dicom_node.cli_base import (
 )
 from dicom_node.cli_deid import deidentify
 from dicom_node.cli_plugins import plugins_app
+from dicom_node.cli_tls import TlsCaOption, TlsCertOption, TlsKeyOption, TlsOption, tls_context
 from dicom_node.config import Settings, validate_ae_title
 from processors.errors import BadInputError, OperationFailedError
 
@@ -189,11 +190,18 @@ def echo(
     calling_ae: CallingAETitle = "DICOMNODE",
     called_ae: CalledAETitle = "ANY-SCP",
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 10.0,
+    tls: TlsOption = False,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     """Send a C-ECHO to HOST PORT."""
     from dicom_node.scu import echo as send_echo
 
-    status = send_echo(host, port, calling_ae=calling_ae, called_ae=called_ae, timeout=timeout)
+    context = tls_context(tls, tls_ca, tls_cert, tls_key)
+    status = send_echo(
+        host, port, calling_ae=calling_ae, called_ae=called_ae, timeout=timeout, tls=context
+    )
     if status != 0:
         raise OperationFailedError(f"C-ECHO {host}:{port} failed: status 0x{status:04X}")
     console.print(f"C-ECHO {host}:{port} ({called_ae}): success")
@@ -215,12 +223,17 @@ def send(
     calling_ae: CallingAETitle = "DICOMNODE",
     called_ae: CalledAETitle = "ANY-SCP",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each response.")] = 60.0,
+    tls: TlsOption = False,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     """C-STORE DICOM files to another node; exits non-zero if any instance fails."""
     from dicom_node.scu import SendFile, scan_files
     from dicom_node.scu import send as send_files
 
     host, port = _parse_destination(to)
+    context = tls_context(tls, tls_ca, tls_cert, tls_key)
     files, skipped = scan_files(paths)
     for path, reason in skipped:
         errors.print(f"skipped {path}: {reason}", highlight=False, markup=False, soft_wrap=True)
@@ -240,6 +253,7 @@ def send(
             called_ae=called_ae,
             timeout=timeout,
             on_progress=advance,
+            tls=context,
         )
     for path, reason in report.failed:
         errors.print(f"failed {path}: {reason}", highlight=False, markup=False, soft_wrap=True)

@@ -104,6 +104,36 @@ class Destination(BaseModel):
     timeout: float = Field(60.0, gt=0)
     # At most this many associations at once towards it (C-STORE).
     associations: int = Field(4, ge=1, le=32)
+    # -- DICOM TLS (issue 16 part 1, docs/security.md) ------------------------------------
+    # tls = true: C-STORE to it over DICOM TLS. Its certificate must chain to
+    # tls_ca_certificates (the system's roots when not given) and name its host unless
+    # tls_check_hostname = false; tls_certificate and tls_private_key are the node's client
+    # certificate, for a peer that asks for one.
+    tls: bool = False
+    tls_ca_certificates: Path | None = None
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Destination:
+        given = [
+            name
+            for name in ("tls_ca_certificates", "tls_certificate", "tls_private_key")
+            if getattr(self, name) is not None
+        ]
+        if given and not self.tls:
+            raise ValueError(f"destination {self.name!r}: {given[0]} is given but tls is false")
+        if self.tls and self.url is not None:
+            raise ValueError(f"destination {self.name!r}: tls is for C-STORE; use an https url")
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError(
+                f"destination {self.name!r}: tls_certificate and tls_private_key go together"
+            )
+        return self
+
+    # -- end of DICOM TLS -----------------------------------------------------------------
+
     # -- de-identification (issue 16 part 2, docs/security.md) ---------------------------
     # "basic": what leaves for this destination (the source series of the rules that name
     # it) is de-identified by PS3.15's Basic Profile with these options; the pseudonym map
@@ -319,7 +349,7 @@ class Settings(BaseSettings):
 
     ae_title: str = "DICOMNODE"
     host: str = "0.0.0.0"
-    port: int = Field(11112, ge=1, le=65535)
+    port: int = Field(11112, ge=0, le=65535)  # 0: no plain port (TLS only, tls_port)
     data_dir: Path = Path("data")
     database_url: str | None = None
     study_quiet_seconds: float = Field(60.0, gt=0)
@@ -366,6 +396,49 @@ class Settings(BaseSettings):
     # Routing (docs/routing.md). destinations come first: rules are checked against them.
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Rule, ...] = ()
+    # -- DICOM TLS (issue 16 part 1, docs/security.md) ------------------------------------
+    # With tls_certificate and tls_private_key (PEM, the key unencrypted) the node also
+    # listens on tls_port with TLS; port = 0 leaves only that.
+    # Peers' certificates are checked against tls_ca_certificates; a certificate is
+    # required of them when tls_require_client_certificate (default: when a CA file is given).
+    tls_port: int = Field(2762, ge=1, le=65535)
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_ca_certificates: Path | None = None
+    tls_require_client_certificate: bool | None = None
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("tls_certificate and tls_private_key go together")
+        if not self.tls_listening:
+            if self.tls_ca_certificates is not None or self.tls_require_client_certificate:
+                raise ValueError(
+                    "tls_ca_certificates and tls_require_client_certificate need"
+                    " tls_certificate and tls_private_key"
+                )
+            if self.port == 0:
+                raise ValueError(
+                    "port = 0 turns the plain port off: give tls_certificate and"
+                    " tls_private_key to listen with TLS on tls_port"
+                )
+        elif self.port == self.tls_port:
+            raise ValueError(f"port and tls_port are both {self.port}")
+        if self.tls_require_client_certificate and self.tls_ca_certificates is None:
+            raise ValueError("tls_require_client_certificate needs tls_ca_certificates")
+        return self
+
+    @property
+    def tls_listening(self) -> bool:
+        return self.tls_certificate is not None and self.tls_private_key is not None
+
+    @property
+    def effective_tls_require_client_certificate(self) -> bool:
+        if self.tls_require_client_certificate is None:
+            return self.tls_ca_certificates is not None
+        return self.tls_require_client_certificate
+
+    # -- end of DICOM TLS -----------------------------------------------------------------
 
     _check_ae_title = field_validator("ae_title")(validate_ae_title)
 
@@ -457,7 +530,7 @@ class Settings(BaseSettings):
 
     @property
     def effective_node_name(self) -> str:
-        return self.node_name or f"{socket.gethostname()}:{self.port}"
+        return self.node_name or f"{socket.gethostname()}:{self.port or self.tls_port}"
 
     @property
     def effective_dask_workers(self) -> int:

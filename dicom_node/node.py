@@ -15,7 +15,6 @@ is fsync'd when.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -31,7 +30,7 @@ from dicom_node.index import Indexer, reconcile
 from dicom_node.jobs.dispatcher import Dispatcher
 from dicom_node.jobs.executors import Executor, make_executor
 from dicom_node.receiver import Receiver
-from dicom_node.receiver_pool import ReceiverPool, open_listener, start_receivers
+from dicom_node.receiver_pool import Listeners, ReceiverPool, open_listeners, start_receivers
 from dicom_node.routing import assembler_quiet_seconds
 from dicom_node.routing_store import sync_from_settings
 from dicom_node.storage import Spool
@@ -56,7 +55,7 @@ class Node:
         self.assembler: StudyAssembler | None = None
         self.indexer: Indexer | None = None
         self._receiver: Receiver | None = None
-        self._listener: socket.socket | None = None
+        self._listeners: Listeners | None = None
         self.receivers = receivers
         self.exporter: Exporter | None = None
         self.executor: Executor | None = None
@@ -72,7 +71,7 @@ class Node:
             # Receiving starts now; the database catches up with what they store.
             self.receivers = start_receivers(settings)
             if self.receivers is None:  # one receiver, in this process, once indexing is up
-                self._listener = open_listener(settings.host, settings.port)
+                self._listeners = open_listeners(settings)
         upgrade(settings.effective_database_url)
         self.engine = make_engine(settings.effective_database_url)
         self.sessions = make_sessionmaker(self.engine)
@@ -89,8 +88,8 @@ class Node:
             idle_interval=settings.assembler_interval_seconds,
         )
         self.indexer.start()
-        if self._listener is not None:
-            self._receiver = Receiver(settings, self._listener, self.indexer.put)
+        if self._listeners is not None:
+            self._receiver = Receiver(settings, self._listeners, self.indexer.put)
             self._receiver.start()
         if self.receivers is not None:
             self.receivers.deliver_to(self.indexer.put)
@@ -102,7 +101,8 @@ class Node:
             "node listening",
             ae_title=settings.ae_title,
             host=settings.host,
-            port=settings.port,
+            port=settings.port or None,
+            tls_port=settings.tls_port if settings.tls_listening else None,
             receiver_processes=settings.effective_receiver_processes,
             data_dir=str(settings.data_dir),
         )
@@ -146,11 +146,11 @@ class Node:
         grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
         if self._receiver is not None:
             self._receiver.stop(grace)
-        if self._listener is not None:
-            self._listener.close()
+        if self._listeners is not None:
+            self._listeners.close()
         if self.receivers is not None:
             self.receivers.stop(grace)
-            self.receivers.listener.close()
+            self.receivers.listeners.close()
         if self.indexer is not None:
             self.indexer.stop()
         self._stop_processing(grace)

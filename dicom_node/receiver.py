@@ -1,11 +1,12 @@
 """A receiver: the acceptor on the node's listening socket, and where its records go.
 
 With several receivers, each runs as ``python -m dicom_node.receiver``, started by the
-node with the listening socket and the write end of a pipe as inherited descriptors
-and its settings as JSON on stdin. A receiver process imports no database code and
-starts nothing but the acceptor: it is accepting about a second after it starts. It
-tells the node it is ready, then sends a record down the pipe for every association
-and stored instance, and ``None`` when it has stopped.
+node with the listening sockets (plain and TLS) and the write end of a pipe as inherited
+descriptors and its settings as JSON on stdin; it loads its TLS certificate itself. A
+receiver process imports no database code and starts nothing but the acceptor: it is
+accepting about a second after it starts. It tells the node it is ready, then sends a
+record down the pipe for every association and stored instance, and ``None`` when it
+has stopped.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from multiprocessing.connection import Connection
 
 import structlog
 
-from dicom_node.ae.acceptor import Acceptor
+from dicom_node.ae.acceptor import Acceptor, Listener
 from dicom_node.config import Settings
 from dicom_node.handlers.context import ReceiverContext
 from dicom_node.logging import configure_logging
-from dicom_node.receiver_pool import READY, StopFlag
+from dicom_node.receiver_pool import READY, Listeners, StopFlag
 from dicom_node.records import IndexRecord
+from dicom_node.security.tls import node_server_context
 from dicom_node.storage import Spool
 
 log = structlog.get_logger(__name__)
@@ -40,10 +42,10 @@ class Receiver:
     """One process's acceptor; ``index`` takes the records of what it stored."""
 
     def __init__(
-        self, settings: Settings, listener: socket.socket, index: Callable[[IndexRecord], None]
+        self, settings: Settings, listeners: Listeners, index: Callable[[IndexRecord], None]
     ) -> None:
         self.settings = settings
-        self.listener = listener
+        self.listeners = listeners
         self.index = index
         self._acceptor: Acceptor | None = None
 
@@ -54,7 +56,12 @@ class Receiver:
             spool=Spool.for_settings(settings),
             index=self.index,
         )
-        self._acceptor = Acceptor(context, self.listener)
+        listeners = []
+        if self.listeners.plain is not None:
+            listeners.append(Listener(self.listeners.plain))
+        if self.listeners.tls is not None:
+            listeners.append(Listener(self.listeners.tls, node_server_context(settings)))
+        self._acceptor = Acceptor(context, listeners)
         self._acceptor.start()
 
     def stop(self, grace_seconds: float) -> None:
@@ -72,7 +79,7 @@ def _die_with_parent() -> None:
         log.warning("cannot tie the receiver's life to the node's on this platform")
 
 
-def serve(settings: Settings, listener: socket.socket, records: Connection, parent: int) -> None:
+def serve(settings: Settings, listeners: Listeners, records: Connection, parent: int) -> None:
     stop = StopFlag()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, stop.handler)
@@ -82,7 +89,7 @@ def serve(settings: Settings, listener: socket.socket, records: Connection, pare
         with sending:
             records.send(record)
 
-    receiver = Receiver(settings, listener, send)
+    receiver = Receiver(settings, listeners, send)
     receiver.start()
     send(READY)
     while not stop.requested and os.getppid() == parent:
@@ -94,7 +101,8 @@ def serve(settings: Settings, listener: socket.socket, records: Connection, pare
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--listener-fd", type=int, required=True)
+    parser.add_argument("--listener-fd", type=int)
+    parser.add_argument("--tls-listener-fd", type=int)
     parser.add_argument("--records-fd", type=int, required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
@@ -103,9 +111,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     settings = Settings.model_validate_json(sys.stdin.read())
     configure_logging(settings.log_level, settings.log_format)
-    listener = socket.socket(fileno=args.listener_fd)
+    listeners = Listeners(_inherited(args.listener_fd), _inherited(args.tls_listener_fd))
+    serve(settings, listeners, Connection(args.records_fd, readable=False), args.parent_pid)
+
+
+def _inherited(fd: int | None) -> socket.socket | None:
+    if fd is None:
+        return None
+    listener = socket.socket(fileno=fd)
     listener.setblocking(False)
-    serve(settings, listener, Connection(args.records_fd, readable=False), args.parent_pid)
+    return listener
 
 
 if __name__ == "__main__":

@@ -43,6 +43,33 @@ class StopFlag:
         self.requested = True
 
 
+@dataclass(frozen=True)
+class Listeners:
+    """The node's listening sockets: the plain DICOM port and the TLS port (either may be
+    off: ``port = 0``, or no TLS certificate)."""
+
+    plain: socket.socket | None = None
+    tls: socket.socket | None = None
+
+    def sockets(self) -> list[socket.socket]:
+        return [listener for listener in (self.plain, self.tls) if listener is not None]
+
+    def close(self) -> None:
+        for listener in self.sockets():
+            listener.close()
+
+
+def open_listeners(settings: Settings) -> Listeners:
+    plain = open_listener(settings.host, settings.port) if settings.port else None
+    try:
+        tls = open_listener(settings.host, settings.tls_port) if settings.tls_listening else None
+    except OSError:
+        if plain is not None:
+            plain.close()
+        raise
+    return Listeners(plain, tls)
+
+
 def open_listener(host: str, port: int, retry_seconds: float = 10.0) -> socket.socket:
     """Bind the DICOM port; after a crash, a dying receiver may hold it for a moment."""
     deadline = time.monotonic() + retry_seconds
@@ -73,9 +100,9 @@ class ReceiverPool:
     """``count`` receiver processes accepting on ``listener``; their records go to
     ``deliver`` (set it when the indexer is up: until then they are kept)."""
 
-    def __init__(self, settings: Settings, listener: socket.socket, count: int) -> None:
+    def __init__(self, settings: Settings, listeners: Listeners, count: int) -> None:
         self.settings = settings
-        self.listener = listener
+        self.listeners = listeners
         self.count = count
         self._children: list[ReceiverProcess] = []
         self._lock = threading.Lock()
@@ -104,20 +131,16 @@ class ReceiverPool:
 
     def _start_process(self, name: str) -> ReceiverProcess:
         reader, writer = os.pipe()
+        listeners = self.listeners
+        arguments = ["--records-fd", str(writer), "--parent-pid", str(os.getpid())]
+        if listeners.plain is not None:
+            arguments += ["--listener-fd", str(listeners.plain.fileno())]
+        if listeners.tls is not None:
+            arguments += ["--tls-listener-fd", str(listeners.tls.fileno())]
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dicom_node.receiver",
-                "--listener-fd",
-                str(self.listener.fileno()),
-                "--records-fd",
-                str(writer),
-                "--parent-pid",
-                str(os.getpid()),
-            ],
+            [sys.executable, "-m", "dicom_node.receiver", *arguments],
             stdin=subprocess.PIPE,
-            pass_fds=(self.listener.fileno(), writer),
+            pass_fds=(*(listener.fileno() for listener in listeners.sockets()), writer),
         )
         os.close(writer)  # the child holds the only writer: its death ends the pipe
         assert process.stdin is not None
@@ -183,12 +206,16 @@ class ReceiverPool:
 
 
 def start_receivers(settings: Settings) -> ReceiverPool | None:
-    """Bind the port and start the receiver processes, when the node has more than one
-    (with one, the node runs it in its own process)."""
+    """Bind the ports and start the receiver processes, when the node has more than one
+    (with one, the node runs it in its own process). A TLS certificate or key that cannot
+    be used stops the start here, before anything listens (``ConfigError``)."""
+    from dicom_node.security.tls import check_tls_files
+
+    check_tls_files(settings)
     if settings.effective_receiver_processes < 2:
         return None
     settings.spool_dir.mkdir(parents=True, exist_ok=True)
-    listener = open_listener(settings.host, settings.port)
-    pool = ReceiverPool(settings, listener, settings.effective_receiver_processes)
+    listeners = open_listeners(settings)
+    pool = ReceiverPool(settings, listeners, settings.effective_receiver_processes)
     pool.start()
     return pool

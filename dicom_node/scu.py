@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -41,14 +43,20 @@ class SendReport:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def echo(host: str, port: int, *, calling_ae: str, called_ae: str, timeout: float = 10.0) -> int:
-    """Return the C-ECHO status; raise ``AssociationFailedError`` if no association."""
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+def echo(
+    host: str,
+    port: int,
+    *,
+    calling_ae: str,
+    called_ae: str,
+    timeout: float = 10.0,
+    tls: ssl.SSLContext | None = None,
+) -> int:
+    """Return the C-ECHO status; raise ``AssociationFailedError`` if no association.
+    With ``tls`` (``dicom_node.security.tls.client_context``) over DICOM TLS."""
+    ae = _client_ae(calling_ae, timeout)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_ae)
-    if not assoc.is_established:
-        raise AssociationFailedError(_why(assoc, host, port))
+    assoc = _associate(ae, host, port, called_ae, tls)
     try:
         status = assoc.send_c_echo()
         if not status:
@@ -58,11 +66,25 @@ def echo(host: str, port: int, *, calling_ae: str, called_ae: str, timeout: floa
         assoc.release()
 
 
-def _why(assoc: object, host: str, port: int) -> str:
-    if getattr(assoc, "is_rejected", False):
-        return f"association rejected by {host}:{port}"
-    # pynetdicom reports a refused TCP connection as an aborted association.
-    return f"no association with {host}:{port} (connection refused or aborted)"
+def _client_ae(calling_ae: str, timeout: float) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout  # bounds the TLS handshake too
+    return ae
+
+
+def _associate(
+    ae: AE, host: str, port: int, called_ae: str, tls: ssl.SSLContext | None
+) -> Association:
+    tls_args = (tls, host) if tls is not None else None
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
+    if assoc.is_established:
+        return assoc
+    if assoc.is_rejected:
+        raise AssociationFailedError(f"association rejected by {host}:{port}")
+    # pynetdicom reports a refused TCP connection (or a failed handshake) as an abort.
+    refused = "connection refused, TLS handshake failed" if tls else "connection refused"
+    raise AssociationFailedError(f"no association with {host}:{port} ({refused} or aborted)")
 
 
 def iter_candidate_files(paths: Iterable[Path]) -> Iterator[Path]:
@@ -141,18 +163,17 @@ def send(
     called_ae: str,
     timeout: float = 60.0,
     on_progress: Callable[[SendFile, int | None], None] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> SendReport:
-    """C-STORE every file; a failure status is recorded per file, never raised."""
+    """C-STORE every file; a failure status is recorded per file, never raised.
+    With ``tls`` (``dicom_node.security.tls.client_context``) over DICOM TLS."""
     report = SendReport()
     for batch in _context_batches(files):
-        ae = AE(ae_title=calling_ae)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        ae = _client_ae(calling_ae, timeout)
         ae.maximum_pdu_size = 0
         pairs = sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in batch})
         ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in pairs]
-        assoc = ae.associate(host, port, ae_title=called_ae)
-        if not assoc.is_established:
-            raise AssociationFailedError(_why(assoc, host, port))
+        assoc = _associate(ae, host, port, called_ae, tls)
         try:
             for item in batch:
                 status = _store_one(assoc, item, report)

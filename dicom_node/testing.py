@@ -155,7 +155,9 @@ def start_node(
             node.kill()
             raise RuntimeError(f"node did not start:\n{node.log()[log_offset:]}")
         time.sleep(0.05)
-    wait_for_port(port, timeout, process)
+    # With DICOM_NODE_PORT=0 it listens on its TLS port only.
+    listening = int(full_env["DICOM_NODE_PORT"]) or int(full_env["DICOM_NODE_TLS_PORT"])
+    wait_for_port(listening, timeout, process)
     return node
 
 
@@ -234,10 +236,12 @@ def orthanc_command(
     http_port: int,
     *,
     dicomweb: bool = False,
+    extra_config: Mapping[str, object] | None = None,
 ) -> list[str]:
     """Write a private Orthanc's configuration under ``work_dir`` (its own storage and
     index, Orthanc's defaults otherwise: ``SyncStorageArea`` stays true, each file is
-    fsync'd) and return the command that starts it. Run it with ``dcmtk_env()``."""
+    fsync'd; ``extra_config`` adds or overrides options, e.g. its DICOM TLS settings) and
+    return the command that starts it. Run it with ``dcmtk_env()``."""
     binary = require_tool("Orthanc")
     work_dir.mkdir(parents=True, exist_ok=True)
     config = {
@@ -255,6 +259,7 @@ def orthanc_command(
         "DicomModalities": {},
         "UnknownSopClassAccepted": True,
         "StorageCompression": False,
+        **(extra_config or {}),
     }
     config_path = work_dir / "orthanc.json"
     config_path.write_text(json.dumps(config))
@@ -269,6 +274,7 @@ def running_orthanc(
     dicom_port: int | None = None,
     http_port: int | None = None,
     dicomweb: bool = False,
+    extra_config: Mapping[str, object] | None = None,
 ) -> Iterator[OrthancProcess]:
     """A private Orthanc (Debian package) with its own storage, index and free ports.
 
@@ -277,7 +283,9 @@ def running_orthanc(
     the same PACS back (same storage and index), as after a restart.
     """
     dicom_port, http_port = dicom_port or free_port(), http_port or free_port()
-    command = orthanc_command(work_dir, ae_title, dicom_port, http_port, dicomweb=dicomweb)
+    command = orthanc_command(
+        work_dir, ae_title, dicom_port, http_port, dicomweb=dicomweb, extra_config=extra_config
+    )
     log_path = work_dir / "orthanc.log"
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
@@ -348,10 +356,19 @@ def storescu(
 
 
 def echoscu(
-    port: int, *, called_ae: str = "ANY-SCP", calling_ae: str = "ECHOSCU"
+    port: int,
+    *,
+    called_ae: str = "ANY-SCP",
+    calling_ae: str = "ECHOSCU",
+    extra_args: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [require_tool("echoscu"), "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port)],
+        [
+            require_tool("echoscu"),
+            *("-aet", calling_ae, "-aec", called_ae),
+            *(extra_args or []),
+            *("127.0.0.1", str(port)),
+        ],
         env=dcmtk_env(),
         capture_output=True,
         text=True,

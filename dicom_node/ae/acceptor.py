@@ -1,5 +1,7 @@
-"""A receiver's acceptor: takes connections off the node's shared listening socket and
-serves each on a thread of its own (``dicom_node.ae.association``).
+"""A receiver's acceptor: takes connections off the node's shared listening sockets (the
+plain port and the TLS port) and serves each on a thread of its own
+(``dicom_node.ae.association``). The TLS handshake happens on that thread too, never here,
+so a client that connects and never finishes its handshake holds up no one.
 
 Several receiver processes accept on one socket (pre-fork style, see ``dicom_node.node``).
 A receiver that is busy with associations waits a little before it accepts, so new
@@ -14,8 +16,11 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import structlog
 
@@ -34,11 +39,19 @@ _POLL_SECONDS = 0.25
 PENDING_PER_ASSOCIATION = 8
 
 
+@dataclass(frozen=True)
+class Listener:
+    """A listening socket, and the TLS context of its port (None: plain TCP)."""
+
+    socket: socket.socket
+    tls: ssl.SSLContext | None = None
+
+
 class Acceptor:
-    def __init__(self, context: ReceiverContext, listener: socket.socket) -> None:
+    def __init__(self, context: ReceiverContext, listeners: Sequence[Listener]) -> None:
         settings = context.settings
         self.context = context
-        self.listener = listener
+        self.listeners = {listener.socket: listener for listener in listeners}
         self.negotiator = Negotiator(
             settings.max_pdu_size or DEFAULT_MAX_PDU_LENGTH,
             settings.accept_unknown_sop_classes,
@@ -59,7 +72,7 @@ class Acceptor:
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                readable, _, _ = select.select([self.listener], [], [], _POLL_SECONDS)
+                readable, _, _ = select.select(list(self.listeners), [], [], _POLL_SECONDS)
             except (OSError, ValueError):  # the listener was closed under us: stopping
                 return
             if not readable:
@@ -67,13 +80,19 @@ class Acceptor:
             busy = len(self.admission.established())
             if busy:
                 time.sleep(min(ACCEPT_BACKOFF_PER_ASSOCIATION * busy, 0.02))
-            try:
-                connection, address = self.listener.accept()
-            except OSError:  # BlockingIOError: another receiver took it
-                continue
-            self._serve(connection, address)
+            for ready in readable:
+                try:
+                    connection, address = ready.accept()
+                except OSError:  # BlockingIOError: another receiver took it
+                    continue
+                self._serve(connection, address, self.listeners[ready].tls)
 
-    def _serve(self, connection: socket.socket, address: tuple[str, int]) -> None:
+    def _serve(
+        self,
+        connection: socket.socket,
+        address: tuple[str, int],
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         connection.setblocking(True)
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
@@ -82,7 +101,7 @@ class Acceptor:
                 log.warning("too many connections without an association: dropping the oldest")
                 pending[0].drop()
             association = Association(
-                connection, address, self.context, self.negotiator, self.admission
+                connection, address, self.context, self.negotiator, self.admission, tls
             )
             self._connections[association] = None
         threading.Thread(

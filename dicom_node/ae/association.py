@@ -5,12 +5,17 @@ dcm4che's receiver works: a C-STORE's dataset fragments go to its spool file as 
 are read, and the response is sent as soon as the last one is filed. Timeouts (PS3.8
 9.1.5's ARTIM and the node's ``network_timeout``/``dimse_timeout``) bound every wait;
 any breach of the protocol aborts the association, never the process.
+
+On the TLS port the thread first completes the TLS handshake, within ``acse_timeout``
+for the whole of it; a peer that fails it (no or an untrusted certificate, an old TLS
+version, not TLS at all) is refused and recorded as a rejected association.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 from dataclasses import dataclass
 
@@ -84,7 +89,13 @@ class Association:
         context: ReceiverContext,
         negotiator: Negotiator,
         admit: AdmissionControl,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        if tls is not None:  # no I/O yet: the handshake happens in ``serve``
+            connection = tls.wrap_socket(
+                connection, server_side=True, do_handshake_on_connect=False
+            )
+        self.tls = tls
         self.connection = connection
         self.address = address
         self.context = context
@@ -107,7 +118,8 @@ class Association:
     # ------------------------------------------------------------------ lifecycle
     def serve(self) -> None:
         try:
-            self._serve()
+            if self.tls is None or self._handshake():
+                self._serve()
         except ProtocolError as exc:
             log.warning("association aborted: protocol error", peer=self.address[0], error=str(exc))
             self._send_quietly(abort_pdu(exc.reason))
@@ -127,16 +139,23 @@ class Association:
                 self.admit.leave(self)
 
     def abort(self) -> None:
-        """From another thread (shutdown): send A-ABORT and unblock the serving thread."""
-        self._send_quietly(abort_pdu(AbortReason.NOT_SPECIFIED, source=0x00))
-        with contextlib.suppress(OSError):
-            self.connection.shutdown(socket.SHUT_RDWR)
+        """From another thread (shutdown): send A-ABORT and unblock the serving thread.
+        Over TLS no A-ABORT: one TLS connection is never written while another thread
+        reads it; the peer sees the connection close."""
+        if self.tls is None:
+            self._send_quietly(abort_pdu(AbortReason.NOT_SPECIFIED, source=0x00))
+        self._shut_down()
 
     def drop(self) -> None:
         """From another thread: close a connection that never asked for an association."""
         self.dropped = True
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        # The TCP socket's own shutdown: SSLSocket.shutdown would drop its TLS state under
+        # the thread that is reading it.
         with contextlib.suppress(OSError):
-            self.connection.shutdown(socket.SHUT_RDWR)
+            socket.socket.shutdown(self.connection, socket.SHUT_RDWR)
 
     def _send(self, data: bytes) -> None:
         with self._send_lock:
@@ -152,6 +171,33 @@ class Association:
             self.reader.read(timeout=_CLOSE_WAIT_SECONDS)
 
     # ------------------------------------------------------------------ association
+    def _handshake(self) -> bool:
+        """The TLS handshake, within ``acse_timeout`` for the whole of it (not per read).
+        False when the peer went away or failed it: a failure is recorded as a rejection."""
+        assert isinstance(self.connection, ssl.SSLSocket)
+        self.connection.settimeout(self.context.settings.acse_timeout)
+        try:
+            self.connection.do_handshake()
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError):
+            log.info("connection closed during the TLS handshake", peer=self.address[0])
+            return False
+        except ssl.SSLError as exc:
+            peer = Peer("", "", *self.address[:2])
+            record_rejected(self.context, peer, f"TLS handshake failed: {_tls_reason(exc)}")
+            return False
+        except (TimeoutError, OSError) as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+            log.info("TLS handshake not completed", peer=self.address[0], reason=reason)
+            return False
+        cipher = self.connection.cipher()
+        log.debug(
+            "TLS established",
+            peer=self.address[0],
+            version=self.connection.version(),
+            cipher=cipher[0] if cipher else None,
+        )
+        return True
+
     def _serve(self) -> None:
         kind, body = self.reader.read(timeout=self.context.settings.acse_timeout)
         if kind is not PduType.ASSOCIATE_RQ:
@@ -277,6 +323,13 @@ class Association:
             control = _COMMAND_LAST if last else 0x01
             pdus.append(p_data_pdu(message.context_id, control, encoded[start : start + fragment]))
         self._send(b"".join(pdus))
+
+
+def _tls_reason(error: ssl.SSLError) -> str:
+    """OpenSSL's reason in words: "certificate verify failed", "unsupported protocol"."""
+    if error.reason:
+        return error.reason.replace("_", " ").lower()
+    return str(error)
 
 
 class AdmissionControl:

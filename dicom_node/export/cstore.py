@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dicom_node.config import ConfigError
 from dicom_node.dimse_status import STORED, DimseStatus, describe
 from dicom_node.export.target import ExportTarget
 from dicom_node.export.transport import OnSent, Outcome
@@ -38,6 +39,10 @@ def send(
     target: ExportTarget, files: Sequence[SendFile], on_sent: OnSent | None
 ) -> dict[Path, Outcome]:
     """C-STORE ``files``, over several associations at once when there are many."""
+    try:
+        tls = target.tls.context() if target.tls is not None else None
+    except ConfigError as exc:  # a certificate file changed since the node started
+        return {item.path: Outcome(False, str(exc)) for item in files}
     statuses: dict[Path, int | None] = {}
 
     def progress(item: SendFile, status: int | None) -> None:
@@ -55,6 +60,7 @@ def send(
                 called_ae=target.ae_title,
                 timeout=target.timeout,
                 on_progress=progress,
+                tls=tls,
             )
         except AssociationFailedError as exc:
             return {}, str(exc)

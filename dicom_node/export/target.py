@@ -7,6 +7,7 @@ from typing import Literal
 
 from dicom_node.config import Destination
 from dicom_node.security.deid import DeidProfile
+from dicom_node.security.tls import ClientTls, destination_tls
 
 TransportKind = Literal["c-store", "stow-rs"]
 
@@ -24,6 +25,8 @@ class ExportTarget:
     timeout: float = 60.0
     url: str | None = None
     associations: int = 4
+    tls: ClientTls | None = None
+    """C-STORE over DICOM TLS, with these certificates; None: plain TCP."""
     # De-identified on the way out (issue 16 part 2): the profile, or None to send as is.
     deidentify: DeidProfile | None = None
 
@@ -57,6 +60,7 @@ def export_target(destination: Destination, node_ae_title: str) -> ExportTarget:
         timeout=destination.timeout,
         url=destination.url,
         associations=destination.associations,
+        tls=destination_tls(destination),
         deidentify=(
             DeidProfile(frozenset(destination.deidentify_options), destination.allow_burned_in)
             if destination.deidentify

@@ -379,10 +379,10 @@ def logging_restored() -> Iterator[None]:
 def test_serve_reports_a_port_in_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    from dicom_node import node
+    from dicom_node import receiver_pool
 
     # open_listener waits 10 s for a port a crashed receiver may still hold; not here.
-    monkeypatch.setattr(node.open_listener, "__defaults__", (0.0,))
+    monkeypatch.setattr(receiver_pool.open_listener, "__defaults__", (0.0,))
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         config = tmp_path / "node.toml"
