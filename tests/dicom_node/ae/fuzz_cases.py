@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,24 +287,6 @@ class FuzzCounts:
         self.by_answer[answer] += 1
 
 
-def _drain(sock: socket.socket, timeout: float) -> bytes:
-    """Everything the node sends until it closes the connection."""
-    received = bytearray()
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, BrokenPipeError):
-            return bytes(received)
-        except TimeoutError:
-            break
-        if not chunk:
-            return bytes(received)
-        received += chunk
-    raise AssertionError(f"the node kept the connection open for {timeout} s after the case")
-
-
 def _statuses(stream: bytes) -> list[int]:
     """The DIMSE statuses in the P-DATA-TF PDUs of ``stream``."""
     statuses = []
@@ -349,7 +330,7 @@ def send_pdu_sequence(port: int, steps: list[PduStep]) -> str:
                 break
         with contextlib.suppress(OSError):
             peer.sock.shutdown(socket.SHUT_WR)
-        return answer_label(_drain(peer.sock, CASE_TIMEOUT))
+        return answer_label(peer.wait_closed(CASE_TIMEOUT))
 
 
 def send_hostile_data_set(port: int, case: HostileDataSet) -> tuple[int | None, str]:
