@@ -39,6 +39,7 @@ class AuditAction(StrEnum):
     RETRY_REQUESTED = "retry_requested"  # a job or an export queued again by hand
     PHI_READ = "phi_read"
     AUDIT_READ = "audit_read"
+    TOKEN_CHANGED = "token_changed"  # noqa: S105 (an API token created or revoked)
 
 
 class AuditActorKind(StrEnum):
@@ -65,3 +66,12 @@ class AuditObjectKind(StrEnum):
     PLUGIN = "plugin"
     SETTING = "setting"
     COMMAND = "command"
+    TOKEN = "token"  # noqa: S105 (an API token's name, not a secret)
+
+
+class TokenRole(StrEnum):
+    """What an API token may do, each role including the ones before it."""
+
+    VIEWER = "viewer"  # reads
+    OPERATOR = "operator"  # also retries and cancels jobs and exports
+    ADMIN = "admin"  # also changes rules, destinations, plugins, models and tokens

@@ -34,6 +34,7 @@ from db.enums import AuditActorKind as AuditActorKind
 from db.enums import AuditObjectKind as AuditObjectKind
 from db.enums import AuditOutcome as AuditOutcome
 from db.enums import JobState as JobState
+from db.enums import TokenRole as TokenRole
 
 UID = String(64)
 AE_TITLE = String(16)
@@ -375,3 +376,23 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON_DOCUMENT)
 
     __table_args__ = (Index("ix_audit_events_action_at", "action", "at"),)
+
+
+# -- REST API tokens (issue 17) --------------------------------------------------------------
+
+
+class ApiToken(Base):
+    """A bearer token of the REST API (``dicom_node.api.tokens``): its name, its role and
+    the SHA-256 of the token, never the token itself. ``created_by`` is the actor, as
+    ``<kind>:<name>`` (``os_user:alice``, ``api_token:ops``)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[TokenRole] = mapped_column(state_type(TokenRole, "token_role"))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(160))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

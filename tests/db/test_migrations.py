@@ -6,6 +6,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, Enum, MetaData, create_engine, inspect, select, text
@@ -13,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.models import (
+    ApiToken,
     Association,
     AssociationStatus,
     AuditAction,
@@ -34,6 +36,7 @@ from db.models import (
     StudyEvent,
     StudyEventKind,
     StudyStatus,
+    TokenRole,
 )
 from db.session import downgrade, make_engine, upgrade
 
@@ -196,6 +199,28 @@ def an_audit_event() -> AuditEvent:
     )
 
 
+def an_api_token() -> ApiToken:
+    return ApiToken(
+        name="ops",
+        role=TokenRole.OPERATOR,
+        token_sha256="0" * 64,
+        created_at=AT,
+        created_by="os_user:alice",
+    )
+
+
+def a_token_audit_event() -> AuditEvent:
+    return AuditEvent(
+        at=AT,
+        actor_kind=AuditActorKind.OS_USER,
+        actor="alice",
+        action=AuditAction.TOKEN_CHANGED,
+        outcome=AuditOutcome.SUCCESS,
+        object_kind=AuditObjectKind.TOKEN,
+        object_id="ops",
+    )
+
+
 def table_names(url: str) -> set[str]:
     engine = create_engine(url)
     names = set(inspect(engine).get_table_names())
@@ -307,7 +332,7 @@ def test_states_outside_their_enum_are_refused_by_the_database(empty_database: s
     upgrade(empty_database)
     engine = make_engine(empty_database)
     with Session(engine) as session, session.begin():
-        session.add(an_audit_event())
+        session.add_all([an_audit_event(), an_api_token()])
     accepted = []
     for table, column, _type in state_columns():
         with engine.connect() as connection:
@@ -378,3 +403,34 @@ def test_0006_adds_the_audit_trail_and_its_downgrade_removes_it(empty_database: 
     assert "jobs" in table_names(empty_database)
     upgrade(empty_database)
     assert "audit_events" in table_names(empty_database)
+
+
+def test_0008_adds_the_tokens_and_their_audit_values_and_its_downgrade_removes_them(
+    empty_database: str,
+) -> None:
+    upgrade(empty_database, "0007")
+    assert "api_tokens" not in table_names(empty_database)
+    upgrade(empty_database)
+    engine = make_engine(empty_database)
+    with Session(engine) as session, session.begin():
+        session.add_all([an_api_token(), a_token_audit_event(), an_audit_event()])
+    with Session(engine) as session:
+        token = session.scalars(select(ApiToken)).one()
+        assert (token.name, token.role, token.revoked_at) == ("ops", TokenRole.OPERATOR, None)
+        assert session.scalars(select(AuditEvent.action).order_by(AuditEvent.id)).all() == [
+            AuditAction.TOKEN_CHANGED,
+            AuditAction.INSTANCES_STORED,
+        ]
+    engine.dispose()
+    downgrade(empty_database, "0007")
+    assert "api_tokens" not in table_names(empty_database)
+    engine = create_engine(empty_database)
+    with engine.connect() as connection:
+        actions = connection.execute(text("SELECT action FROM audit_events")).scalars().all()
+        assert actions == ["instances_stored"]  # the token's row went with the tokens
+        with pytest.raises(IntegrityError):
+            connection.execute(text("UPDATE audit_events SET action = 'token_changed'"))
+        connection.rollback()
+    engine.dispose()
+    upgrade(empty_database)
+    assert "api_tokens" in table_names(empty_database)
