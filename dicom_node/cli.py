@@ -30,6 +30,7 @@ from dicom_node.cli_base import (
 from dicom_node.cli_deid import deidentify
 from dicom_node.cli_plugins import plugins_app
 from dicom_node.cli_tls import TlsCaOption, TlsCertOption, TlsKeyOption, TlsOption, tls_context
+from dicom_node.cli_tokens import tokens_app
 from dicom_node.config import Settings, validate_ae_title
 from processors.errors import BadInputError, OperationFailedError
 
@@ -47,6 +48,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(plugins_app, name="plugins", help="Processor plugins: list, show, enable, pin.")
 app.command("deidentify")(deidentify)
 app.command("audit")(audit_command)
+app.add_typer(tokens_app)
 
 
 def progress_bar(label: str) -> Progress:
