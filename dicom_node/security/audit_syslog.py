@@ -67,6 +67,11 @@ EVENTS: dict[AuditAction, tuple[Code, str, Code | None]] = {
     AuditAction.RETRY_REQUESTED: (INSTANCES_ACCESSED, "U", None),
     AuditAction.PHI_READ: (INSTANCES_ACCESSED, "R", None),
     AuditAction.AUDIT_READ: (("110101", "Audit Log Used"), "R", None),
+    AuditAction.TOKEN_CHANGED: (
+        SECURITY_ALERT,
+        "E",
+        ("110137", "User security Attributes Changed"),
+    ),
 }
 OUTCOME_INDICATORS = {
     AuditOutcome.SUCCESS: "0",
