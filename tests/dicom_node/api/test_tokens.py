@@ -7,9 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from db.session import make_engine, make_sessionmaker, upgrade
+from db.testing import writer_gets_in_first
 from dicom_node.api.tokens import (
     TOKEN_PREFIX,
     TokenError,
@@ -162,3 +164,18 @@ def test_a_refused_change_leaves_no_audit_row(session: Session) -> None:
         revoke(session, "nobody", ALICE)
     session.commit()
     assert len(audit_rows(session, AuditAction.TOKEN_CHANGED)) == 1
+
+
+def test_a_name_taken_by_another_admin_meanwhile_is_refused_cleanly(session: Session) -> None:
+    def other_admin(other: Session) -> None:
+        create_token(other, "ops", TokenRole.VIEWER, Actor.api_token("other"))
+
+    engine = session.get_bind()
+    assert isinstance(engine, Engine)
+    with writer_gets_in_first(engine, "api_tokens", other_admin) as race:
+        with pytest.raises(TokenError, match="exists already"):
+            create_token(session, "ops", TokenRole.ADMIN, ALICE)
+        session.commit()
+    assert race.happened
+    assert [(info.name, info.role) for info in list_tokens(session)] == [("ops", TokenRole.VIEWER)]
+    assert [row["actor"] for row in audit_rows(session, AuditAction.TOKEN_CHANGED)] == ["other"]
