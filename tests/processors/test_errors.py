@@ -32,6 +32,7 @@ BAD_INPUT = [
     "dicom_node.security.keys.DecryptionError",
     "dicom_node.security.audit_syslog.SyslogAddressError",
     "dicom_node.security.crypto.EncryptedFileError",
+    "dicom_node.api.tokens.TokenError",
 ]
 FAILED = [
     "dicom_node.scu.AssociationFailedError",
