@@ -20,6 +20,7 @@ from dicom_node.node import Node
 from dicom_node.synthetic import generate_series
 from dicom_node.testing import local_settings
 from tests.dicom_node.ae.raw_peer import (
+    CT_IMAGE_STORAGE,
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
     VERIFICATION,
@@ -27,7 +28,6 @@ from tests.dicom_node.ae.raw_peer import (
     dataset_after_file_meta,
 )
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 CONTEXTS = [
     (CT_IMAGE_STORAGE, [EXPLICIT_VR_LITTLE_ENDIAN]),
     (VERIFICATION, [IMPLICIT_VR_LITTLE_ENDIAN]),

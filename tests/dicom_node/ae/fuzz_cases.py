@@ -10,6 +10,7 @@ VR and UID, and nothing depends on the node's own DICOM code.
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import struct
 from collections import Counter
@@ -26,6 +27,7 @@ from tests.dicom_node.ae.raw_peer import (
     A_RELEASE_RP,
     A_RELEASE_RQ,
     COMMAND_LAST,
+    CT_IMAGE_STORAGE,
     DATA_FRAGMENT,
     DATA_LAST,
     EXPLICIT_VR_LITTLE_ENDIAN,
@@ -42,7 +44,6 @@ from tests.dicom_node.ae.raw_peer import (
     pdu_types,
 )
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 BIG_ENDIAN = "1.2.840.10008.1.2.2"
 EXPLICIT_CONTEXT, IMPLICIT_CONTEXT, ECHO_CONTEXT = 1, 3, 5
 CONTEXTS = [
@@ -363,6 +364,14 @@ def echo_status(port: int) -> int:
         status = peer.echo(ECHO_CONTEXT)
         peer.release()
         return status
+
+
+_UID = re.compile(r"\A(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z")
+
+
+def is_valid_uid(value: str) -> bool:
+    """A UID as PS3.5 9.1 spells it, checked here apart from the node's own code."""
+    return 0 < len(value) <= 64 and _UID.match(value) is not None
 
 
 def files_outside(root: Path, allowed: Path) -> list[Path]:

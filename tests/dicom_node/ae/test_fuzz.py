@@ -7,7 +7,6 @@ a bad data set with a failure status (or an abort) rather than a success.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,12 +26,13 @@ from tests.dicom_node.ae.fuzz_cases import (
     element,
     files_outside,
     hostile_data_sets,
+    is_valid_uid,
     send_hostile_data_set,
     send_pdu_sequence,
 )
+from tests.dicom_node.ae.raw_peer import peak_virtual_memory_kib
 
 CI_EXAMPLES = 120
-UID = re.compile(r"\A(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z")
 SUCCESS = 0x0000
 FAILURE_CLASSES = (0xA700, 0xA900, 0xC000)
 MAX_VIRTUAL_MEMORY_GROWTH_KIB = 1024 * 1024
@@ -43,10 +43,6 @@ FUZZ_SETTINGS = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-def is_valid_uid(value: str) -> bool:
-    return 0 < len(value) <= 64 and UID.match(value) is not None
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +70,6 @@ def fuzz_node(fuzz_settings: Settings) -> Iterator[Node]:
         yield running
     finally:
         running.stop(grace_seconds=5)
-
-
-def peak_virtual_memory_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmPeak:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmPeak in /proc/self/status")
 
 
 def assert_node_whole(node: Node, root: Path) -> None:

@@ -24,6 +24,7 @@ from tests.dicom_node.ae.raw_peer import (
     A_ASSOCIATE_RJ,
     A_ASSOCIATE_RQ,
     COMMAND_LAST,
+    CT_IMAGE_STORAGE,
     DATA_LAST,
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
@@ -35,6 +36,7 @@ from tests.dicom_node.ae.raw_peer import (
     dataset_after_file_meta,
     pdu,
     pdu_types,
+    peak_virtual_memory_kib,
     store_pdus,
 )
 
@@ -45,7 +47,6 @@ MAX_ASSOCIATIONS = 8
 SLACK = 5.0  # a loaded two-core machine is slow; the bound still tells "late" from "never"
 TIMER_RESOLUTION = 0.2
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 CONTEXTS = [
     (CT_IMAGE_STORAGE, [EXPLICIT_VR_LITTLE_ENDIAN]),
     (VERIFICATION, [IMPLICIT_VR_LITTLE_ENDIAN]),
@@ -170,15 +171,6 @@ def assert_serving(settings: Settings) -> None:
         "127.0.0.1", settings.port, calling_ae="ECHOSCU", called_ae=settings.ae_title, timeout=10
     )
     assert status == 0
-
-
-def peak_virtual_memory_kib() -> int:
-    """This process's peak virtual memory (the node runs in it): a buffer allocated for a
-    claimed length raises it even if its pages are never touched."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmPeak:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmPeak in /proc/self/status")
 
 
 HTTP_REQUEST = (
