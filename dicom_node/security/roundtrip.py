@@ -42,11 +42,13 @@ log = structlog.get_logger(__name__)
 REIDENTIFIED_FOLDER = "reidentified"
 
 
-# -- the two points the audit trail records ---------------------------------------------------
+# -- what the round trip tells the log and the audit trail ------------------------------------
 
 
 def deidentified_copies_sent(destination: str, pseudonymous_study_uids: Iterable[str]) -> None:
-    """De-identified copies of these studies were delivered to ``destination``."""
+    """De-identified copies of these studies were delivered to ``destination`` (logged by
+    their pseudonymous UIDs; the audit rows are the export queue's, in the transaction
+    that records each delivery as ``deidentified_sent``)."""
     log.info(
         "de-identified copies sent",
         destination=destination,
