@@ -18,6 +18,7 @@ class JobState(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # by an operator (REST API); never run again unless retried
 
 
 # -- audit trail (issue 16, section 3): the CLI filters on actions before it loads the models
@@ -40,6 +41,9 @@ class AuditAction(StrEnum):
     PHI_READ = "phi_read"
     AUDIT_READ = "audit_read"
     TOKEN_CHANGED = "token_changed"  # noqa: S105 (an API token created or revoked)
+    ACCESS_DENIED = "access_denied"  # an API request without a valid token, or a role too low
+    CANCEL_REQUESTED = "cancel_requested"  # a job or an export cancelled by hand
+    MODEL_CHANGED = "model_changed"  # a model uploaded, evaluated, enabled or removed
 
 
 class AuditActorKind(StrEnum):
@@ -67,6 +71,8 @@ class AuditObjectKind(StrEnum):
     SETTING = "setting"
     COMMAND = "command"
     TOKEN = "token"  # noqa: S105 (an API token's name, not a secret)
+    MODEL = "model"
+    REQUEST = "request"  # an API request (method and path) that was refused
 
 
 class TokenRole(StrEnum):

@@ -214,6 +214,7 @@ class ExportState(StrEnum):
     SENDING = "sending"
     DELIVERED = "delivered"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # by an operator (REST API); not sent unless retried
 
 
 class Export(Base):

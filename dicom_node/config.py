@@ -407,6 +407,11 @@ class Settings(BaseSettings):
     tls_ca_certificates: Path | None = None
     tls_require_client_certificate: bool | None = None
 
+    # -- the REST API and dashboard (issue 17): HTTP on http_host:http_port (0 turns it
+    # off), HTTPS when tls_certificate and tls_private_key are set.
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:
         if (self.tls_certificate is None) != (self.tls_private_key is None):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import structlog
 from sqlalchemy import Engine
@@ -34,6 +35,9 @@ from dicom_node.receiver_pool import Listeners, ReceiverPool, open_listeners, st
 from dicom_node.routing import assembler_quiet_seconds
 from dicom_node.routing_store import sync_from_settings
 from dicom_node.storage import Spool
+
+if TYPE_CHECKING:
+    from dicom_node.api.server import ApiServer
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +65,7 @@ class Node:
         self.executor: Executor | None = None
         self.dispatcher: Dispatcher | None = None
         self.spool: Spool | None = None
+        self.api: ApiServer | None = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -97,6 +102,8 @@ class Node:
                 log.error("a receiver process did not start")
         self._start_processing()
         self.assembler.check()
+        if settings.http_port:
+            self._start_api()
         log.info(
             "node listening",
             ae_title=settings.ae_title,
@@ -106,6 +113,27 @@ class Node:
             receiver_processes=settings.effective_receiver_processes,
             data_dir=str(settings.data_dir),
         )
+
+    def _start_api(self) -> None:
+        from dicom_node.api.app import create_app
+        from dicom_node.api.context import ApiContext
+        from dicom_node.api.server import ApiServer, https_context
+
+        assert self.sessions is not None and self.dispatcher is not None
+        assert self.exporter is not None and self.executor is not None
+        executor = self.executor
+        context = ApiContext(
+            self.settings,
+            self.sessions,
+            wake_dispatcher=self.dispatcher.wake,
+            wake_exporter=self.exporter.wake,
+            executor_slots=lambda: executor.slots,
+        )
+        settings = self.settings
+        self.api = ApiServer(
+            create_app(context), settings.http_host, settings.http_port, https_context(settings)
+        )
+        self.api.start()
 
     def _check_studies(self) -> None:
         if self.assembler is not None:
@@ -144,6 +172,8 @@ class Node:
         if self._stopped.is_set():
             return
         grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        if self.api is not None:
+            self.api.stop()
         if self._receiver is not None:
             self._receiver.stop(grace)
         if self._listeners is not None:

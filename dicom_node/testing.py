@@ -113,6 +113,7 @@ def node_env(data_dir: Path, port: int, extra: Mapping[str, str] | None = None) 
             "DICOM_NODE_PORT": str(port),
             "DICOM_NODE_HOST": "127.0.0.1",
             "DICOM_NODE_LOG_FORMAT": "json",
+            "DICOM_NODE_HTTP_PORT": "0",  # tests that want the API give it a free port
         }
     )
     env.update(extra or {})
@@ -390,6 +391,7 @@ def local_settings(root: Path, **overrides: object) -> Settings:
         "index_flush_seconds": 0.02,
         "shutdown_grace_seconds": 5,
         "executor": "inline",
+        "http_port": 0,
     }
     values.update(overrides)
     return load_settings(None, **values)
