@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.models import RoutingEntryKind
@@ -73,7 +74,7 @@ class RuleTestRequest(BaseModel):
 
 
 @contextmanager
-def _answering(where: str = "body") -> Iterator[None]:
+def _answering() -> Iterator[None]:
     """Turn ``routing_admin``'s refusals into 404, 409 and 422 answers."""
     try:
         yield
@@ -81,10 +82,13 @@ def _answering(where: str = "body") -> Iterator[None]:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from exc
     except EntryConflictError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
+    except IntegrityError as exc:  # another request changed the same entry meanwhile
+        reason = "the entry was changed by another request meanwhile: read it and try again"
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=reason) from exc
     except InvalidEntryError as exc:
-        loc = [where, *exc.loc] if exc.loc != ("version",) else ["query", "version"]
-        detail = [{"loc": loc, "msg": str(exc), "type": "value_error"}]
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail) from exc
+        loc = ["query", "version"] if exc.loc == ("version",) else ["body", *exc.loc]
+        errors = [{"loc": loc, "msg": str(exc), "type": "value_error"}]
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=errors) from exc
 
 
 @contextmanager
@@ -144,7 +148,9 @@ def _save(
     return view.as_dict()
 
 
-VersionQuery = Annotated[int, Query(ge=1, description="the version to make current again")]
+VersionQuery = Annotated[
+    int, Query(ge=1, le=2**31 - 1, description="the version to make current again")
+]
 
 
 # -- rules ------------------------------------------------------------------------------------

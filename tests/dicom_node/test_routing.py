@@ -56,6 +56,8 @@ def add_series(
     num_slices: int = 4,
     description: str | None = None,
     calling_ae: str | None = None,
+    study_uid: str = STUDY_UID,
+    received_at: dt.datetime = NOW,
 ) -> str:
     """Generate a small series, spool it, and index it as the receiver would."""
     series = generate_series(
@@ -65,7 +67,7 @@ def add_series(
         columns=16,
         orientation=orientation,
         uid_seed=f"routing-{number}",
-        study_instance_uid=STUDY_UID,
+        study_instance_uid=study_uid,
         series_description=description,
     )
     records: list[IndexRecord] = []
@@ -85,7 +87,7 @@ def add_series(
         buffer = BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
         path, _ = spool.write(key, [buffer.getvalue()])
-        records.append(stored_record_from_file(path, NOW, association_id))
+        records.append(stored_record_from_file(path, received_at, association_id))
     with sessions.begin() as session:
         write_batch(session, records)
     return series.series_instance_uid

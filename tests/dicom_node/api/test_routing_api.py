@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from db.enums import TokenRole
-from db.models import Job, RoutingEntry
+from db.models import Job, RoutingEntry, RoutingEntryKind, RoutingOrigin
 from db.session import make_engine, make_sessionmaker, upgrade
+from db.testing import writer_gets_in_first
 from dicom_node.api.context import ApiContext
 from dicom_node.api.testing import ApiHarness, api_harness, settings_for
 from dicom_node.assembler import complete_quiet_studies
@@ -141,6 +143,26 @@ def test_taken_names_and_destinations_in_use_are_409(api: ApiHarness) -> None:
     assert (
         send(api, "PUT", "/rules/nothing", json={**CT_RULE, "name": "nothing"}).status_code == 404
     )
+
+
+def test_another_admin_creating_the_same_rule_meanwhile_is_a_409(api: ApiHarness) -> None:
+    def other_admin(session: Session) -> None:
+        session.add(
+            RoutingEntry(
+                kind=RoutingEntryKind.RULE,
+                name="ct",
+                definition=CT_RULE,
+                origin=RoutingOrigin.API,
+                updated_at=LATER_THAN_RECEIVED,
+            )
+        )
+
+    with writer_gets_in_first(api.engine, "routing_entries", other_admin) as race:
+        response = send(api, "POST", "/rules", json={**CT_RULE, "priority": 3})
+    assert race.happened
+    assert response.status_code == 409 and "meanwhile" in response.json()["detail"]
+    assert send(api, "GET", "/rules/ct").json()["definition"]["priority"] == 0
+    assert audit_rows(api.context.sessions, AuditAction.RULE_CHANGED) == []
 
 
 def test_viewers_and_operators_read_but_only_admins_change(api: ApiHarness) -> None:
