@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from db.models import RoutingEntry, RoutingEntryKind, RoutingHistory, RoutingOrigin, utcnow
 from dicom_node.config import Destination, Rule, Settings, rule_plugin_problems
-from dicom_node.routing_store import AUDIT_ACTIONS, record_version
+from dicom_node.routing_store import record_change
 from dicom_node.security import audit
 from processors.errors import BadInputError
 from processors.registry import PluginInfo
@@ -294,20 +294,8 @@ def _save(
     row.updated_at = utcnow()
     session.flush()
     _check_whole_routing(session, settings)
-    version = record_version(session, kind, item.name, change, definition, row.origin, actor)
-    action, object_kind = AUDIT_ACTIONS[kind]
-    audit.record(
-        session,
-        action=action,
-        actor=actor,
-        object_kind=object_kind,
-        object_id=item.name,
-        details={
-            "change": change,
-            "version": version,
-            "origin": str(row.origin),
-            **(details or {}),
-        },
+    version = record_change(
+        session, kind, item.name, change, definition, row.origin, actor, details
     )
     note = file_note(kind, item.name) if row.origin == RoutingOrigin.CONFIG else None
     used_by = (
@@ -390,16 +378,7 @@ def delete_entry(
                 )
     session.delete(row)
     session.flush()
-    version = record_version(session, kind, name, "deleted", None, row.origin, actor)
-    action, object_kind = AUDIT_ACTIONS[kind]
-    audit.record(
-        session,
-        action=action,
-        actor=actor,
-        object_kind=object_kind,
-        object_id=name,
-        details={"change": "deleted", "version": version, "origin": str(row.origin)},
-    )
+    version = record_change(session, kind, name, "deleted", None, row.origin, actor)
     return version
 
 

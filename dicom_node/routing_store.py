@@ -14,7 +14,7 @@ themselves (create, update, delete, enable, disable, revert) are in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -90,24 +90,13 @@ def _store(
         for name, (_definition, origin) in before.items()
         if origin == RoutingOrigin.CONFIG and name not in names
     }
-    action, object_kind = AUDIT_ACTIONS[kind]
     actor = audit.Actor.node("configuration file")
     stored = dict(zip(names, definitions, strict=True))
     for name, change in sorted(changes.items()):
-        version = record_version(
-            session, kind, name, change, stored.get(name), RoutingOrigin.CONFIG, actor
-        )
-        audit.record(
-            session,
-            action=action,
-            actor=actor,
-            object_kind=object_kind,
-            object_id=name,
-            details={"change": change, "version": version},
-        )
+        record_change(session, kind, name, change, stored.get(name), RoutingOrigin.CONFIG, actor)
 
 
-def record_version(
+def record_change(
     session: Session,
     kind: RoutingEntryKind,
     name: str,
@@ -115,9 +104,11 @@ def record_version(
     definition: dict[str, Any] | None,
     origin: RoutingOrigin,
     actor: audit.Actor,
+    details: Mapping[str, str | int] | None = None,
 ) -> int:
-    """Add the next version of the entry to ``routing_history`` (``definition`` None: it
-    was deleted); returns its number."""
+    """Record a change of an entry: its next version in ``routing_history`` (``definition``
+    None: it was deleted) and its audit row (the change, version, origin and ``details``;
+    never the definition, which may match on patient attributes). Returns the version."""
     latest = session.scalar(
         select(func.max(RoutingHistory.version)).where(
             RoutingHistory.kind == kind, RoutingHistory.name == name
@@ -137,6 +128,15 @@ def record_version(
         )
     )
     session.flush()
+    action, object_kind = AUDIT_ACTIONS[kind]
+    audit.record(
+        session,
+        action=action,
+        actor=actor,
+        object_kind=object_kind,
+        object_id=name,
+        details={"change": change, "version": version, "origin": str(origin), **(details or {})},
+    )
     return version
 
 

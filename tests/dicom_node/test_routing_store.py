@@ -120,11 +120,11 @@ def test_entries_added_changed_and_removed_by_the_file_are_audited(
             sync_from_settings(session, settings_with(*rules))
     changes = audit_rows(sessions, AuditAction.RULE_CHANGED, AuditAction.DESTINATION_CHANGED)
     assert [(row["object_kind"], row["object_id"], row["details"]) for row in changes] == [
-        ("destination", "pacs", {"change": "added", "version": 1}),
-        ("rule", "b", {"change": "added", "version": 1}),
-        ("rule", "ct", {"change": "added", "version": 1}),
-        ("rule", "ct", {"change": "changed", "version": 2}),
-        ("rule", "ct", {"change": "removed", "version": 3}),
+        ("destination", "pacs", {"change": "added", "version": 1, "origin": "config"}),
+        ("rule", "b", {"change": "added", "version": 1, "origin": "config"}),
+        ("rule", "ct", {"change": "added", "version": 1, "origin": "config"}),
+        ("rule", "ct", {"change": "changed", "version": 2, "origin": "config"}),
+        ("rule", "ct", {"change": "removed", "version": 3, "origin": "config"}),
     ]
     assert {(row["actor_kind"], row["actor"]) for row in changes} == {
         ("node", "configuration file")
