@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -20,15 +21,18 @@ from db.session import make_engine, make_sessionmaker, upgrade
 from db.testing import writer_gets_in_first
 from dicom_node.api.context import ApiContext
 from dicom_node.api.testing import ApiHarness, api_harness, settings_for
+from dicom_node.api.tokens import create_token
 from dicom_node.assembler import complete_quiet_studies
 from dicom_node.jobs import dispatcher as dispatcher_module
 from dicom_node.jobs.dispatcher import Dispatcher
 from dicom_node.jobs.executors import InlineExecutor
 from dicom_node.jobs.worker import JobResult, JobSpec
+from dicom_node.node import Node
 from dicom_node.routing import route
 from dicom_node.routing_store import load_routing, sync_from_settings
-from dicom_node.security.audit import AuditAction
+from dicom_node.security.audit import Actor, AuditAction
 from dicom_node.storage import Spool
+from dicom_node.testing import free_port
 from tests.dicom_node.security.audit_support import audit_rows
 from tests.dicom_node.test_routing import PACS, add_series
 
@@ -305,6 +309,28 @@ def test_a_rule_created_through_the_api_routes_the_next_study_without_a_restart(
             names = list(session.scalars(select(Job.rule_name)))
         time.sleep(0.05)
     assert names == ["ct-api"]
+
+
+def test_a_running_nodes_dispatcher_sees_a_rule_disabled_through_its_api_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dispatcher_module, "ROUTING_RELOAD_SECONDS", 3600.0)
+    port = free_port()
+    node = Node(settings_for(tmp_path, http_port=port, destinations=[PACS], rules=[CT_RULE]))
+    node.start()
+    try:
+        assert node.sessions is not None and node.dispatcher is not None
+        with node.sessions.begin() as session:
+            token = create_token(session, "admin", TokenRole.ADMIN, Actor.os_user())
+        url = f"http://127.0.0.1:{port}/api/v1/rules/ct/disable"
+        response = httpx.post(url, headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 200, response.text
+        deadline = time.monotonic() + 2
+        while node.dispatcher.routing.rules[0].enabled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not node.dispatcher.routing.rules[0].enabled
+    finally:
+        node.stop(grace_seconds=1)
 
 
 # -- trying a rule ---------------------------------------------------------------------------
