@@ -348,7 +348,9 @@ def test_trying_a_rule_on_received_studies_says_which_series_and_why_not(
         "pipeline": ["gaussian"],
         "destinations": ["nowhere"],
     }
-    response = send(api, "POST", "/rules/test", TokenRole.VIEWER, json={"rule": draft})
+    for role in (TokenRole.VIEWER, TokenRole.OPERATOR):
+        assert send(api, "POST", "/rules/test", role, json={"rule": draft}).status_code == 403
+    response = send(api, "POST", "/rules/test", json={"rule": draft})
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["studies_examined"] == 1 and answer["series_examined"] == 2
