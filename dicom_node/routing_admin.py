@@ -205,9 +205,10 @@ def check_rule(session: Session, rule: Rule, plugins: Sequence[PluginInfo]) -> N
         if info is not None and not info.usable:
             why = "disabled" if not info.enabled else f"unavailable: {info.reason}"
             raise InvalidEntryError(f"processor {step!r} is {why}", ("pipeline", index))
-    usable = [info for info in plugins if info.usable and info.processor is not None]
     params: Mapping[str, type[BaseModel]] = {
-        info.name: info.processor.Params for info in usable if info.processor is not None
+        info.name: info.processor.Params
+        for info in plugins
+        if info.usable and info.processor is not None
     }
     for loc, message in rule_plugin_problems(rule, by_name, params):
         if loc[0] == "pipeline":
@@ -256,6 +257,10 @@ def _validated(kind: RoutingEntryKind, definition: Mapping[str, Any]) -> Rule | 
 # -- changing ---------------------------------------------------------------------------------
 
 
+def _kind_of(item: Rule | Destination) -> RoutingEntryKind:
+    return RoutingEntryKind.RULE if isinstance(item, Rule) else RoutingEntryKind.DESTINATION
+
+
 def _refuse_file_entry(row: RoutingEntry, doing: str) -> None:
     if row.origin == RoutingOrigin.CONFIG:
         raise EntryConflictError(
@@ -272,11 +277,11 @@ def _save(
     change: str,
     actor: audit.Actor,
     plugins: Sequence[PluginInfo],
-    origin: RoutingOrigin = RoutingOrigin.API,
     details: Mapping[str, str | int] | None = None,
 ) -> EntryView:
-    """Check ``item``, write it (new row or over the old one), its version and audit row."""
-    kind = RoutingEntryKind.RULE if isinstance(item, Rule) else RoutingEntryKind.DESTINATION
+    """Check ``item``, write it (new row, origin ``api``, or over the old one), its version
+    and audit row."""
+    kind = _kind_of(item)
     if isinstance(item, Rule):
         if item.enabled or change != "disabled":
             check_rule(session, item, plugins)
@@ -288,7 +293,8 @@ def _save(
         last = session.scalar(
             select(func.max(RoutingEntry.position)).where(RoutingEntry.kind == kind)
         )
-        row = RoutingEntry(kind=kind, name=item.name, position=(last or 0) + 1, origin=origin)
+        position = (last or 0) + 1
+        row = RoutingEntry(kind=kind, name=item.name, position=position, origin=RoutingOrigin.API)
         session.add(row)
     row.definition = definition
     row.updated_at = utcnow()
@@ -311,7 +317,7 @@ def create_entry(
     actor: audit.Actor,
     plugins: Sequence[PluginInfo],
 ) -> EntryView:
-    kind = RoutingEntryKind.RULE if isinstance(item, Rule) else RoutingEntryKind.DESTINATION
+    kind = _kind_of(item)
     existing = _row(session, kind, item.name)
     if existing is not None:
         raise EntryConflictError(
@@ -328,7 +334,7 @@ def update_entry(
     actor: audit.Actor,
     plugins: Sequence[PluginInfo],
 ) -> EntryView:
-    kind = RoutingEntryKind.RULE if isinstance(item, Rule) else RoutingEntryKind.DESTINATION
+    kind = _kind_of(item)
     if item.name != name:
         raise InvalidEntryError(
             f"the name in the body ({item.name!r}) is not the one in the path ({name!r}):"

@@ -23,7 +23,9 @@ from sqlalchemy.orm import Session
 
 from db.models import Job, Study
 from dicom_node.config import Rule, Settings
+from dicom_node.plugin_state import list_plugins
 from dicom_node.routing import CriterionCheck, SeriesCandidate, explain, select_series
+from dicom_node.routing_admin import InvalidEntryError, check_rule, stored_rule
 from dicom_node.security.crypto import load_keys
 
 DEFAULT_STUDY_LIMIT = 20
@@ -165,9 +167,6 @@ def try_rule(
 
 def _refusal(session: Session, rule: Rule) -> str | None:
     """Why the node would refuse to store ``rule`` as it is, or None."""
-    from dicom_node.plugin_state import list_plugins
-    from dicom_node.routing_admin import InvalidEntryError, check_rule
-
     try:
         check_rule(session, rule, list_plugins(session))
     except InvalidEntryError as exc:
@@ -187,10 +186,9 @@ def try_stored_or_given(
 ) -> RuleTrial:
     """``try_rule`` with ``rule`` (a draft: what would keep it from being stored is a
     note) or the stored rule ``name`` (``UnknownEntryError`` if there is none)."""
-    from dicom_node.routing_admin import stored_rule
-
     if rule is None:
-        assert name is not None
+        if name is None:
+            raise InvalidEntryError("give a rule (a definition) or the name of a stored rule")
         rule = stored_rule(session, name)
     refusal = _refusal(session, rule)
     if since is not None and since.tzinfo is None:
