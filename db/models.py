@@ -397,3 +397,28 @@ class ApiToken(Base):
     created_by: Mapped[str] = mapped_column(String(160))
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# -- routing history (issue 17): every version of each rule and destination ------------------
+
+
+class RoutingHistory(Base):
+    """One version of a rule or destination (``dicom_node.routing_store``): the definition
+    it had after a change (None once deleted), what the change was, who made it and where
+    it came from. Versions count from 1 per (kind, name); a revert writes a new version."""
+
+    __tablename__ = "routing_history"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[RoutingEntryKind] = mapped_column(
+        state_type(RoutingEntryKind, "routing_entry_kind")
+    )
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    change: Mapped[str] = mapped_column(String(16))
+    definition: Mapped[dict[str, Any] | None] = mapped_column(JSON_DOCUMENT)
+    origin: Mapped[RoutingOrigin] = mapped_column(state_type(RoutingOrigin, "routing_origin"))
+    actor: Mapped[str] = mapped_column(String(160))
+    changed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("kind", "name", "version"),)

@@ -615,6 +615,30 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(f"invalid configuration: {where}{_describe(exc, values)}") from exc
 
 
+def rule_plugin_problems(
+    rule: Rule,
+    plugin_names: Iterable[str],
+    params_models: Mapping[str, type[BaseModel]] | None = None,
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """What is wrong with ``rule``'s processors: (the field at fault, a message naming it),
+    e.g. ``(("pipeline", 1), "unknown processor 'x'")`` or ``(("params", "gaussian"), ...)``.
+    ``params_models`` as for ``check_rules_against_plugins``."""
+    known = set(plugin_names)
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    for index, step in enumerate(rule.pipeline):
+        if step not in known:
+            problems.append((("pipeline", index), f"unknown processor {step!r}"))
+    for step, values in rule.params.items():
+        model = (params_models or {}).get(step)
+        if model is None:
+            continue
+        try:
+            model.model_validate(values)
+        except ValidationError as exc:
+            problems.append((("params", step), f"params for {step!r}: {_describe(exc)}"))
+    return problems
+
+
 def check_rules_against_plugins(
     settings: Settings,
     plugin_names: Iterable[str],
@@ -628,19 +652,11 @@ def check_rules_against_plugins(
     them at any time. Raises ``ConfigError`` naming each rule and processor at fault.
     """
     known = set(plugin_names)
-    problems: list[str] = []
-    for rule in settings.rules:
-        for step in rule.pipeline:
-            if step not in known:
-                problems.append(f"rule {rule.name!r}: unknown processor {step!r}")
-        for step, values in rule.params.items():
-            model = (params_models or {}).get(step)
-            if model is None:
-                continue
-            try:
-                model.model_validate(values)
-            except ValidationError as exc:
-                problems.append(f"rule {rule.name!r}: params for {step!r}: {_describe(exc)}")
+    problems = [
+        f"rule {rule.name!r}: {message}"
+        for rule in settings.rules
+        for _field, message in rule_plugin_problems(rule, known, params_models)
+    ]
     if problems:
         installed = ", ".join(sorted(known)) or "none"
         raise ConfigError("; ".join(problems) + f" (installed processors: {installed})")

@@ -128,6 +128,7 @@ class Node:
             wake_dispatcher=self.dispatcher.wake,
             wake_exporter=self.exporter.wake,
             executor_slots=lambda: executor.slots,
+            routing_changed=self.dispatcher.routing_changed,
         )
         settings = self.settings
         self.api = ApiServer(

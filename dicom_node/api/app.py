@@ -18,6 +18,8 @@ from sqlalchemy import text
 
 from dicom_node import __version__
 from dicom_node.api.context import ApiContext, get_context
+from dicom_node.api.plugins_api import router as plugins_router
+from dicom_node.api.routing_api import router as routing_router
 from processors.errors import BadInputError
 
 API_PREFIX = "/api/v1"
@@ -71,7 +73,11 @@ def _bad_input(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
-ROUTERS: tuple[tuple[APIRouter, str], ...] = ((health, ""),)
+ROUTERS: tuple[tuple[APIRouter, str], ...] = (
+    (health, ""),
+    (routing_router, API_PREFIX),
+    (plugins_router, API_PREFIX),
+)
 
 
 def create_app(context: ApiContext) -> FastAPI:

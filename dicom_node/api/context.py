@@ -27,6 +27,8 @@ class ApiContext:
     wake_dispatcher: Callable[[], None] = field(default=_nothing)
     wake_exporter: Callable[[], None] = field(default=_nothing)
     executor_slots: Callable[[], int] | None = None
+    # Rules or destinations changed: the dispatcher reloads them now, not at its next reload.
+    routing_changed: Callable[[], None] = field(default=_nothing)
 
 
 def get_context(request: Request) -> ApiContext:

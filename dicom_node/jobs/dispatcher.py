@@ -98,6 +98,7 @@ class Dispatcher:
         self.keys = load_keys(settings.spool_encryption_key_file)
         self.routing = settings
         self._routing_loaded = 0.0
+        self._routing_stale = False
         self._running: dict[int, _Running] = {}
         self._gpu_processors = {
             info.name for info in discover() if "cupy" in info.requires and info.available
@@ -116,6 +117,11 @@ class Dispatcher:
         self._thread.start()
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def routing_changed(self) -> None:
+        """Reload the rules and destinations in a round that starts now."""
+        self._routing_stale = True
         self._wake.set()
 
     def stop(self, grace_seconds: float = 0.0) -> None:
@@ -164,8 +170,10 @@ class Dispatcher:
             self.fill()
 
     def reload_routing(self, *, force: bool = False) -> None:
-        if not force and time.monotonic() - self._routing_loaded < ROUTING_RELOAD_SECONDS:
+        recent = time.monotonic() - self._routing_loaded < ROUTING_RELOAD_SECONDS
+        if recent and not force and not self._routing_stale:
             return
+        self._routing_stale = False
         try:
             with self.sessions() as session:
                 self.routing = load_routing(session, self.settings)

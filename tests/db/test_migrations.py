@@ -31,6 +31,7 @@ from db.models import (
     OutputKind,
     RoutingEntry,
     RoutingEntryKind,
+    RoutingHistory,
     RoutingOrigin,
     Study,
     StudyEvent,
@@ -209,6 +210,19 @@ def an_api_token() -> ApiToken:
     )
 
 
+def a_routing_version() -> RoutingHistory:
+    return RoutingHistory(
+        kind=RoutingEntryKind.RULE,
+        name="ct",
+        version=1,
+        change="created",
+        definition={"name": "ct", "pipeline": ["gaussian"]},
+        origin=RoutingOrigin.API,
+        actor="api_token:admin",
+        changed_at=AT,
+    )
+
+
 def a_token_audit_event() -> AuditEvent:
     return AuditEvent(
         at=AT,
@@ -332,7 +346,7 @@ def test_states_outside_their_enum_are_refused_by_the_database(empty_database: s
     upgrade(empty_database)
     engine = make_engine(empty_database)
     with Session(engine) as session, session.begin():
-        session.add_all([an_audit_event(), an_api_token()])
+        session.add_all([an_audit_event(), an_api_token(), a_routing_version()])
     accepted = []
     for table, column, _type in state_columns():
         with engine.connect() as connection:
