@@ -18,6 +18,30 @@ PUBLIC = None
 ROUTE_ROLES: dict[tuple[str, str], TokenRole | None] = {
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
+    # rules, destinations, plugins (routing_api.py, plugins_api.py)
+    ("GET", "/api/v1/rules"): VIEWER,
+    ("POST", "/api/v1/rules"): ADMIN,
+    ("POST", "/api/v1/rules/test"): ADMIN,  # runs an admin's regexes on the node
+    ("GET", "/api/v1/rules/{name}"): VIEWER,
+    ("PUT", "/api/v1/rules/{name}"): ADMIN,
+    ("DELETE", "/api/v1/rules/{name}"): ADMIN,
+    ("POST", "/api/v1/rules/{name}/enable"): ADMIN,
+    ("POST", "/api/v1/rules/{name}/disable"): ADMIN,
+    ("GET", "/api/v1/rules/{name}/history"): VIEWER,
+    ("POST", "/api/v1/rules/{name}/revert"): ADMIN,
+    ("GET", "/api/v1/destinations"): VIEWER,
+    ("POST", "/api/v1/destinations"): ADMIN,
+    ("GET", "/api/v1/destinations/{name}"): VIEWER,
+    ("PUT", "/api/v1/destinations/{name}"): ADMIN,
+    ("DELETE", "/api/v1/destinations/{name}"): ADMIN,
+    ("GET", "/api/v1/destinations/{name}/history"): VIEWER,
+    ("POST", "/api/v1/destinations/{name}/revert"): ADMIN,
+    ("GET", "/api/v1/plugins"): VIEWER,
+    ("GET", "/api/v1/plugins/{name}"): VIEWER,
+    ("POST", "/api/v1/plugins/{name}/enable"): ADMIN,
+    ("POST", "/api/v1/plugins/{name}/disable"): ADMIN,
+    ("POST", "/api/v1/plugins/{name}/pin"): ADMIN,
+    ("POST", "/api/v1/plugins/{name}/unpin"): ADMIN,
 }
 
 PATH_PARAMETER = re.compile(r"\{([^}]+)\}")
