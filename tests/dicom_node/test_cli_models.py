@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dicom_node.cli import app
+from dicom_node.cli import app, check_rule_pipelines
+from dicom_node.config import ConfigError, load_settings
 from dicom_node.security.audit import AuditAction
 from tests.dicom_node.security.audit_support import audit_rows
 from tests.dicom_node.test_cli import assert_refused
@@ -94,7 +95,12 @@ def test_refusals_are_one_line(data_dir: Path, tmp_path: Path) -> None:
         2,
         "manifest: not JSON",
     )
+    rule = {"name": "volume", "pipeline": ["model:demo-lesion-volume"]}
+    settings = load_settings(None, data_dir=data_dir, rules=[rule])
+    with pytest.raises(ConfigError, match="unknown processor 'model:demo-lesion-volume'"):
+        check_rule_pipelines(settings)
     assert runner.invoke(app, ["models", "upload", str(VOLUME_MODEL)]).exit_code == 0
+    check_rule_pipelines(settings)  # a rule may name it as soon as it is uploaded
     assert_refused(
         runner.invoke(
             app, ["models", "evaluate", "demo-lesion-volume", "--data", str(tmp_path / "no")]
