@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.enums import ModelKind
@@ -196,8 +197,13 @@ def register_upload(
         uploaded_at=dt.datetime.now(dt.UTC),
         uploaded_by=f"{actor.kind}:{actor.name}",
     )
-    session.add(row)
-    session.flush()
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:  # another admin or node registered it meanwhile
+        raise ModelConflictError(
+            f"model {name!r} version {version!r} is registered already"
+        ) from None
     if kind is ModelKind.SEGMENTATION:
         manifest_path(settings, row)
     details = {"change": "uploaded", "version": version, "sha256": staged.sha256}

@@ -160,6 +160,10 @@ def check_skops(path: Path) -> LoadedModel:
     except ProcessorError as exc:
         message = str(exc).removeprefix(f"{path.name}: ")
         raise UploadRefusedError("file", message) from None
+    except Exception:  # skops cannot even list the types: no .skops file at all
+        raise UploadRefusedError(
+            "file", "not a .skops model (an ONNX network comes with its 'manifest')"
+        ) from None
     check_model_name(model.name, "file.name")
     volume = _phantom()
     try:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from db.enums import JobState, TokenRole
@@ -38,11 +39,15 @@ def upload(
     document: dict[str, Any] | None = None,
     role: TokenRole = TokenRole.ADMIN,
 ) -> Any:
+    """POST the U-Net (or ``content``) with its manifest (or ``document``); with
+    ``content`` but no ``document``, no manifest at all."""
+    if document is None and content is None:
+        document = manifest()
     return api.client.post(
         "/api/v1/models",
         headers=api.headers(role),
         files={"file": ("model.onnx", UNET_FILE.read_bytes() if content is None else content)},
-        data={"manifest": json.dumps(manifest() if document is None else document)},
+        data={} if document is None else {"manifest": json.dumps(document)},
     )
 
 
@@ -71,7 +76,7 @@ def test_a_good_upload_is_stored_by_its_digest_and_registered_disabled(api: ApiH
     assert again.status_code == 409 and "registered already" in again.json()["detail"]
 
 
-BAD_UPLOADS: list[tuple[bytes | None, dict[str, Any], str]] = [
+BAD_UPLOADS: list[tuple[bytes | None, dict[str, Any] | None, str]] = [
     (None, manifest(labels=[]), "manifest.labels"),
     (None, manifest(normalization={"type": "window", "lower": 5, "upper": 1}), "manifest."),
     (None, manifest(name="Lungs!"), "manifest.name"),
@@ -80,6 +85,7 @@ BAD_UPLOADS: list[tuple[bytes | None, dict[str, Any], str]] = [
     (None, manifest(output={"name": "probabilities"}), "manifest.output.name"),
     (None, manifest(spatial_dims=2, patch_size=[96, 96]), "inputs[0].shape"),
     (b"not an onnx file", manifest(), "file: not an ONNX model"),
+    (b"not an onnx file", None, "file: not a .skops model"),
 ]
 
 
@@ -93,8 +99,13 @@ def test_a_bad_upload_is_a_422_naming_the_field_and_registers_nothing(api: ApiHa
     assert audit_rows(api.context.sessions, AuditAction.MODEL_CHANGED) == []
 
 
-def test_an_upload_over_the_limit_is_a_413_and_leaves_no_file(tmp_path: Path) -> None:
-    with api_harness(settings_for(tmp_path, model_upload_max_bytes=100_000)) as api:
+@pytest.mark.parametrize(
+    "limit",
+    [100_000, 1_000_000],
+    ids=["refused-by-its-length", "refused-while-it-arrives"],
+)
+def test_an_upload_over_the_limit_is_a_413_and_leaves_no_file(tmp_path: Path, limit: int) -> None:
+    with api_harness(settings_for(tmp_path, model_upload_max_bytes=limit)) as api:
         response = upload(api)
         assert response.status_code == 413, response.text
         assert "model_upload_max_bytes" in response.json()["detail"]
