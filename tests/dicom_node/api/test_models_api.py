@@ -177,3 +177,14 @@ def test_a_rule_runs_the_uploaded_model_once_enabled(tmp_path: Path) -> None:
             ("model:lungs", "1.2.0")
         }
         assert {o.kind for o in outputs} >= {"seg"}
+
+
+def test_a_skops_classifier_is_uploaded_without_a_manifest(api: ApiHarness) -> None:
+    content = (UNET_MANIFEST.parents[1] / "demo-lesion-presence.skops").read_bytes()
+    response = upload(api, content)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["step"], body["kind"]) == ("model:demo-lesion-presence", "classification")
+    assert body["versions"][0]["manifest"]["class_names"] == ["absent", "present"]
+    digest = hashlib.sha256(content).hexdigest()
+    assert (models_dir(api.context.settings) / "sha256" / f"{digest}.skops").is_file()
