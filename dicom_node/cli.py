@@ -28,6 +28,7 @@ from dicom_node.cli_base import (
     settings_from,
 )
 from dicom_node.cli_deid import deidentify
+from dicom_node.cli_models import models_app
 from dicom_node.cli_plugins import plugins_app
 from dicom_node.cli_tls import TlsCaOption, TlsCertOption, TlsKeyOption, TlsOption, tls_context
 from dicom_node.cli_tokens import tokens_app
@@ -49,6 +50,7 @@ app.add_typer(plugins_app, name="plugins", help="Processor plugins: list, show, 
 app.command("deidentify")(deidentify)
 app.command("audit")(audit_command)
 app.add_typer(tokens_app)
+app.add_typer(models_app)
 
 
 def progress_bar(label: str) -> Progress:
@@ -86,10 +88,13 @@ def check_rule_pipelines(settings: Settings) -> None:
     available, or gives it parameters it does not take (``ConfigError`` naming the rule)."""
     if not settings.rules:
         return
+    from dicom_node import model_registry
     from dicom_node.config import check_rules_against_plugins
     from processors import registry
 
     usable = [info for info in registry.discover() if info.available and info.processor]
+    if model_registry.rules_name_models(settings):
+        usable += model_registry.plugins_in_database(settings)
     check_rules_against_plugins(
         settings,
         [info.name for info in usable],

@@ -412,6 +412,10 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
 
+    # -- models registered by admins (issue 17, docs/admin.md "Models"): the largest
+    # upload accepted (written to <data_dir>/models/incoming as it arrives).
+    model_upload_max_bytes: int = Field(512 * 1024 * 1024, ge=1)
+
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:
         if (self.tls_certificate is None) != (self.tls_private_key is None):

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Job, Study
 from dicom_node.config import Rule, Settings
-from dicom_node.plugin_state import list_plugins
+from dicom_node.model_registry import plugins_and_models
 from dicom_node.routing import CriterionCheck, SeriesCandidate, explain, select_series
 from dicom_node.routing_admin import InvalidEntryError, check_rule, stored_rule
 from dicom_node.security.crypto import load_keys
@@ -165,10 +165,10 @@ def try_rule(
     return RuleTrial(rule, studies, notes)
 
 
-def _refusal(session: Session, rule: Rule) -> str | None:
+def _refusal(session: Session, settings: Settings, rule: Rule) -> str | None:
     """Why the node would refuse to store ``rule`` as it is, or None."""
     try:
-        check_rule(session, rule, list_plugins(session))
+        check_rule(session, rule, plugins_and_models(session, settings))
     except InvalidEntryError as exc:
         where = ".".join(str(part) for part in exc.loc)
         return f"{where}: {exc}" if where else str(exc)
@@ -190,7 +190,7 @@ def try_stored_or_given(
         if name is None:
             raise InvalidEntryError("give a rule (a definition) or the name of a stored rule")
         rule = stored_rule(session, name)
-    refusal = _refusal(session, rule)
+    refusal = _refusal(session, settings, rule)
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=dt.UTC)
     trial = try_rule(session, settings, rule, since=since, limit=limit)

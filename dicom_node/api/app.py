@@ -18,6 +18,7 @@ from sqlalchemy import text
 
 from dicom_node import __version__
 from dicom_node.api.context import ApiContext, get_context
+from dicom_node.api.models_api import router as models_router
 from dicom_node.api.plugins_api import router as plugins_router
 from dicom_node.api.routing_api import router as routing_router
 from processors.errors import BadInputError
@@ -77,6 +78,7 @@ ROUTERS: tuple[tuple[APIRouter, str], ...] = (
     (health, ""),
     (routing_router, API_PREFIX),
     (plugins_router, API_PREFIX),
+    (models_router, f"{API_PREFIX}/models"),
 )
 
 

@@ -26,7 +26,7 @@ from db.models import RoutingEntryKind
 from dicom_node.api.auth import AdminCaller, Caller, ViewerCaller
 from dicom_node.api.context import ApiContext, get_context
 from dicom_node.config import Destination, Rule
-from dicom_node.plugin_state import list_plugins
+from dicom_node.model_registry import plugins_and_models
 from dicom_node.routing_admin import (
     EntryConflictError,
     InvalidEntryError,
@@ -125,7 +125,7 @@ def _revert(
     request: Request, caller: Caller, kind: RoutingEntryKind, name: str, version: int
 ) -> Document:
     with _changing(request) as (session, context):
-        plugins = list_plugins(session)
+        plugins = plugins_and_models(session, context.settings)
         view = revert_entry(session, context.settings, kind, name, version, caller.actor, plugins)
     return view.as_dict()
 
@@ -140,7 +140,7 @@ def _save(
     request: Request, caller: Caller, item: Rule | Destination, name: str | None = None
 ) -> Document:
     with _changing(request) as (session, context):
-        plugins = list_plugins(session)
+        plugins = plugins_and_models(session, context.settings)
         if name is None:
             view = create_entry(session, context.settings, item, caller.actor, plugins)
         else:
@@ -206,7 +206,7 @@ def delete_rule(request: Request, name: str, caller: AdminCaller) -> Document:
 @router.post("/rules/{name}/enable", summary="Enable a rule", responses=NOT_FOUND)
 def enable_rule(request: Request, name: str, caller: AdminCaller) -> Document:
     with _changing(request) as (session, context):
-        plugins = list_plugins(session)
+        plugins = plugins_and_models(session, context.settings)
         view = set_rule_enabled(session, context.settings, name, True, caller.actor, plugins)
     return view.as_dict()
 
@@ -214,7 +214,7 @@ def enable_rule(request: Request, name: str, caller: AdminCaller) -> Document:
 @router.post("/rules/{name}/disable", summary="Disable a rule", responses=NOT_FOUND)
 def disable_rule(request: Request, name: str, caller: AdminCaller) -> Document:
     with _changing(request) as (session, context):
-        plugins = list_plugins(session)
+        plugins = plugins_and_models(session, context.settings)
         view = set_rule_enabled(session, context.settings, name, False, caller.actor, plugins)
     return view.as_dict()
 

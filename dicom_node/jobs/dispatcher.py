@@ -50,6 +50,7 @@ from dicom_node.jobs.state import (
     utcnow,
 )
 from dicom_node.jobs.worker import JobResult, JobSpec, written_steps
+from dicom_node.model_registry import model_refs
 from dicom_node.outputs import upsert_outputs
 from dicom_node.plugin_state import load_states
 from dicom_node.process import OutputRecord
@@ -238,6 +239,7 @@ class Dispatcher:
             device=self.settings.processing_device,
             uid_root=self.settings.uid_root,
             plugin_choices=load_states(session),
+            models=model_refs(session, self.settings, job.pipeline),
             key_file=self.settings.spool_encryption_key_file,
         )
 

@@ -42,6 +42,13 @@ ROUTE_ROLES: dict[tuple[str, str], TokenRole | None] = {
     ("POST", "/api/v1/plugins/{name}/disable"): ADMIN,
     ("POST", "/api/v1/plugins/{name}/pin"): ADMIN,
     ("POST", "/api/v1/plugins/{name}/unpin"): ADMIN,
+    # models (models_api.py)
+    ("GET", "/api/v1/models"): VIEWER,
+    ("POST", "/api/v1/models"): ADMIN,
+    ("GET", "/api/v1/models/{name}"): VIEWER,
+    ("DELETE", "/api/v1/models/{name}"): ADMIN,
+    ("POST", "/api/v1/models/{name}/enable"): ADMIN,
+    ("POST", "/api/v1/models/{name}/disable"): ADMIN,
 }
 
 PATH_PARAMETER = re.compile(r"\{([^}]+)\}")
