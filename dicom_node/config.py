@@ -412,6 +412,11 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
 
+    # -- metrics (issue 17): /metrics takes a viewer's bearer token unless metrics_public
+    # (for a scraper on a trusted network; the series hold counts and rule, destination
+    # and processor names, no patient data).
+    metrics_public: bool = False
+
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:
         if (self.tls_certificate is None) != (self.tls_private_key is None):

@@ -18,6 +18,7 @@ from sqlalchemy import text
 
 from dicom_node import __version__
 from dicom_node.api.context import ApiContext, get_context
+from dicom_node.api.metrics_route import router as metrics_router
 from processors.errors import BadInputError
 
 API_PREFIX = "/api/v1"
@@ -71,7 +72,7 @@ def _bad_input(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
-ROUTERS: tuple[tuple[APIRouter, str], ...] = ((health, ""),)
+ROUTERS: tuple[tuple[APIRouter, str], ...] = ((health, ""), (metrics_router, ""))
 
 
 def create_app(context: ApiContext) -> FastAPI:

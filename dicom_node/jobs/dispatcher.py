@@ -50,6 +50,7 @@ from dicom_node.jobs.state import (
     utcnow,
 )
 from dicom_node.jobs.worker import JobResult, JobSpec, written_steps
+from dicom_node.metrics import RETRYING, NodeMetrics
 from dicom_node.outputs import upsert_outputs
 from dicom_node.plugin_state import load_states
 from dicom_node.process import OutputRecord
@@ -89,8 +90,10 @@ class Dispatcher:
         sessions: sessionmaker[Session],
         executor: Executor,
         exporter: Exporter | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or NodeMetrics()
         self.sessions = sessions
         self.executor = executor
         self.exporter = exporter
@@ -305,6 +308,7 @@ class Dispatcher:
                 num_outputs=len(rows),
                 error="; ".join(notes) or None,
             )
+        self.metrics.job_ended(job, JobState.SUCCEEDED, result.timings)
         log.info("job succeeded", job_id=job_id, outputs=len(result.records))
         if self.exporter is not None:
             self.exporter.wake()
@@ -349,4 +353,6 @@ class Dispatcher:
                     error=reason,
                     finished_at=utcnow(),
                 )
+        ended = RETRYING if job.attempts < job.max_attempts else JobState.FAILED
+        self.metrics.job_ended(job, ended)
         log.warning("job failed", job_id=job_id, error=reason)

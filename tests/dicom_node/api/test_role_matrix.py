@@ -18,6 +18,7 @@ PUBLIC = None
 ROUTE_ROLES: dict[tuple[str, str], TokenRole | None] = {
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
+    ("GET", "/metrics"): VIEWER,
 }
 
 PATH_PARAMETER = re.compile(r"\{([^}]+)\}")
