@@ -4,23 +4,37 @@ sent, refused, run and exported."""
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
-from sqlalchemy import select
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from db.enums import TokenRole
-from db.models import Export, ExportState, Job, JobState, Output
-from db.session import migrated_session
+from db.models import (
+    Export,
+    ExportState,
+    Job,
+    JobState,
+    Output,
+    OutputKind,
+    Series,
+    Study,
+    StudyStatus,
+)
+from db.session import make_engine, make_sessionmaker, migrated_session, upgrade
 from dicom_node.api.tokens import create_token
 from dicom_node.config import Settings
-from dicom_node.metrics import QUEUES
+from dicom_node.export.queue import DeliveryReport
+from dicom_node.metrics import QUEUES, NodeMetrics
 from dicom_node.node import Node
 from dicom_node.plugin_state import set_state
 from dicom_node.scu import scan_files, send
@@ -187,3 +201,126 @@ def test_the_scraped_counts_are_what_was_sent_refused_run_and_exported(
     assert 0 < value("study_turnaround_seconds_sum") < elapsed
     queues = {dict(labels)["queue"] for name, labels in samples if name.endswith("queue_depth")}
     assert queues == set(QUEUES)
+
+
+def _parsed(metrics: NodeMetrics) -> Samples:
+    text = generate_latest(metrics.registry).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_a_scrape_answers_while_the_database_does_not(tmp_path: Path) -> None:
+    unreachable = tmp_path / "no-such-folder" / "node.db"
+    sessions = sessionmaker(create_engine(f"sqlite:///{unreachable}"))
+    samples = _parsed(NodeMetrics(sessions, index_backlog=lambda: 7))
+    depths = {labels: v for (name, labels), v in samples.items() if "queue_depth" in name}
+    assert depths == {(("queue", "index"),): 7}
+    assert _value(samples, "dicom_node_instances_received_total") == 0
+
+
+T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
+
+
+def _study_with_an_output(session: Session) -> tuple[Study, Job, Export]:
+    """A study received at T0 whose one job ran and whose one output is being sent."""
+    study = Study(
+        study_instance_uid="1.2.3",
+        status=StudyStatus.COMPLETE,
+        first_received_at=T0,
+        last_received_at=T0,
+    )
+    session.add(study)
+    session.flush()
+    series = Series(series_instance_uid="1.2.3.1", study_id=study.id)
+    session.add(series)
+    session.flush()
+    job = Job(
+        study_id=study.id,
+        series_id=series.id,
+        series_instance_uid=series.series_instance_uid,
+        rule_name="ct",
+        pipeline=["gaussian"],
+        params={},
+        destinations=["pacs"],
+        state=JobState.RUNNING,
+        max_attempts=1,
+        not_before=T0,
+        started_at=T0,
+    )
+    session.add(job)
+    session.flush()
+    output = Output(
+        sop_instance_uid="1.2.3.9.1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        kind=OutputKind.DERIVED,
+        path="/nowhere",
+        series_instance_uid="1.2.3.9",
+        source_series_uid=series.series_instance_uid,
+        processor_name="gaussian",
+        processor_version="1",
+        params={},
+        job_id=job.id,
+    )
+    session.add(output)
+    session.flush()
+    export = Export(
+        destination="pacs",
+        host="127.0.0.1",
+        port=104,
+        ae_title="PACS",
+        sop_instance_uid=output.sop_instance_uid,
+        sop_class_uid=output.sop_class_uid,
+        path=output.path,
+        state=ExportState.SENDING,
+        max_attempts=3,
+        next_attempt_at=T0,
+        output_id=output.id,
+    )
+    session.add(export)
+    session.flush()
+    return study, job, export
+
+
+def test_a_study_s_turnaround_is_observed_once_when_it_settles(tmp_path: Path) -> None:
+    """Not while its job runs or its output is being sent; once both are done, from its
+    last instance to its last delivery, whichever hook sees it first; again when the
+    study is received again and settles again."""
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    metrics = NodeMetrics(sessions)
+
+    def turnarounds() -> tuple[float, float]:
+        samples = _parsed(metrics)
+        return (
+            _value(samples, "dicom_node_study_turnaround_seconds_count"),
+            _value(samples, "dicom_node_study_turnaround_seconds_sum"),
+        )
+
+    with sessions.begin() as session:
+        study, job, export = _study_with_an_output(session)
+    metrics.job_ended(job, JobState.SUCCEEDED)  # its own row still says running
+    assert turnarounds() == (0, 0)
+    with sessions.begin() as session:
+        session.get_one(Job, job.id).state = JobState.SUCCEEDED
+    metrics.job_ended(job, JobState.SUCCEEDED)  # the export is still being sent
+    assert turnarounds() == (0, 0)
+    with sessions.begin() as session:
+        row = session.get_one(Export, export.id)
+        row.state, row.delivered_at = ExportState.DELIVERED, T0 + dt.timedelta(seconds=42)
+    report = DeliveryReport(delivered=[export.id], destinations={export.id: "pacs"})
+    metrics.exports_recorded(report)
+    metrics.job_ended(job, JobState.SUCCEEDED)
+    assert turnarounds() == (1, 42)
+    with sessions.begin() as session:  # received again 100 s later, delivered again
+        session.get_one(Study, study.id).last_received_at = T0 + dt.timedelta(seconds=100)
+        session.get_one(Export, export.id).delivered_at = T0 + dt.timedelta(seconds=110)
+    metrics.exports_recorded(report)
+    assert turnarounds() == (2, 52)
+    samples = _parsed(metrics)
+    assert _value(samples, "dicom_node_exports_total", destination="pacs", result="delivered") == 2
+    engine.dispose()
