@@ -28,6 +28,7 @@ from sqlalchemy import Select, func, literal, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Export, ExportState, Job, JobState, Output, Study, StudyStatus
+from dicom_node.index import as_utc
 from dicom_node.records import AssociationOpened, IndexRecord, InstanceStored
 
 if TYPE_CHECKING:
@@ -43,11 +44,6 @@ RETRYING = "retrying"
 
 ASSOCIATION_RESULTS = ("accepted", "rejected")
 EXPORT_RESULTS = ("delivered", RETRYING, "failed")
-
-
-def as_utc(value: dt.datetime) -> dt.datetime:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 class NodeMetrics:
