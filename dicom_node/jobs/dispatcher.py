@@ -335,7 +335,7 @@ class Dispatcher:
                 return
             if job.attempts < job.max_attempts:
                 delay = RETRY_BASE_SECONDS * 2 ** (job.attempts - 1)
-                transition(
+                ended = transition(
                     session,
                     job_id,
                     JobState.QUEUED,
@@ -345,7 +345,7 @@ class Dispatcher:
                     claimed_by=None,
                 )
             else:
-                transition(
+                ended = transition(
                     session,
                     job_id,
                     JobState.FAILED,
@@ -353,6 +353,7 @@ class Dispatcher:
                     error=reason,
                     finished_at=utcnow(),
                 )
-        ended = RETRYING if job.attempts < job.max_attempts else JobState.FAILED
-        self.metrics.job_ended(job, ended)
+        if ended:  # not if an operator cancelled it meanwhile
+            retrying = job.attempts < job.max_attempts
+            self.metrics.job_ended(job, RETRYING if retrying else JobState.FAILED)
         log.warning("job failed", job_id=job_id, error=reason)

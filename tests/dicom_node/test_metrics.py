@@ -36,6 +36,8 @@ from db.session import make_engine, make_sessionmaker, migrated_session, upgrade
 from dicom_node.api.tokens import create_token
 from dicom_node.config import Settings
 from dicom_node.export.queue import DeliveryReport
+from dicom_node.jobs.dispatcher import Dispatcher
+from dicom_node.jobs.executors import InlineExecutor
 from dicom_node.metrics import QUEUES, NodeMetrics
 from dicom_node.node import Node
 from dicom_node.plugin_state import set_state
@@ -249,6 +251,7 @@ def _study_with_an_output(session: Session) -> tuple[Study, Job, Export]:
         params={},
         destinations=["pacs"],
         state=JobState.RUNNING,
+        attempts=1,
         max_attempts=1,
         not_before=T0,
         started_at=T0,
@@ -337,3 +340,24 @@ def test_receiver_processes_import_no_metrics_code() -> None:
     )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "False"
+
+
+def test_a_failure_is_counted_only_when_it_is_recorded(tmp_path: Path) -> None:
+    """A job an operator cancelled while it ran is not counted as failed when its run
+    ends; one still running is."""
+    settings = local_settings(tmp_path)
+    upgrade(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url)
+    sessions = make_sessionmaker(engine)
+    metrics = NodeMetrics(sessions)
+    dispatcher = Dispatcher(settings, sessions, InlineExecutor(), None, metrics)
+    with sessions.begin() as session:
+        _, job, _ = _study_with_an_output(session)
+        session.get_one(Job, job.id).state = JobState.CANCELLED
+    dispatcher._failed(job.id, "the worker died")
+    assert _value(_parsed(metrics), "dicom_node_jobs_total", rule="ct", state="failed") == 0
+    with sessions.begin() as session:
+        session.get_one(Job, job.id).state = JobState.RUNNING
+    dispatcher._failed(job.id, "the worker died")
+    assert _value(_parsed(metrics), "dicom_node_jobs_total", rule="ct", state="failed") == 1
+    engine.dispose()
