@@ -416,6 +416,11 @@ class Settings(BaseSettings):
     # upload accepted (written to <data_dir>/models/incoming as it arrives).
     model_upload_max_bytes: int = Field(512 * 1024 * 1024, ge=1)
 
+    # -- metrics (issue 17): /metrics takes a viewer's bearer token unless metrics_public
+    # (for a scraper on a trusted network; the series hold counts and rule, destination
+    # and processor names, no patient data).
+    metrics_public: bool = False
+
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:
         if (self.tls_certificate is None) != (self.tls_private_key is None):

@@ -18,6 +18,7 @@ from sqlalchemy import text
 
 from dicom_node import __version__
 from dicom_node.api.context import ApiContext, get_context
+from dicom_node.api.metrics_route import router as metrics_router
 from dicom_node.api.models_api import router as models_router
 from dicom_node.api.plugins_api import router as plugins_router
 from dicom_node.api.routing_api import router as routing_router
@@ -79,6 +80,7 @@ ROUTERS: tuple[tuple[APIRouter, str], ...] = (
     (routing_router, API_PREFIX),
     (plugins_router, API_PREFIX),
     (models_router, f"{API_PREFIX}/models"),
+    (metrics_router, ""),
 )
 
 

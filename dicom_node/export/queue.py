@@ -62,6 +62,7 @@ class DeliveryReport:
     retrying: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)
+    destinations: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,7 @@ def record(
     with sessions() as session, session.begin():
         for claimed in batch:
             outcome = outcomes[claimed.id]
+            report.destinations[claimed.id] = target.name
             attempts = claimed.attempts + 1
             values: dict[str, object] = {
                 "attempts": attempts,

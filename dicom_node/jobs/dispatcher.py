@@ -50,6 +50,7 @@ from dicom_node.jobs.state import (
     utcnow,
 )
 from dicom_node.jobs.worker import JobResult, JobSpec, written_steps
+from dicom_node.metrics import RETRYING, NodeMetrics
 from dicom_node.model_registry import model_refs
 from dicom_node.outputs import upsert_outputs
 from dicom_node.plugin_state import load_states
@@ -90,8 +91,10 @@ class Dispatcher:
         sessions: sessionmaker[Session],
         executor: Executor,
         exporter: Exporter | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or NodeMetrics()
         self.sessions = sessions
         self.executor = executor
         self.exporter = exporter
@@ -315,6 +318,7 @@ class Dispatcher:
                 num_outputs=len(rows),
                 error="; ".join(notes) or None,
             )
+        self.metrics.job_ended(job, JobState.SUCCEEDED, result.timings)
         log.info("job succeeded", job_id=job_id, outputs=len(result.records))
         if self.exporter is not None:
             self.exporter.wake()
@@ -341,7 +345,7 @@ class Dispatcher:
                 return
             if job.attempts < job.max_attempts:
                 delay = RETRY_BASE_SECONDS * 2 ** (job.attempts - 1)
-                transition(
+                ended = transition(
                     session,
                     job_id,
                     JobState.QUEUED,
@@ -351,7 +355,7 @@ class Dispatcher:
                     claimed_by=None,
                 )
             else:
-                transition(
+                ended = transition(
                     session,
                     job_id,
                     JobState.FAILED,
@@ -359,4 +363,7 @@ class Dispatcher:
                     error=reason,
                     finished_at=utcnow(),
                 )
+        if ended:  # not if an operator cancelled it meanwhile
+            retrying = job.attempts < job.max_attempts
+            self.metrics.job_ended(job, RETRYING if retrying else JobState.FAILED)
         log.warning("job failed", job_id=job_id, error=reason)

@@ -49,6 +49,7 @@ ROUTE_ROLES: dict[tuple[str, str], TokenRole | None] = {
     ("DELETE", "/api/v1/models/{name}"): ADMIN,
     ("POST", "/api/v1/models/{name}/enable"): ADMIN,
     ("POST", "/api/v1/models/{name}/disable"): ADMIN,
+    ("GET", "/metrics"): VIEWER,
 }
 
 PATH_PARAMETER = re.compile(r"\{([^}]+)\}")
