@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from dicom_node import __version__
+from dicom_node.api import audit_routes, exports, jobs, studies
 from dicom_node.api.context import ApiContext, get_context
 from processors.errors import BadInputError
 
@@ -71,7 +72,13 @@ def _bad_input(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
-ROUTERS: tuple[tuple[APIRouter, str], ...] = ((health, ""),)
+ROUTERS: tuple[tuple[APIRouter, str], ...] = (
+    (health, ""),
+    (studies.router, API_PREFIX),
+    (jobs.router, API_PREFIX),
+    (exports.router, API_PREFIX),
+    (audit_routes.router, API_PREFIX),
+)
 
 
 def create_app(context: ApiContext) -> FastAPI:

@@ -55,8 +55,12 @@ def add_series(
     num_slices: int = 4,
     description: str | None = None,
     calling_ae: str | None = None,
+    study_instance_uid: str = STUDY_UID,
+    received_at: dt.datetime = NOW,
+    study_date: str | None = None,
 ) -> str:
-    """Generate a small series, spool it, and index it as the receiver would."""
+    """Generate a small series, spool it, and index it as the receiver would (received at
+    ``received_at``; the StudyDate ``study_date`` when given)."""
     series = generate_series(
         modality=modality,
         num_slices=num_slices,
@@ -64,7 +68,7 @@ def add_series(
         columns=16,
         orientation=orientation,
         uid_seed=f"routing-{number}",
-        study_instance_uid=STUDY_UID,
+        study_instance_uid=study_instance_uid,
         series_description=description,
     )
     records: list[IndexRecord] = []
@@ -73,18 +77,20 @@ def add_series(
         association_id = f"assoc-{number}"
         records.append(
             AssociationOpened(
-                association_id, calling_ae, "DICOMNODE", "127.0.0.1", 5000, True, None, NOW
+                association_id, calling_ae, "DICOMNODE", "127.0.0.1", 5000, True, None, received_at
             )
         )
     for dataset in series.datasets:
         dataset.SeriesNumber = number
+        if study_date is not None:
+            dataset.StudyDate = study_date
         key = InstanceKey.checked(
             dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
         )
         buffer = BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
         path, _ = spool.write(key, [buffer.getvalue()])
-        records.append(stored_record_from_file(path, NOW, association_id))
+        records.append(stored_record_from_file(path, received_at, association_id))
     with sessions.begin() as session:
         write_batch(session, records)
     return series.series_instance_uid
