@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 from sqlalchemy import Row, Select, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from db.models import (
     Association,
@@ -127,21 +127,25 @@ class StudyFilters:
             found.append(Study.study_date >= self.study_date_from.strftime("%Y%m%d"))
         if self.study_date_to is not None:
             found.append(Study.study_date <= self.study_date_to.strftime("%Y%m%d"))
+        # Aliases: the search joins the study's series and instances for its counts.
+        series, instance = aliased(Series), aliased(Instance)
         if self.modality is not None:
             found.append(
-                select(Series.id)
-                .where(Series.study_id == Study.id, Series.modality == self.modality)
+                select(series.id)
+                .where(series.study_id == Study.id, series.modality == self.modality)
+                .correlate(Study)
                 .exists()
             )
         if self.calling_ae_title is not None:
             found.append(
-                select(Instance.id)
-                .join(Series, Series.id == Instance.series_id)
-                .join(Association, Association.id == Instance.association_id)
+                select(instance.id)
+                .join(series, series.id == instance.series_id)
+                .join(Association, Association.id == instance.association_id)
                 .where(
-                    Series.study_id == Study.id,
+                    series.study_id == Study.id,
                     Association.calling_ae_title == self.calling_ae_title,
                 )
+                .correlate(Study)
                 .exists()
             )
         if self.status is not None:
