@@ -15,9 +15,9 @@ from dicom_node.api.resources import (
     Context,
     PagingQuery,
     StudyUidQuery,
-    conflict,
     error_responses,
-    not_found,
+    found,
+    operate,
     record_read,
 )
 from dicom_node.export import queue
@@ -54,9 +54,7 @@ def get_export(
     caller: ViewerCaller, context: Context, request: Request, export_id: ExportId
 ) -> ExportView:
     with context.sessions.begin() as session:
-        export = export_view(session, export_id)
-        if export is None:
-            raise not_found(f"export {export_id}")
+        export = found(export_view(session, export_id), f"export {export_id}")
         record_read(session, caller, request, 1)
     return export
 
@@ -67,15 +65,14 @@ def get_export(
     responses=error_responses(404, 409, 422),
 )
 def retry_export(caller: OperatorCaller, context: Context, export_id: ExportId) -> ExportView:
-    with context.sessions.begin() as session:
-        try:
-            if queue.retry(session, export_id, actor=caller.actor) is None:
-                raise not_found(f"export {export_id}")
-        except queue.ExportStateConflictError as exc:
-            raise conflict(exc) from exc
-        export = export_view(session, export_id)
+    export = operate(
+        context,
+        f"export {export_id}",
+        lambda session: queue.retry(session, export_id, actor=caller.actor),
+        lambda session: export_view(session, export_id),
+        queue.ExportStateConflictError,
+    )
     context.wake_exporter()
-    assert export is not None
     return export
 
 
@@ -85,12 +82,10 @@ def retry_export(caller: OperatorCaller, context: Context, export_id: ExportId) 
     responses=error_responses(404, 409, 422),
 )
 def cancel_export(caller: OperatorCaller, context: Context, export_id: ExportId) -> ExportView:
-    with context.sessions.begin() as session:
-        try:
-            if queue.cancel(session, export_id, actor=caller.actor) is None:
-                raise not_found(f"export {export_id}")
-        except queue.ExportStateConflictError as exc:
-            raise conflict(exc) from exc
-        export = export_view(session, export_id)
-    assert export is not None
-    return export
+    return operate(
+        context,
+        f"export {export_id}",
+        lambda session: queue.cancel(session, export_id, actor=caller.actor),
+        lambda session: export_view(session, export_id),
+        queue.ExportStateConflictError,
+    )

@@ -19,9 +19,9 @@ from dicom_node.api.resources import (
     Context,
     PagingQuery,
     StudyUidQuery,
-    conflict,
     error_responses,
-    not_found,
+    found,
+    operate,
     record_read,
 )
 from dicom_node.jobs import state
@@ -57,9 +57,7 @@ def list_jobs(
 @router.get("/jobs/{job_id}", summary="A job", responses=error_responses(404, 422))
 def get_job(caller: ViewerCaller, context: Context, request: Request, job_id: JobId) -> JobView:
     with context.sessions.begin() as session:
-        job = job_view(session, job_id)
-        if job is None:
-            raise not_found(f"job {job_id}")
+        job = found(job_view(session, job_id), f"job {job_id}")
         record_read(session, caller, request, 1, study_instance_uid=job.study_instance_uid)
     return job
 
@@ -77,15 +75,14 @@ def retry_job(
         bool, Query(description="Also a running job whose node is gone for good.")
     ] = False,
 ) -> JobView:
-    with context.sessions.begin() as session:
-        try:
-            if state.retry(session, job_id, force=force, actor=caller.actor) is None:
-                raise not_found(f"job {job_id}")
-        except state.JobStateConflictError as exc:
-            raise conflict(exc) from exc
-        job = job_view(session, job_id)
+    job = operate(
+        context,
+        f"job {job_id}",
+        lambda session: state.retry(session, job_id, force=force, actor=caller.actor),
+        lambda session: job_view(session, job_id),
+        state.JobStateConflictError,
+    )
     context.wake_dispatcher()
-    assert job is not None
     return job
 
 
@@ -97,13 +94,12 @@ def retry_job(
 def cancel_job(caller: OperatorCaller, context: Context, job_id: JobId) -> JobView:
     """A queued job is cancelled at once; a running one too, and its run is stopped by
     the dispatcher that runs it. Its outputs not yet sent are not sent."""
-    with context.sessions.begin() as session:
-        try:
-            if state.cancel(session, job_id, actor=caller.actor) is None:
-                raise not_found(f"job {job_id}")
-        except state.JobStateConflictError as exc:
-            raise conflict(exc) from exc
-        job = job_view(session, job_id)
-    context.wake_dispatcher()
-    assert job is not None
+    job = operate(
+        context,
+        f"job {job_id}",
+        lambda session: state.cancel(session, job_id, actor=caller.actor),
+        lambda session: job_view(session, job_id),
+        state.JobStateConflictError,
+    )
+    context.wake_dispatcher()  # to stop the run at once if it runs here
     return job

@@ -3,16 +3,20 @@ parameters, the error bodies they document, and the audit row of a read."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel
+from sqlalchemy.orm import Session
 
 from dicom_node.api.auth import Caller
 from dicom_node.api.context import ApiContext, get_context
 from dicom_node.queries.paging import DEFAULT_LIMIT, MAX_LIMIT, Paging
 from dicom_node.security import audit
 from processors.errors import BadInputError
+
+ViewT = TypeVar("ViewT")
 
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 UID_MAX_LENGTH = 64
@@ -61,16 +65,33 @@ StudyUidQuery = Annotated[
 ]
 
 
-def not_found(what: str) -> HTTPException:
-    return HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no {what}")
+def found(value: ViewT | None, what: str) -> ViewT:
+    """``value``, or a 404 saying there is no ``what``."""
+    if value is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no {what}")
+    return value
 
 
-def conflict(error: BadInputError) -> HTTPException:
-    return HTTPException(status.HTTP_409_CONFLICT, detail=str(error))
+def operate(
+    context: ApiContext,
+    what: str,
+    change: Callable[[Session], object | None],
+    view: Callable[[Session], ViewT | None],
+    conflicts: type[BadInputError],
+) -> ViewT:
+    """Make ``change`` (it audits itself) in one transaction and answer ``view`` of the
+    object after it: a 404 when ``change`` finds no ``what``, a 409 with the reason when
+    the object's state refuses it (``conflicts``)."""
+    with context.sessions.begin() as session:
+        try:
+            found(change(session), what)
+        except conflicts as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
+        return found(view(session), what)
 
 
 def record_read(
-    session: Any,
+    session: Session,
     caller: Caller,
     request: Request,
     count: int,

@@ -16,7 +16,7 @@ from dicom_node.api.resources import (
     Context,
     PagingQuery,
     error_responses,
-    not_found,
+    found,
     record_read,
 )
 from dicom_node.queries.paging import Page
@@ -90,9 +90,7 @@ def get_study(
     caller: ViewerCaller, context: Context, request: Request, study_uid: UidPath
 ) -> StudyDetail:
     with context.sessions.begin() as session:
-        detail = study_detail(session, study_uid)
-        if detail is None:
-            raise not_found(f"study {study_uid}")
+        detail = found(study_detail(session, study_uid), f"study {study_uid}")
         record_read(session, caller, request, 1, study_instance_uid=study_uid)
     return detail
 
@@ -106,9 +104,7 @@ def get_series(
     caller: ViewerCaller, context: Context, request: Request, series_uid: UidPath
 ) -> SeriesDetail:
     with context.sessions.begin() as session:
-        detail = series_detail(session, series_uid)
-        if detail is None:
-            raise not_found(f"series {series_uid}")
+        detail = found(series_detail(session, series_uid), f"series {series_uid}")
         record_read(
             session,
             caller,
