@@ -28,6 +28,7 @@ from dicom_node.cli_base import (
     settings_from,
 )
 from dicom_node.cli_deid import deidentify
+from dicom_node.cli_jobs import exports_cancel, jobs_cancel
 from dicom_node.cli_plugins import plugins_app
 from dicom_node.cli_tls import TlsCaOption, TlsCertOption, TlsKeyOption, TlsOption, tls_context
 from dicom_node.cli_tokens import tokens_app
@@ -385,8 +386,11 @@ def process(
     )
 
 
-exports_app = typer.Typer(help="Exports to destinations: list, retry.", cls=OneLineErrorGroup)
+exports_app = typer.Typer(
+    help="Exports to destinations: list, retry, cancel.", cls=OneLineErrorGroup
+)
 app.add_typer(exports_app, name="exports")
+exports_app.command("cancel")(exports_cancel)
 
 
 def export_rows(settings: Settings) -> list[dict[str, Any]]:
@@ -444,8 +448,9 @@ def exports_retry(
     )
 
 
-jobs_app = typer.Typer(help="Processing jobs: list, retry.", cls=OneLineErrorGroup)
+jobs_app = typer.Typer(help="Processing jobs: list, retry, cancel.", cls=OneLineErrorGroup)
 app.add_typer(jobs_app, name="jobs")
+jobs_app.command("cancel")(jobs_cancel)
 
 
 def _seconds_between(started_at: str | None, finished_at: str | None) -> float:
