@@ -45,11 +45,16 @@ class Studies:
     other_ct: str
 
 
+def settings_with_ct_rule(root: Path, **overrides: object) -> Settings:
+    """A node's settings: the CT rule, its outputs sent to "pacs"."""
+    return settings_for(
+        root, destinations=[PACS], rules=[{**CT_RULE, "destinations": ["pacs"]}], **overrides
+    )
+
+
 @pytest.fixture
 def node_settings(tmp_path: Path) -> Settings:
-    return settings_for(
-        tmp_path, destinations=[PACS], rules=[{**CT_RULE, "destinations": ["pacs"]}]
-    )
+    return settings_with_ct_rule(tmp_path)
 
 
 @pytest.fixture
@@ -60,7 +65,10 @@ def api(node_settings: Settings) -> Iterator[ApiHarness]:
 
 @pytest.fixture
 def studies(api: ApiHarness, tmp_path: Path) -> Studies:
-    spool = Spool(tmp_path / "spool", fsync=False)
+    return index_studies(api, Spool(tmp_path / "spool", fsync=False))
+
+
+def index_studies(api: ApiHarness, spool: Spool) -> Studies:
     sessions = api.context.sessions
 
     def january(number: int, modality: str, sender: str) -> str:
