@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from db.enums import AuditAction, AuditActorKind, AuditObjectKind, AuditOutcome
 from dicom_node.api.auth import AdminCaller
 from dicom_node.api.resources import Context, StudyUidQuery, error_responses, record_read
+from dicom_node.queries.paging import in_utc
 from dicom_node.queries.since import BadMomentError, parse_since
 from dicom_node.security import audit
 from processors.errors import BadInputError
@@ -61,7 +62,7 @@ def read_audit(
     ] = 100,
 ) -> list[AuditEventView]:
     try:
-        moment = parse_since(since) if since is not None else None
+        moment = in_utc(parse_since(since)) if since is not None else None
     except BadMomentError as exc:
         raise BadInputError(f"since: {exc}") from exc
     query = audit.AuditQuery(

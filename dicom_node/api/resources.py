@@ -37,14 +37,18 @@ class InvalidParameters(BaseModel):
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The documented error answers of a route, for ``/openapi.json``."""
+    """The documented error answers of a route, for ``/openapi.json``: ``codes`` and the
+    401 and 403 of every route that takes a token."""
     documented: dict[int, tuple[type[BaseModel], str]] = {
+        status.HTTP_401_UNAUTHORIZED: (ErrorDetail, "No token, or an unknown or revoked one"),
+        status.HTTP_403_FORBIDDEN: (ErrorDetail, "The token's role is too low"),
         status.HTTP_404_NOT_FOUND: (ErrorDetail, "No such object"),
         status.HTTP_409_CONFLICT: (ErrorDetail, "The object's state does not allow it"),
         status.HTTP_422_UNPROCESSABLE_CONTENT: (InvalidParameters, "A parameter is not valid"),
     }
+    answers = (status.HTTP_401_UNAUTHORIZED, status.HTTP_403_FORBIDDEN, *codes)
     return {
-        code: {"model": documented[code][0], "description": documented[code][1]} for code in codes
+        code: {"model": documented[code][0], "description": documented[code][1]} for code in answers
     }
 
 

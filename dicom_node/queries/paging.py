@@ -22,6 +22,12 @@ def as_utc(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
+def in_utc(value: dt.datetime) -> dt.datetime:
+    """A moment given with any offset (or none: UTC) as UTC: SQLite compares the stored
+    times as text, without their offsets."""
+    return as_utc(value).astimezone(dt.UTC)
+
+
 UtcDateTime = Annotated[dt.datetime, AfterValidator(as_utc)]
 """A stored time, always with its UTC offset."""
 

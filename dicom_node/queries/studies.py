@@ -23,7 +23,7 @@ from db.models import (
 )
 from dicom_node.queries.exports import ExportFilters, ExportView, search_exports
 from dicom_node.queries.jobs import JobFilters, JobView, search_jobs
-from dicom_node.queries.paging import EVERYTHING, Page, Paging, UtcDateTime, count_of
+from dicom_node.queries.paging import EVERYTHING, Page, Paging, UtcDateTime, count_of, in_utc
 from processors.errors import BadInputError
 
 
@@ -120,9 +120,9 @@ class StudyFilters:
     def conditions(self) -> list[Any]:
         found: list[Any] = []
         if self.received_from is not None:
-            found.append(Study.last_received_at >= self.received_from)
+            found.append(Study.last_received_at >= in_utc(self.received_from))
         if self.received_to is not None:
-            found.append(Study.first_received_at <= self.received_to)
+            found.append(Study.first_received_at <= in_utc(self.received_to))
         if self.study_date_from is not None:  # DICOM DA (YYYYMMDD) sorts as it reads
             found.append(Study.study_date >= self.study_date_from.strftime("%Y%m%d"))
         if self.study_date_to is not None:
@@ -154,9 +154,7 @@ class StudyFilters:
 
 
 def _comparable(value: dt.date | dt.datetime) -> dt.date | dt.datetime:
-    if isinstance(value, dt.datetime) and value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    return value
+    return in_utc(value) if isinstance(value, dt.datetime) else value
 
 
 def _with_counts() -> Select[Study, int, int]:

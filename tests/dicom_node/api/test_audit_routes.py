@@ -42,7 +42,8 @@ def test_filters_and_each_read_is_recorded(api: ApiHarness) -> None:
     assert actions(api, study=STUDY_UID) == ["study_completed", "job_ran"]  # oldest first
     # The first read is on the study's trail too: who read it.
     assert actions(api, study=STUDY_UID, since="1d") == ["job_ran", "audit_read"]
-    since = (WEEK_AGO + dt.timedelta(minutes=1)).isoformat()
+    since = (WEEK_AGO + dt.timedelta(minutes=1)).astimezone(dt.timezone(dt.timedelta(hours=-5)))
+    since = since.isoformat()  # five hours behind UTC: the same moment
     assert actions(api, since=since, action=["plugin_changed", "study_completed"]) == [
         "plugin_changed"
     ]

@@ -33,6 +33,8 @@ SEARCHES: list[tuple[dict[str, str], list[str]]] = [
     ({}, [OTHER_STUDY_UID, STUDY_UID]),  # the newest first
     ({"received_from": "2026-01-20T00:00:00Z"}, [OTHER_STUDY_UID]),
     ({"received_to": "2026-01-20T00:00:00+00:00"}, [STUDY_UID]),
+    ({"received_to": "2026-01-15T10:30:00+01:00"}, []),  # 09:30 UTC: before it came
+    ({"received_to": "2026-01-15T10:30:00-01:00"}, [STUDY_UID]),
     ({"study_date_from": "2026-01-01", "study_date_to": "2026-01-31"}, [STUDY_UID]),
     ({"study_date_from": "2026-02-01"}, [OTHER_STUDY_UID]),
     ({"modality": "MR"}, [STUDY_UID]),
