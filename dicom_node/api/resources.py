@@ -3,11 +3,13 @@ parameters, the error bodies they document, and the audit row of a read."""
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Query, Request, status
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 from sqlalchemy.orm import Session
 
 from dicom_node.api.auth import Caller
@@ -17,6 +19,19 @@ from dicom_node.security import audit
 from processors.errors import BadInputError
 
 ViewT = TypeVar("ViewT")
+
+NUMBER = re.compile(r"[+-]?\d+(\.\d*)?")
+
+
+def _not_a_number(value: object) -> object:
+    """Pydantic reads a number as seconds since 1970; a person means a date."""
+    if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        raise ValueError("expected an ISO 8601 date or time, not a number")
+    return value
+
+
+IsoDate = Annotated[dt.date, BeforeValidator(_not_a_number)]
+IsoDateTime = Annotated[dt.datetime, BeforeValidator(_not_a_number)]
 
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 UID_MAX_LENGTH = 64

@@ -3,7 +3,6 @@ the jobs, outputs and exports made of it. Viewer and up; each read is a ``phi_re
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
@@ -14,6 +13,8 @@ from dicom_node.api.resources import (
     UID_MAX_LENGTH,
     UID_PATTERN,
     Context,
+    IsoDate,
+    IsoDateTime,
     PagingQuery,
     error_responses,
     found,
@@ -46,16 +47,16 @@ def list_studies(
     request: Request,
     paging: PagingQuery,
     received_from: Annotated[
-        dt.datetime | None, Query(description="Some of it received at or after (ISO 8601).")
+        IsoDateTime | None, Query(description="Some of it received at or after (ISO 8601).")
     ] = None,
     received_to: Annotated[
-        dt.datetime | None, Query(description="Some of it received at or before (ISO 8601).")
+        IsoDateTime | None, Query(description="Some of it received at or before (ISO 8601).")
     ] = None,
     study_date_from: Annotated[
-        dt.date | None, Query(description="StudyDate on or after (YYYY-MM-DD).")
+        IsoDate | None, Query(description="StudyDate on or after (YYYY-MM-DD).")
     ] = None,
     study_date_to: Annotated[
-        dt.date | None, Query(description="StudyDate on or before (YYYY-MM-DD).")
+        IsoDate | None, Query(description="StudyDate on or before (YYYY-MM-DD).")
     ] = None,
     modality: Annotated[
         str | None, Query(max_length=16, description="Has a series of this modality (CT).")

@@ -76,6 +76,8 @@ BAD_FILTERS: list[tuple[dict[str, object], str]] = [
     ({"received_from": "2026-02-01T00:00Z", "received_to": "2026-01-01T00:00Z"}, "received"),
     ({"study_date_from": "2026-02-01", "study_date_to": "2026-01-01"}, "study_date"),
     ({"study_date_from": "20260201"}, "study_date_from"),
+    ({"study_date_to": "0"}, "study_date_to"),
+    ({"received_from": "1700000000"}, "received_from"),
     ({"status": "lost"}, "status"),
     ({"limit": 0}, "limit"),
     ({"limit": 5000}, "limit"),
