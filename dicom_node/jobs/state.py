@@ -309,11 +309,13 @@ def requeue_interrupted(session: Session, node: str) -> list[int]:
 def retry(
     session: Session, job_id: int, *, force: bool = False, actor: audit.Actor | None = None
 ) -> Job | None:
-    """Queue a failed (or succeeded) job again, due now, with a fresh attempt count.
+    """Queue a failed, succeeded or cancelled job again, due now, with a fresh attempt
+    count; ``JobStateConflictError`` for a queued one.
 
     ``force`` also takes a ``running`` job back: for one whose node is gone for good (a
     node that restarts under the same ``node_name`` recovers its jobs itself). If the
-    node is in fact alive, the job runs twice; its outputs are the same objects.
+    node is in fact alive, its dispatcher stops that run on its next round
+    (``Dispatcher.stop_cancelled``); a run that ends first records nothing either.
     Audited as asked by ``actor`` (default: the OS user running this process).
     """
     job = session.get(Job, job_id, populate_existing=True)
