@@ -22,6 +22,12 @@ from processors.errors import BadInputError
 router = APIRouter(tags=["audit"])
 
 AUDIT_MAX_LIMIT = 10_000
+SINCE_PATTERN = (
+    r"^(\d+(\.\d+)?\s*[smhdwSMHDW]"
+    r"|\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+    r"([T ]([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?)$"
+)
+"""What ``dicom_node.queries.since.parse_since`` reads, for ``/openapi.json``."""
 
 
 class AuditEventView(BaseModel):
@@ -51,7 +57,11 @@ def read_audit(
     request: Request,
     since: Annotated[
         str | None,
-        Query(max_length=64, description="Only events since: 30m, 1h, 7d, 2w or ISO 8601."),
+        Query(
+            max_length=64,
+            pattern=SINCE_PATTERN,
+            description="Only events since: 30m, 1h, 7d, 2w or an ISO 8601 date or time.",
+        ),
     ] = None,
     study: StudyUidQuery = None,
     action: Annotated[

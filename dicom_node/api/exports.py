@@ -12,6 +12,7 @@ from fastapi import APIRouter, Path, Query, Request
 from db.models import ExportState
 from dicom_node.api.auth import OperatorCaller, ViewerCaller
 from dicom_node.api.resources import (
+    MAX_ID,
     Context,
     PagingQuery,
     StudyUidQuery,
@@ -26,7 +27,7 @@ from dicom_node.queries.paging import Page
 
 router = APIRouter(tags=["exports"])
 
-ExportId = Annotated[int, Path(ge=1, description="The export's id.")]
+ExportId = Annotated[int, Path(ge=1, le=MAX_ID, description="The export's id.")]
 
 
 @router.get("/exports", summary="Search the exports", responses=error_responses(422))

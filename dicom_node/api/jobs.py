@@ -16,6 +16,7 @@ from fastapi import APIRouter, Path, Query, Request
 from db.models import JobState
 from dicom_node.api.auth import OperatorCaller, ViewerCaller
 from dicom_node.api.resources import (
+    MAX_ID,
     Context,
     PagingQuery,
     StudyUidQuery,
@@ -30,7 +31,7 @@ from dicom_node.queries.paging import Page
 
 router = APIRouter(tags=["jobs"])
 
-JobId = Annotated[int, Path(ge=1, description="The job's id.")]
+JobId = Annotated[int, Path(ge=1, le=MAX_ID, description="The job's id.")]
 
 
 @router.get("/jobs", summary="Search the jobs", responses=error_responses(422))

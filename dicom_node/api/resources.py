@@ -33,6 +33,9 @@ def _not_a_number(value: object) -> object:
 IsoDate = Annotated[dt.date, BeforeValidator(_not_a_number)]
 IsoDateTime = Annotated[dt.datetime, BeforeValidator(_not_a_number)]
 
+MAX_ID = 2**31 - 1
+"""Ids are SQL ``INTEGER``: 32 bits on PostgreSQL."""
+
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 UID_MAX_LENGTH = 64
 

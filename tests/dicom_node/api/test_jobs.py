@@ -71,6 +71,7 @@ def test_search_and_read_jobs(api: ApiHarness, studies: Studies, node_settings: 
     assert job["series_instance_uid"] == studies.ct
     headers = api.headers(TokenRole.VIEWER)
     assert api.client.get("/api/v1/jobs/999", headers=headers).status_code == 404
+    assert api.client.get(f"/api/v1/jobs/{2**63}", headers=headers).status_code == 422
     for bad in ({"state": "lost"}, {"study": "x"}, {"limit": 0}):
         assert api.client.get("/api/v1/jobs", params=bad, headers=headers).status_code == 422
     reads = audit_rows(api.context.sessions, AuditAction.PHI_READ)
