@@ -55,7 +55,7 @@ def add_series(
     num_slices: int = 4,
     description: str | None = None,
     calling_ae: str | None = None,
-    study_instance_uid: str = STUDY_UID,
+    study_uid: str = STUDY_UID,
     received_at: dt.datetime = NOW,
     study_date: str | None = None,
 ) -> str:
@@ -68,7 +68,7 @@ def add_series(
         columns=16,
         orientation=orientation,
         uid_seed=f"routing-{number}",
-        study_instance_uid=study_instance_uid,
+        study_instance_uid=study_uid,
         series_description=description,
     )
     records: list[IndexRecord] = []

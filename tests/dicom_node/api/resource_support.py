@@ -90,7 +90,7 @@ def index_studies(api: ApiHarness, spool: Spool) -> Studies:
             sessions,
             number=3,
             calling_ae="CT_SCANNER",
-            study_instance_uid=OTHER_STUDY_UID,
+            study_uid=OTHER_STUDY_UID,
             received_at=FEBRUARY,
             study_date="20260201",
         ),
