@@ -72,7 +72,7 @@ class AuditObjectKind(StrEnum):
     COMMAND = "command"
     TOKEN = "token"  # noqa: S105 (an API token's name, not a secret)
     MODEL = "model"
-    REQUEST = "request"  # an API request (method and path) that was refused
+    REQUEST = "request"  # an API request (method and path): refused, or reading patient data
 
 
 class TokenRole(StrEnum):

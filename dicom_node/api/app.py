@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from dicom_node import __version__
+from dicom_node.api import audit_routes, exports, jobs, studies
 from dicom_node.api.context import ApiContext, get_context
 from dicom_node.api.metrics_route import router as metrics_router
 from dicom_node.api.models_api import router as models_router
@@ -81,6 +82,10 @@ ROUTERS: tuple[tuple[APIRouter, str], ...] = (
     (plugins_router, API_PREFIX),
     (models_router, f"{API_PREFIX}/models"),
     (metrics_router, ""),
+    (studies.router, API_PREFIX),
+    (jobs.router, API_PREFIX),
+    (exports.router, API_PREFIX),
+    (audit_routes.router, API_PREFIX),
 )
 
 

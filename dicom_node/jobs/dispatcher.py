@@ -7,7 +7,9 @@ One thread in the node's main process. Each round it
 2. collects the jobs that finished: their outputs become ``outputs`` rows and one export
    per destination (``dicom_node.export.queue.enqueue``), in the same transaction as the job's
    ``succeeded``; a failure is retried after a backoff while attempts are left;
-3. stops jobs past ``job_timeout_seconds`` (the executor restarts their worker);
+3. stops jobs past ``job_timeout_seconds`` (the executor restarts their worker), and the
+   runs of jobs that are no longer running here: cancelled by an operator (on any node
+   sharing the database) or taken back with ``retry --force`` (``stop_cancelled``);
 4. claims due queued jobs while the executor has free slots and submits them.
 
 Outputs go out as soon as their step is written: a worker leaves one file per finished
@@ -44,6 +46,7 @@ from dicom_node.jobs.state import (
     claim_next,
     consume_completed_studies,
     create_jobs,
+    hold_running,
     requeue_interrupted,
     timings_document,
     transition,
@@ -168,6 +171,7 @@ class Dispatcher:
     def run_once(self) -> None:
         self.reload_routing()
         self.route_completed_studies()
+        self.stop_cancelled()
         self.collect()
         self.enforce_timeouts()
         if not self._stop.is_set():
@@ -246,6 +250,29 @@ class Dispatcher:
             key_file=self.settings.spool_encryption_key_file,
         )
 
+    def stop_cancelled(self) -> list[int]:
+        """Stop the runs of this node's jobs whose row says they no longer run here (an
+        operator cancelled them, or took them back by force); their results, whenever they
+        come, are not recorded. Returns their ids."""
+        if not self._running:
+            return []
+        with self.sessions() as session:
+            still_ours = set(
+                session.scalars(
+                    select(Job.id).where(
+                        Job.id.in_(list(self._running)),
+                        Job.state == JobState.RUNNING,
+                        Job.claimed_by == self.node,
+                    )
+                )
+            )
+        stopped = [job_id for job_id in self._running if job_id not in still_ours]
+        for job_id in stopped:
+            running = self._running.pop(job_id)
+            self.executor.kill(running.future)
+            log.info("job no longer running here; its run stopped", job_id=job_id)
+        return stopped
+
     def collect(self) -> int:
         """Record the outputs of steps that finished, and the jobs that finished."""
         for running in list(self._running.values()):
@@ -293,8 +320,8 @@ class Dispatcher:
     def _record_outputs(self, job_id: int, records: list[OutputRecord]) -> None:
         """A step of a running job wrote these: record them and send them now."""
         with self.sessions.begin() as session:
-            job = session.get(Job, job_id)
-            if job is None or job.state != JobState.RUNNING:
+            job = session.get(Job, job_id) if hold_running(session, job_id) else None
+            if job is None:  # cancelled meanwhile: none of its outputs leave
                 return
             self._export(session, job, upsert_outputs(session, records, job_id))
         if self.exporter is not None:
@@ -302,8 +329,9 @@ class Dispatcher:
 
     def _succeeded(self, job_id: int, result: JobResult) -> None:
         with self.sessions.begin() as session:
-            job = session.get(Job, job_id)
+            job = session.get(Job, job_id) if hold_running(session, job_id) else None
             if job is None:
+                log.info("job no longer running here; its result discarded", job_id=job_id)
                 return
             rows = upsert_outputs(session, result.records, job_id)
             notes = list(result.problems) + self._export(session, job, rows)

@@ -58,8 +58,10 @@ def add_series(
     calling_ae: str | None = None,
     study_uid: str = STUDY_UID,
     received_at: dt.datetime = NOW,
+    study_date: str | None = None,
 ) -> str:
-    """Generate a small series, spool it, and index it as the receiver would."""
+    """Generate a small series, spool it, and index it as the receiver would (received at
+    ``received_at``; the StudyDate ``study_date`` when given)."""
     series = generate_series(
         modality=modality,
         num_slices=num_slices,
@@ -76,11 +78,13 @@ def add_series(
         association_id = f"assoc-{number}"
         records.append(
             AssociationOpened(
-                association_id, calling_ae, "DICOMNODE", "127.0.0.1", 5000, True, None, NOW
+                association_id, calling_ae, "DICOMNODE", "127.0.0.1", 5000, True, None, received_at
             )
         )
     for dataset in series.datasets:
         dataset.SeriesNumber = number
+        if study_date is not None:
+            dataset.StudyDate = study_date
         key = InstanceKey.checked(
             dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
         )

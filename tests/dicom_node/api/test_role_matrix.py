@@ -50,6 +50,19 @@ ROUTE_ROLES: dict[tuple[str, str], TokenRole | None] = {
     ("POST", "/api/v1/models/{name}/enable"): ADMIN,
     ("POST", "/api/v1/models/{name}/disable"): ADMIN,
     ("GET", "/metrics"): VIEWER,
+    # studies, jobs, exports, audit (studies.py, jobs.py, exports.py, audit_routes.py)
+    ("GET", "/api/v1/studies"): VIEWER,
+    ("GET", "/api/v1/studies/{study_uid}"): VIEWER,
+    ("GET", "/api/v1/series/{series_uid}"): VIEWER,
+    ("GET", "/api/v1/jobs"): VIEWER,
+    ("GET", "/api/v1/jobs/{job_id}"): VIEWER,
+    ("POST", "/api/v1/jobs/{job_id}/retry"): OPERATOR,
+    ("POST", "/api/v1/jobs/{job_id}/cancel"): OPERATOR,
+    ("GET", "/api/v1/exports"): VIEWER,
+    ("GET", "/api/v1/exports/{export_id}"): VIEWER,
+    ("POST", "/api/v1/exports/{export_id}/retry"): OPERATOR,
+    ("POST", "/api/v1/exports/{export_id}/cancel"): OPERATOR,
+    ("GET", "/api/v1/audit"): ADMIN,  # names every token, address and study read
 }
 
 PATH_PARAMETER = re.compile(r"\{([^}]+)\}")
