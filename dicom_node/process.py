@@ -13,7 +13,9 @@ Dask worker (``dicom_node.jobs.worker``); recording the outputs is the node's si
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -266,6 +268,26 @@ def encode_results(
     return records
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+@functools.cache
+def return_freed_memory_promptly() -> bool:
+    """Have glibc serve every allocation of 1 MiB or more with its own mapping, given back
+    to the system when freed (whether it did: False off glibc).
+
+    By default glibc raises that threshold to the size of the largest block freed (up to
+    32 MiB), after which a step's slab-sized temporaries come from the heap and stay in
+    the process's resident set when freed, more so with the encoder's thread (an arena
+    of its own): the peak of a 200-slice CT went from 0.78 to 1.06 GB between runs.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 20))
+
+
 def geometry_of(volume: Volume) -> Volume:
     """``volume`` without its voxels (a read-only zero view of its shape, no memory): what
     the encoders need of a source, so that its array can be freed once processed."""
@@ -304,6 +326,7 @@ def process_series(
     ``timings`` receives (stage, seconds) for the load, each step's run and encode, and
     the wait for the last encodes after the last step.
     """
+    return_freed_memory_promptly()
     clock = time.perf_counter()
 
     def lap(stage: str) -> None:
