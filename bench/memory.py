@@ -35,17 +35,47 @@ IMPORTS = (
 )
 
 
-def peak_rss(command: list[str]) -> tuple[int, float]:
-    """Run ``command``; its peak RSS in bytes (``ru_maxrss``) and its wall time."""
+#: Runs a module as ``python -m`` would and reports its own high-water resident set size.
+#: Read from /proc/self/status (``VmHWM``), which belongs to the process's memory map since
+#: its ``exec``: the ``ru_maxrss`` that ``wait4`` gives carries over what the parent (this
+#: script, holding a generated series) had resident when it forked.
+MEASURED = """
+import runpy, sys
+def high_water():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+module, sys.argv = sys.argv[1], sys.argv[1:]
+try:
+    if module != "-":
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    else:
+        exec(sys.argv[1])
+except SystemExit as exc:
+    if exc.code not in (0, None):
+        raise
+finally:
+    print(f"VmHWM {high_water()}", file=sys.stderr)
+"""
+
+
+def peak_rss(module: str, *arguments: str) -> tuple[int, float]:
+    """Run ``module`` (``-`` then Python code: that code) in a child; its peak RSS in
+    bytes and its wall time."""
     started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURED, module, *arguments],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
     seconds = time.perf_counter() - started
-    if child.returncode != 0:
-        error = child.stderr.read().decode(errors="replace") if child.stderr else ""
-        raise SystemExit(f"{' '.join(command[:5])} ... failed ({child.returncode}): {error}")
-    return usage.ru_maxrss * 1024, seconds
+    reports = [line for line in result.stderr.splitlines() if line.startswith("VmHWM ")]
+    if result.returncode != 0 or not reports:
+        raise SystemExit(f"{module} {' '.join(arguments[:3])} failed: {result.stderr[-2000:]}")
+    return int(reports[-1].split()[1]), seconds
 
 
 def main() -> None:
@@ -53,8 +83,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, nargs="+", default=[200, 1000])
     parser.add_argument("--pipeline", default=",".join(CT_DEFAULT_PIPELINE))
     args = parser.parse_args()
-    python = sys.executable
-    baseline, _ = peak_rss([python, "-c", IMPORTS])
+    baseline, _ = peak_rss("-", IMPORTS)
     print(f"bench/memory.py: pipeline {args.pipeline}; {os.cpu_count()} cores")
     print(f"interpreter and libraries alone: {baseline / MB:.0f} MB peak RSS")
     print("| slices | float32 volume | peak RSS | peak / volume | growth above libraries | time |")
@@ -67,14 +96,15 @@ def main() -> None:
             series.write(source)
             del series
             volume = slices * 512 * 512 * 4
+            output = str(Path(tmp) / "out")
             peak, seconds = peak_rss(
-                [python, "-m", "dicom_node.cli", "process", str(source), "-o", str(Path(tmp) / "out")]
-                + ["--pipeline", args.pipeline]
+                "dicom_node.cli", "process", str(source), "-o", output, "--pipeline", args.pipeline
             )
         rows.append((slices, peak))
         print(
             f"| {slices} | {volume / MB:.0f} MB | {peak / MB:.0f} MB | {peak / volume:.2f}x"
-            f" | {(peak - baseline) / MB:.0f} MB ({(peak - baseline) / volume:.2f}x) | {seconds:.0f} s |",
+            f" | {(peak - baseline) / MB:.0f} MB ({(peak - baseline) / volume:.2f}x)"
+            f" | {seconds:.0f} s |",
             flush=True,
         )
     if len(rows) > 1:
