@@ -72,6 +72,10 @@ EVENTS: dict[AuditAction, tuple[Code, str, Code | None]] = {
         "E",
         ("110137", "User security Attributes Changed"),
     ),
+    # A refused API request: a failed login (401) or a role too low (403).
+    AuditAction.ACCESS_DENIED: (("110114", "User Authentication"), "E", ("110122", "Login")),
+    AuditAction.CANCEL_REQUESTED: (INSTANCES_ACCESSED, "U", None),
+    AuditAction.MODEL_CHANGED: (SECURITY_ALERT, "E", SOFTWARE_CONFIGURATION),
 }
 OUTCOME_INDICATORS = {
     AuditOutcome.SUCCESS: "0",
