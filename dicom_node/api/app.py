@@ -14,10 +14,12 @@ import tempfile
 
 from fastapi import APIRouter, FastAPI, Request, status
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
 from dicom_node import __version__
 from dicom_node.api.context import ApiContext, get_context
+from dicom_node.dashboard import routes as dashboard
 from processors.errors import BadInputError
 
 API_PREFIX = "/api/v1"
@@ -71,7 +73,10 @@ def _bad_input(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
-ROUTERS: tuple[tuple[APIRouter, str], ...] = ((health, ""),)
+ROUTERS: tuple[tuple[APIRouter, str], ...] = (
+    (health, ""),
+    (dashboard.router, ""),
+)
 
 
 def create_app(context: ApiContext) -> FastAPI:
@@ -86,4 +91,5 @@ def create_app(context: ApiContext) -> FastAPI:
     app.add_exception_handler(BadInputError, _bad_input)
     for router, prefix in ROUTERS:
         app.include_router(router, prefix=prefix)
+    app.mount(dashboard.STATIC_PATH, StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     return app
