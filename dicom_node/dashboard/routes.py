@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fastapi import APIRouter
 
-from dicom_node.dashboard import pages, session
+from dicom_node.dashboard import admin_pages, pages, session, study_pages
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_PATH = "/static"
@@ -15,3 +15,5 @@ STATIC_PATH = "/static"
 router = APIRouter(include_in_schema=False)
 router.include_router(session.router)
 router.include_router(pages.router)
+router.include_router(study_pages.router)
+router.include_router(admin_pages.router)

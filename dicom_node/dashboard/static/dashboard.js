@@ -60,8 +60,10 @@ function wireAutosubmit() {
   });
 }
 
+// For the page scripts (rules.js, plugins.js), loaded after this one.
+window.dicomNode = { callApi: callApi, reason: reason, showResult: showResult };
+
 document.addEventListener("DOMContentLoaded", () => {
   wireApiButtons();
   wireAutosubmit();
-  if (window.dicomNodePage) window.dicomNodePage({ callApi: callApi, reason: reason, showResult: showResult });
 });

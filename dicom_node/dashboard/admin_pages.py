@@ -1,0 +1,41 @@
+"""The rules page: every rule as the JSON document the API and ``node.toml`` validate, with
+"Save" (admins: ``PUT /api/v1/rules/{name}``, the 422's reason shown beside the field) and
+"Try on past studies" (everyone: ``POST /api/v1/rules/test``), both by ``static/rules.js``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+from sqlalchemy import select
+
+from db.models import RoutingEntry, RoutingEntryKind
+from dicom_node.api.context import get_context
+from dicom_node.dashboard.rendering import page
+from dicom_node.dashboard.session import PageCaller
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/rules")
+def rules_page(request: Request, caller: PageCaller) -> HTMLResponse:
+    with get_context(request).sessions() as session:
+        entries = session.scalars(
+            select(RoutingEntry)
+            .where(RoutingEntry.kind == RoutingEntryKind.RULE)
+            .order_by(RoutingEntry.position, RoutingEntry.name)
+        ).all()
+        rules = [
+            {
+                "name": entry.name,
+                "origin": str(entry.origin),
+                "enabled": entry.definition.get("enabled", True),
+                "updated_at": entry.updated_at,
+                "document": json.dumps(entry.definition, indent=2, sort_keys=False),
+                "lines": min(24, 2 + json.dumps(entry.definition, indent=2).count("\n")),
+            }
+            for entry in entries
+        ]
+    return page(request, "rules.html", caller, rules=rules, scripts=["rules.js"])

@@ -1,0 +1,55 @@
+"""The rules page: each rule's JSON in a box that admins may save; everyone may try it."""
+
+from __future__ import annotations
+
+import json
+
+from db.enums import TokenRole
+from db.models import RoutingEntry, RoutingEntryKind, RoutingOrigin
+from dicom_node.api.testing import ApiHarness
+from tests.dicom_node.dashboard.dashboard_support import signed_in
+
+LUNGS = {"name": "lungs", "match": {"Modality": "CT"}, "pipeline": ["gaussian"]}
+
+
+def add_rule(api: ApiHarness, definition: dict[str, object]) -> None:
+    with api.context.sessions.begin() as session:
+        session.add(
+            RoutingEntry(
+                kind=RoutingEntryKind.RULE,
+                name=str(definition["name"]),
+                definition=definition,
+                origin=RoutingOrigin.API,
+            )
+        )
+
+
+def rule_section(html: str, name: str) -> str:
+    return html.split(f'id="rule-{name}"', 1)[1].split("</section>", 1)[0]
+
+
+def test_admins_may_save_a_rule_and_everyone_may_try_it(api: ApiHarness) -> None:
+    add_rule(api, LUNGS)
+    admin = rule_section(signed_in(api, TokenRole.ADMIN).get("/rules").text, "lungs")
+    assert 'class="save"' in admin and "readonly" not in admin
+    assert 'class="try secondary"' in admin
+    shown = admin.split("<textarea", 1)[1].split(">", 1)[1].split("</textarea>", 1)[0]
+    assert json.loads(shown.replace("&#34;", '"')) == LUNGS
+    for role in (TokenRole.VIEWER, TokenRole.OPERATOR):
+        html = signed_in(api, role).get("/rules").text
+        section = rule_section(html, "lungs")
+        assert 'class="save"' not in section and "readonly" in section
+        assert 'class="try secondary"' in section
+        assert "Changing rules needs the admin role" in html
+        assert 'src="/static/rules.js"' in html
+
+
+def test_no_rules_is_said_plainly(api: ApiHarness) -> None:
+    assert 'id="no-rules"' in signed_in(api, TokenRole.VIEWER).get("/rules").text
+
+
+def test_the_rules_script_is_served(api: ApiHarness) -> None:
+    script = api.client.get("/static/rules.js")
+    assert script.status_code == 200
+    assert "/api/v1/rules/test" in script.text and "X-CSRF-Token" not in script.text
+    assert "X-CSRF-Token" in api.client.get("/static/dashboard.js").text
