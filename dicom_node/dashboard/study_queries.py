@@ -29,12 +29,15 @@ class StudyRow:
 
 @dataclass(frozen=True)
 class Moment:
-    """One line of a study's timeline."""
+    """One line of a study's timeline. A job's step is placed at its job's start and shows
+    its duration (``step_seconds``): the steps' own start times are not recorded, and the
+    encoding of one step overlaps the next one's run."""
 
     at: dt.datetime
     what: str
     detail: str = ""
     failed: bool = False
+    step_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -169,13 +172,11 @@ def _job_moments(job: Job) -> list[Moment]:
     moments = [Moment(as_utc(job.created_at), f"{label} queued", " > ".join(job.pipeline))]
     if job.started_at is None:
         return moments
-    clock = as_utc(job.started_at)
-    moments.append(Moment(clock, f"{label} started", job.worker or ""))
+    started = as_utc(job.started_at)
+    moments.append(Moment(started, f"{label} started", job.worker or ""))
     for step in job.step_timings or []:
-        clock += dt.timedelta(seconds=float(step.get("seconds", 0.0)))
-        moments.append(
-            Moment(clock, f"{label} step {step.get('step')}", f"{step.get('seconds', 0):.2f} s")
-        )
+        seconds = float(step.get("seconds", 0.0))
+        moments.append(Moment(started, f"{label} step {step.get('step')}", step_seconds=seconds))
     if job.finished_at is not None and job.state in (JobState.SUCCEEDED, JobState.FAILED):
         failed = job.state == JobState.FAILED
         detail = job.error or "" if failed else f"{job.num_outputs} outputs"
