@@ -34,11 +34,13 @@ from dicom_node.testing import (  # noqa: E402
     free_port,
     running_orthanc,
     start_node,
+    stop_process,
 )
 
 WORK = ROOT / ".demo"
 SLICES = int(os.environ.get("DEMO_SLICES", "40"))
 TIMELINE_LINES = 14
+NODE_STOP_SECONDS = 90  # a job still running gets the node's shutdown grace to finish
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> str:
@@ -83,7 +85,7 @@ def demo_node(orthanc: OrthancProcess, http_port: int) -> Iterator[NodeProcess]:
         yield node
     finally:
         print("== stopping the node (SIGTERM)", flush=True)
-        code = node.stop()
+        code = stop_process(node.process, timeout=NODE_STOP_SECONDS)
         print(f"   node exited with {code}")
 
 

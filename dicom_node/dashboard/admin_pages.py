@@ -1,6 +1,10 @@
-"""The rules page: every rule as the JSON document the API and ``node.toml`` validate, with
-"Save" (admins: ``PUT /api/v1/rules/{name}``, the 422's reason shown beside the field) and
-"Try on past studies" (everyone: ``POST /api/v1/rules/test``), both by ``static/rules.js``.
+"""The pages of what admins change: rules and plugins (and models).
+
+Rules: every rule as the JSON document the API and ``node.toml`` validate, with "Save"
+(admins: ``PUT /api/v1/rules/{name}``, the 422's reason shown beside the field) and "Try on
+past studies" (everyone: ``POST /api/v1/rules/test``), both by ``static/rules.js``.
+Plugins: each discovered plugin with its version, availability and the admin's choices;
+admins get enable/disable buttons (``POST /api/v1/plugins/{name}/enable``...).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from db.models import RoutingEntry, RoutingEntryKind
 from dicom_node.api.context import get_context
 from dicom_node.dashboard.rendering import page
 from dicom_node.dashboard.session import PageCaller
+from dicom_node.plugin_state import list_plugins
 
 router = APIRouter(include_in_schema=False)
 
@@ -39,3 +44,10 @@ def rules_page(request: Request, caller: PageCaller) -> HTMLResponse:
             for entry in entries
         ]
     return page(request, "rules.html", caller, rules=rules, scripts=["rules.js"])
+
+
+@router.get("/plugins")
+def plugins_page(request: Request, caller: PageCaller) -> HTMLResponse:
+    with get_context(request).sessions() as session:
+        plugins = sorted(list_plugins(session), key=lambda plugin: (plugin.family, plugin.name))
+    return page(request, "plugins.html", caller, plugins=plugins)

@@ -7,6 +7,7 @@ import json
 from db.enums import TokenRole
 from db.models import RoutingEntry, RoutingEntryKind, RoutingOrigin
 from dicom_node.api.testing import ApiHarness
+from dicom_node.plugin_state import set_state
 from tests.dicom_node.dashboard.dashboard_support import signed_in
 
 LUNGS = {"name": "lungs", "match": {"Modality": "CT"}, "pipeline": ["gaussian"]}
@@ -53,3 +54,15 @@ def test_the_rules_script_is_served(api: ApiHarness) -> None:
     assert script.status_code == 200
     assert "/api/v1/rules/test" in script.text and "X-CSRF-Token" not in script.text
     assert "X-CSRF-Token" in api.client.get("/static/dashboard.js").text
+
+
+def test_the_plugins_page_lists_plugins_with_buttons_for_admins(api: ApiHarness) -> None:
+    with api.context.sessions.begin() as session:
+        set_state(session, "median", enabled=False)
+    admin = signed_in(api, TokenRole.ADMIN).get("/plugins").text
+    gaussian = admin.split('id="plugin-gaussian"', 1)[1].split("</tr>", 1)[0]
+    assert 'data-api-url="/api/v1/plugins/gaussian/disable"' in gaussian
+    median = admin.split('id="plugin-median"', 1)[1].split("</tr>", 1)[0]
+    assert 'data-api-url="/api/v1/plugins/median/enable"' in median
+    operator = signed_in(api, TokenRole.OPERATOR).get("/plugins").text
+    assert 'id="plugin-gaussian"' in operator and "data-api-url" not in operator
