@@ -13,14 +13,16 @@ from tests.dicom_node.dashboard.dashboard_support import signed_in
 LUNGS = {"name": "lungs", "match": {"Modality": "CT"}, "pipeline": ["gaussian"]}
 
 
-def add_rule(api: ApiHarness, definition: dict[str, object]) -> None:
+def add_rule(
+    api: ApiHarness, definition: dict[str, object], origin: RoutingOrigin = RoutingOrigin.API
+) -> None:
     with api.context.sessions.begin() as session:
         session.add(
             RoutingEntry(
                 kind=RoutingEntryKind.RULE,
                 name=str(definition["name"]),
                 definition=definition,
-                origin=RoutingOrigin.API,
+                origin=origin,
             )
         )
 
@@ -34,15 +36,24 @@ def test_admins_may_save_a_rule_and_everyone_may_try_it(api: ApiHarness) -> None
     admin = rule_section(signed_in(api, TokenRole.ADMIN).get("/rules").text, "lungs")
     assert 'class="save"' in admin and "readonly" not in admin
     assert 'class="try secondary"' in admin
+    assert 'data-api-url="/api/v1/rules/lungs/disable"' in admin
     shown = admin.split("<textarea", 1)[1].split(">", 1)[1].split("</textarea>", 1)[0]
     assert json.loads(shown.replace("&#34;", '"')) == LUNGS
     for role in (TokenRole.VIEWER, TokenRole.OPERATOR):
         html = signed_in(api, role).get("/rules").text
         section = rule_section(html, "lungs")
         assert 'class="save"' not in section and "readonly" in section
-        assert 'class="try secondary"' in section
+        assert 'class="try secondary"' in section and "data-api-url" not in section
         assert "Changing rules needs the admin role" in html
         assert 'src="/static/rules.js"' in html
+
+
+def test_a_rule_of_the_file_is_not_edited_here_but_may_be_disabled(api: ApiHarness) -> None:
+    add_rule(api, {**LUNGS, "name": "from-file", "enabled": False}, RoutingOrigin.CONFIG)
+    section = rule_section(signed_in(api, TokenRole.ADMIN).get("/rules").text, "from-file")
+    assert 'class="save"' not in section and "readonly" in section
+    assert "disabled · from config" in section
+    assert 'data-api-url="/api/v1/rules/from-file/enable"' in section
 
 
 def test_no_rules_is_said_plainly(api: ApiHarness) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 from selenium.webdriver.common.by import By
 from sqlalchemy import create_engine, select
@@ -28,18 +29,19 @@ from tests.dicom_node.dashboard.browser_support import (
 
 pytestmark = pytest.mark.slow
 
-# A rule whose pipeline fails at run time: the model file it names does not exist.
 CONFIG = """
 receiver_processes = 1
 executor = "inline"
 study_quiet_seconds = 1.0
-
-[[rules]]
-name = "broken-model"
-match = { Modality = "CT" }
-pipeline = ["predict"]
-params = { predict = { model = "/nonexistent/missing.skops" } }
 """
+# Made through the API (the file's rules are not edited there): its pipeline fails at run
+# time, since the model file it names does not exist.
+BROKEN_RULE = {
+    "name": "broken-model",
+    "match": {"Modality": "CT"},
+    "pipeline": ["predict"],
+    "params": {"predict": {"model": "/nonexistent/missing.skops"}},
+}
 
 
 def failed_job(engine: Engine) -> Job | None:
@@ -72,12 +74,16 @@ def test_an_admin_signs_in_retries_a_failed_job_and_fixes_a_rule(tmp_path: Path)
         headless_chromium(tmp_path) as browser,
     ):
         token = cli(node.env, "tokens", "create", "alice", "--role", "admin").strip()
+        base = f"http://127.0.0.1:{http_port}"
+        created = httpx.post(
+            f"{base}/api/v1/rules", json=BROKEN_RULE, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert created.status_code == 201, created.text
         sent = storescu(files, node.port, called_ae=node.ae_title)
         assert sent.returncode == 0, sent.stderr
         engine = create_engine(node.database_url)
         job = poll("the failed job", lambda: failed_job(engine))
         shots = Screenshots(browser, tmp_path / "screenshots")
-        base = f"http://127.0.0.1:{http_port}"
 
         # Signed out: any page sends the browser to the form.
         browser.get(f"{base}/studies")
