@@ -4,7 +4,9 @@ Rules: every rule as the JSON document the API and ``node.toml`` validate, with 
 (admins: ``PUT /api/v1/rules/{name}``, the 422's reason shown beside the field) and "Try on
 past studies" (everyone: ``POST /api/v1/rules/test``), both by ``static/rules.js``.
 Plugins: each discovered plugin with its version, availability and the admin's choices;
-admins get enable/disable buttons (``POST /api/v1/plugins/{name}/enable``...).
+admins get enable/disable buttons (``POST /api/v1/plugins/{name}/enable``...). Models:
+listed, detailed (versions, evaluation), uploaded, enabled and disabled through
+``/api/v1/models`` by ``static/plugins.js``.
 """
 
 from __future__ import annotations
@@ -50,4 +52,4 @@ def rules_page(request: Request, caller: PageCaller) -> HTMLResponse:
 def plugins_page(request: Request, caller: PageCaller) -> HTMLResponse:
     with get_context(request).sessions() as session:
         plugins = sorted(list_plugins(session), key=lambda plugin: (plugin.family, plugin.name))
-    return page(request, "plugins.html", caller, plugins=plugins)
+    return page(request, "plugins.html", caller, plugins=plugins, scripts=["plugins.js"])

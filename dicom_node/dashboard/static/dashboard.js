@@ -46,7 +46,8 @@ function wireApiButtons() {
       button.disabled = true;
       const result = await callApi(button.dataset.apiMethod || "POST", button.dataset.apiUrl);
       button.disabled = false;
-      showResult(output, result.ok ? (button.dataset.done || "done") : reason(result), result.ok);
+      const state = result.ok && result.body && result.body.state ? " (now " + result.body.state + ")" : "";
+      showResult(output, result.ok ? (button.dataset.done || "done") + state : reason(result), result.ok);
       if (result.ok && button.dataset.reload !== undefined) {
         window.setTimeout(() => window.location.reload(), 600);
       }

@@ -127,9 +127,19 @@ def test_an_admin_signs_in_retries_a_failed_job_and_fixes_a_rule(tmp_path: Path)
         )
         assert again and again.id == job.id
 
-        # Edit a rule with a mistake: the API's reason shows next to the field.
+        # Try the rule on the studies received: it takes the one CT series sent above.
         browser.get(f"{base}/rules")
         editor = browser.find_element(By.ID, "rule-broken-model")
+        editor.find_element(By.CSS_SELECTOR, "button.try").click()
+        trial = wait_until(
+            browser,
+            "the rule's trial",
+            lambda b: editor.find_element(By.CSS_SELECTOR, ".trial-summary").text,
+        )
+        assert trial.startswith("1 of 1 series in 1 studies would be taken"), trial
+        shots.take("rule-tried")
+
+        # Edit the rule with a mistake: the API's reason shows next to the field.
         definition = editor.find_element(By.CSS_SELECTOR, "textarea")
         definition.clear()
         definition.send_keys(
@@ -144,6 +154,22 @@ def test_an_admin_signs_in_retries_a_failed_job_and_fixes_a_rule(tmp_path: Path)
         assert "no_such_step" in error
         shots.take("rule-error")
 
+        # Upload a model that is no network: refused, the reason names the field.
+        browser.get(f"{base}/plugins")
+        not_a_model = tmp_path / "broken.onnx"
+        not_a_model.write_bytes(b"not an ONNX network")
+        upload = browser.find_element(By.ID, "model-upload")
+        upload.find_element(By.ID, "model-file").send_keys(str(not_a_model))
+        upload.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        refused = wait_until(
+            browser,
+            "the upload's refusal",
+            lambda b: upload.find_element(By.CSS_SELECTOR, ".field-error").text,
+        )
+        assert "file" in refused
+        assert "gaussian" in text_of(browser, "plugins")
+        shots.take("plugins-models")
+
         browser.get(f"{base}/audit")
         assert "retry_requested" in text_of(browser, "audit-events")
         shots.take("audit")
@@ -154,4 +180,4 @@ def test_an_admin_signs_in_retries_a_failed_job_and_fixes_a_rule(tmp_path: Path)
         assert browser.find_elements(By.ID, "token"), "signed out: the pages ask to sign in"
         shots.take("signed-out")
         engine.dispose()
-    assert len(shots.taken) == 8 and all(path.stat().st_size > 5000 for path in shots.taken)
+    assert len(shots.taken) == 10 and all(path.stat().st_size > 5000 for path in shots.taken)
