@@ -154,19 +154,21 @@ def test_an_admin_signs_in_retries_a_failed_job_and_fixes_a_rule(tmp_path: Path)
         assert "no_such_step" in error
         shots.take("rule-error")
 
-        # Upload a model that is no network: refused, the reason names the field.
+        # Upload a model with a manifest of another format: refused, the reason names it.
         browser.get(f"{base}/plugins")
-        not_a_model = tmp_path / "broken.onnx"
-        not_a_model.write_bytes(b"not an ONNX network")
+        network, manifest = tmp_path / "lungs.onnx", tmp_path / "lungs.json"
+        network.write_bytes(b"not an ONNX network")
+        manifest.write_text('{"format": "some-other-format/1"}')
         upload = browser.find_element(By.ID, "model-upload")
-        upload.find_element(By.ID, "model-file").send_keys(str(not_a_model))
+        upload.find_element(By.ID, "model-file").send_keys(str(network))
+        upload.find_element(By.ID, "model-manifest").send_keys(str(manifest))
         upload.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
         refused = wait_until(
             browser,
             "the upload's refusal",
             lambda b: upload.find_element(By.CSS_SELECTOR, ".field-error").text,
         )
-        assert "file" in refused
+        assert refused.startswith("manifest.format:"), refused
         assert "gaussian" in text_of(browser, "plugins")
         shots.take("plugins-models")
 
