@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -107,7 +106,8 @@ def admin_token(node: NodeProcess, name: str) -> str:
 
 
 class ElementText(HTMLParser):
-    """The text of the elements with an id, and of each table row or list item in them."""
+    """The text of the elements with an id, and the cells of each table row or list item
+    in them (a list item is one cell)."""
 
     VOID = frozenset({"br", "img", "input", "meta", "link", "hr", "col", "source"})
 
@@ -117,18 +117,24 @@ class ElementText(HTMLParser):
         self.text: dict[str, list[str]] = {}
         self.rows: dict[str, list[list[str]]] = {}
 
+    def _holders(self) -> list[str]:
+        return [element_id for _, element_id in self.open if element_id]
+
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in self.VOID:
             return
         element_id = dict(attrs).get("id")
-        self.open.append((tag, element_id))
         if element_id:
             self.text.setdefault(element_id, [])
             self.rows.setdefault(element_id, [])
         if tag in ("tr", "li"):
-            for _, outer in self.open:
-                if outer:
-                    self.rows[outer].append([])
+            for holder in self._holders():
+                self.rows[holder].append([])
+        self.open.append((tag, element_id))
+        if tag in ("td", "th", "li"):
+            for holder in self._holders():
+                if self.rows[holder]:
+                    self.rows[holder][-1].append("")
 
     def handle_endtag(self, tag: str) -> None:
         while self.open:
@@ -136,20 +142,23 @@ class ElementText(HTMLParser):
                 break
 
     def handle_data(self, data: str) -> None:
-        words = data.strip()
-        if not words:
-            return
-        if any(tag == "button" for tag, _ in self.open):
+        words = " ".join(data.split())
+        if not words or any(tag == "button" for tag, _ in self.open):
             return
         in_cell = any(tag in ("td", "th", "li") for tag, _ in self.open)
-        for _, element_id in self.open:
-            if element_id:
-                self.text[element_id].append(words)
-                if in_cell and self.rows[element_id]:
-                    self.rows[element_id][-1].append(words)
+        for holder in self._holders():
+            self.text[holder].append(words)
+            if in_cell and self.rows[holder] and self.rows[holder][-1]:
+                row = self.rows[holder][-1]
+                row[-1] = f"{row[-1]} {words}".strip()
 
     def of(self, element_id: str) -> str:
-        return re.sub(r"\s+", " ", " ".join(self.text.get(element_id, [])))
+        return " ".join(self.text.get(element_id, []))
+
+    def table(self, element_id: str) -> list[dict[str, str]]:
+        """The rows of a table under its header row's names."""
+        header, *rows = self.rows.get(element_id, [[]])
+        return [dict(zip(header, row, strict=False)) for row in rows if len(row) == len(header)]
 
 
 def dashboard_page(base: str, token: str, path: str) -> ElementText:
@@ -170,19 +179,26 @@ def print_dashboard(base: str, token: str) -> None:
     for table in ("jobs-by-state", "exports-by-state"):
         counts = ", ".join(f"{row[0]} {row[1]}" for row in overview.rows[table] if row[1] != "0")
         print(f"   overview: {table.replace('-', ' ')}: {counts or 'none'}")
-    print(f"   overview: failures: {overview.of('failures')}")
-    studies = dashboard_page(base, token, "/studies")
-    for row in studies.rows["studies"][1:]:
-        print(f"   studies: {row[0]} {row[1]}, {row[3]}, {row[4]} series, {row[5]} instances")
-        moments = dashboard_page(base, token, f"/studies/{row[0]}").rows["timeline"]
+    print(f"   overview: failures to look at: {overview.of('failures')}")
+    for study in dashboard_page(base, token, "/studies").table("studies"):
+        uid = study["Study"]
+        print(
+            f"   studies: {uid} {study['Status']}, {study['Modalities']},"
+            f" {study['Series']} series, {study['Instances']} instances"
+        )
+        moments = dashboard_page(base, token, f"/studies/{uid}").rows["timeline"]
         shown = moments if len(moments) <= TIMELINE_LINES else moments[: TIMELINE_LINES - 1]
         for moment in shown:
             print(f"     {' '.join(moment)}")
         if len(shown) < len(moments):
             print(f"     … {len(moments) - len(shown)} more, the last: {' '.join(moments[-1])}")
-    jobs = dashboard_page(base, token, "/jobs")
-    for row in jobs.rows["jobs"][1:]:
-        print(f"   jobs: {' | '.join(row)}")
+    for job in dashboard_page(base, token, "/jobs").table("jobs"):
+        print(
+            f"   jobs: job {job['Job']} {job['State']}, {job['Rule (pipeline)']},"
+            f" tries {job['Tries']}, {job['Started']} to {job['Finished']}"
+            f"{', error: ' + job['Error'] if job['Error'] else ''}"
+        )
+        print(f"     steps: {job['Steps']}")
 
 
 def main() -> int:
