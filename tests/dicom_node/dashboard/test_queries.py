@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session
@@ -23,10 +22,9 @@ def minutes_ago(minutes: float) -> dt.datetime:
 
 
 @pytest.fixture
-def session(tmp_path: Path) -> Iterator[Session]:
-    url = f"sqlite:///{tmp_path / 'dashboard.db'}"
-    upgrade(url)
-    engine = make_engine(url)
+def session(database_url: str) -> Iterator[Session]:
+    upgrade(database_url)
+    engine = make_engine(database_url)
     with make_sessionmaker(engine)() as session:
         yield session
     engine.dispose()
