@@ -97,3 +97,13 @@ def test_next_stays_on_this_site() -> None:
     assert safe_next("/studies/1.2.3") == "/studies/1.2.3"
     for elsewhere in ("https://evil.example/", "//evil.example/", "/\\evil.example", "", None):
         assert safe_next(elsewhere) == "/"
+
+
+def test_a_token_revoked_while_signed_in_signs_the_browser_out(api: ApiHarness) -> None:
+    client = signed_in(api, TokenRole.OPERATOR)
+    assert client.get("/jobs", follow_redirects=False).status_code == 200
+    with api.context.sessions.begin() as session:
+        revoke(session, "operator", Actor.os_user())
+    response = client.get("/jobs", follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["location"] == "/sign-in?next=/jobs"
