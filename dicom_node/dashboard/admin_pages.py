@@ -1,8 +1,8 @@
 """The pages of what admins change: rules and plugins (and models).
 
 Rules: every rule as the JSON document the API and ``node.toml`` validate, with "Save"
-(admins: ``PUT /api/v1/rules/{name}``, the 422's reason shown beside the field) and "Try on
-past studies" (everyone: ``POST /api/v1/rules/test``), both by ``static/rules.js``.
+(``PUT /api/v1/rules/{name}``, the 422's reason shown beside the field) and "Try on past
+studies" (``POST /api/v1/rules/test``), both for admins, by ``static/rules.js``.
 Plugins: each discovered plugin with its version, availability and the admin's choices;
 admins get enable/disable buttons (``POST /api/v1/plugins/{name}/enable``...). Models:
 listed, detailed (versions, evaluation), uploaded, enabled and disabled through

@@ -78,7 +78,9 @@ document.addEventListener("DOMContentLoaded", () => {
         }
       });
     }
-    section.querySelector("button.try").addEventListener("click", async () => {
+    const tryButton = section.querySelector("button.try");
+    if (!tryButton) return;
+    tryButton.addEventListener("click", async () => {
       const definition = parsedDefinition(section);
       if (definition === null) return;
       window.dicomNode.showResult(status, "trying…", true);
