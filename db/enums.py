@@ -72,7 +72,7 @@ class AuditObjectKind(StrEnum):
     COMMAND = "command"
     TOKEN = "token"  # noqa: S105 (an API token's name, not a secret)
     MODEL = "model"
-    REQUEST = "request"  # an API request (method and path) that was refused
+    REQUEST = "request"  # an API request (method and path): refused, or reading patient data
 
 
 class TokenRole(StrEnum):
@@ -81,3 +81,11 @@ class TokenRole(StrEnum):
     VIEWER = "viewer"  # reads
     OPERATOR = "operator"  # also retries and cancels jobs and exports
     ADMIN = "admin"  # also changes rules, destinations, plugins, models and tokens
+
+
+class ModelKind(StrEnum):
+    """What a model registered by an admin does (``dicom_node.model_registry``)."""
+
+    SEGMENTATION = "segmentation"  # an ONNX network: a label map -> DICOM SEG
+    CLASSIFICATION = "classification"  # a scikit-learn classifier (.skops) -> SR
+    REGRESSION = "regression"  # a scikit-learn regressor (.skops) -> SR

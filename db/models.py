@@ -34,6 +34,7 @@ from db.enums import AuditActorKind as AuditActorKind
 from db.enums import AuditObjectKind as AuditObjectKind
 from db.enums import AuditOutcome as AuditOutcome
 from db.enums import JobState as JobState
+from db.enums import ModelKind as ModelKind
 from db.enums import TokenRole as TokenRole
 
 UID = String(64)
@@ -397,3 +398,56 @@ class ApiToken(Base):
     created_by: Mapped[str] = mapped_column(String(160))
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# -- routing history (issue 17): every version of each rule and destination ------------------
+
+
+class RoutingHistory(Base):
+    """One version of a rule or destination (``dicom_node.routing_store``): the definition
+    it had after a change (None once deleted), what the change was, who made it and where
+    it came from. Versions count from 1 per (kind, name); a revert writes a new version."""
+
+    __tablename__ = "routing_history"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[RoutingEntryKind] = mapped_column(
+        state_type(RoutingEntryKind, "routing_entry_kind")
+    )
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    change: Mapped[str] = mapped_column(String(16))
+    definition: Mapped[dict[str, Any] | None] = mapped_column(JSON_DOCUMENT)
+    origin: Mapped[RoutingOrigin] = mapped_column(state_type(RoutingOrigin, "routing_origin"))
+    actor: Mapped[str] = mapped_column(String(160))
+    changed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("kind", "name", "version"),)
+
+
+# -- models registered by admins (issue 17) --------------------------------------------------
+
+
+class RegisteredModel(Base):
+    """One version of a model an admin uploaded (``dicom_node.model_registry``): the file
+    is ``<data_dir>/models/sha256/<file_sha256><suffix>``, content-addressed, so that a
+    version never changes under a running job; ``manifest`` is the manifest as stored
+    (its ``model`` pointing at that file); ``evaluation`` what ``dicom-node models
+    evaluate`` measured. A rule's step ``model:<name>`` runs the enabled version."""
+
+    __tablename__ = "registered_models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[ModelKind] = mapped_column(state_type(ModelKind, "model_kind"))
+    file_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON_DOCUMENT)
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON_DOCUMENT)
+    evaluated_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    uploaded_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    uploaded_by: Mapped[str] = mapped_column(String(160))
+
+    __table_args__ = (UniqueConstraint("name", "version"),)

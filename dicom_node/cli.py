@@ -28,6 +28,8 @@ from dicom_node.cli_base import (
     settings_from,
 )
 from dicom_node.cli_deid import deidentify
+from dicom_node.cli_jobs import exports_cancel, jobs_cancel
+from dicom_node.cli_models import models_app
 from dicom_node.cli_plugins import plugins_app
 from dicom_node.cli_tls import TlsCaOption, TlsCertOption, TlsKeyOption, TlsOption, tls_context
 from dicom_node.cli_tokens import tokens_app
@@ -49,6 +51,7 @@ app.add_typer(plugins_app, name="plugins", help="Processor plugins: list, show, 
 app.command("deidentify")(deidentify)
 app.command("audit")(audit_command)
 app.add_typer(tokens_app)
+app.add_typer(models_app)
 
 
 def progress_bar(label: str) -> Progress:
@@ -86,10 +89,13 @@ def check_rule_pipelines(settings: Settings) -> None:
     available, or gives it parameters it does not take (``ConfigError`` naming the rule)."""
     if not settings.rules:
         return
+    from dicom_node import model_registry
     from dicom_node.config import check_rules_against_plugins
     from processors import registry
 
     usable = [info for info in registry.discover() if info.available and info.processor]
+    if model_registry.rules_name_models(settings):
+        usable += model_registry.plugins_in_database(settings)
     check_rules_against_plugins(
         settings,
         [info.name for info in usable],
@@ -265,40 +271,13 @@ def send(
 
 
 def study_rows(settings: Settings) -> list[dict[str, Any]]:
-    from sqlalchemy import func, select
-
-    from db.models import Instance, Series, Study
-    from dicom_node.index import as_utc
+    from dicom_node.queries.paging import EVERYTHING
+    from dicom_node.queries.studies import StudyFilters, search_studies
 
     with database_session(settings) as session:
-        query = (
-            select(
-                Study,
-                func.count(func.distinct(Series.id)),
-                func.count(Instance.id),
-            )
-            .outerjoin(Series, Series.study_id == Study.id)
-            .outerjoin(Instance, Instance.series_id == Series.id)
-            .group_by(Study.id)
-            .order_by(Study.first_received_at)
-        )
-        rows = [
-            {
-                "study_instance_uid": study.study_instance_uid,
-                "status": study.status,
-                "num_series": num_series,
-                "num_instances": num_instances,
-                "study_date": study.study_date,
-                "first_received_at": as_utc(study.first_received_at).isoformat(),
-                "last_received_at": as_utc(study.last_received_at).isoformat(),
-                "completed_at": (
-                    as_utc(study.completed_at).isoformat() if study.completed_at else None
-                ),
-            }
-            for study, num_series, num_instances in session.execute(query)
-        ]
-        record_phi_read(session, "studies", len(rows))
-        return rows
+        found = search_studies(session, StudyFilters(newest_first=False), EVERYTHING).items
+        record_phi_read(session, "studies", len(found))
+    return [study.model_dump(mode="json") for study in found]
 
 
 @app.command()
@@ -412,43 +391,21 @@ def process(
     )
 
 
-exports_app = typer.Typer(help="Exports to destinations: list, retry.", cls=OneLineErrorGroup)
+exports_app = typer.Typer(
+    help="Exports to destinations: list, retry, cancel.", cls=OneLineErrorGroup
+)
 app.add_typer(exports_app, name="exports")
+exports_app.command("cancel")(exports_cancel)
 
 
 def export_rows(settings: Settings) -> list[dict[str, Any]]:
-    from sqlalchemy import select
-
-    from db.models import Export
-    from dicom_node.index import as_utc
-
-    def when(value: Any) -> str | None:
-        return as_utc(value).isoformat() if value is not None else None
+    from dicom_node.queries.exports import ExportFilters, search_exports
+    from dicom_node.queries.paging import EVERYTHING
 
     with database_session(settings) as session:
-        rows = [
-            {
-                "id": row.id,
-                "destination": row.destination,
-                "host": row.host,
-                "port": row.port,
-                "ae_title": row.ae_title,
-                "sop_instance_uid": row.sop_instance_uid,
-                "sop_class_uid": row.sop_class_uid,
-                "path": row.path,
-                "state": row.state,
-                "attempts": row.attempts,
-                "max_attempts": row.max_attempts,
-                "next_attempt_at": when(row.next_attempt_at),
-                "last_error": row.last_error,
-                "created_at": when(row.created_at),
-                "delivered_at": when(row.delivered_at),
-                "output_id": row.output_id,
-            }
-            for row in session.scalars(select(Export).order_by(Export.id))
-        ]
-        record_phi_read(session, "exports", len(rows))
-        return rows
+        found = search_exports(session, ExportFilters(newest_first=False), EVERYTHING).items
+        record_phi_read(session, "exports", len(found))
+    return [export.model_dump(mode="json") for export in found]
 
 
 @exports_app.callback(invoke_without_command=True)
@@ -496,8 +453,9 @@ def exports_retry(
     )
 
 
-jobs_app = typer.Typer(help="Processing jobs: list, retry.", cls=OneLineErrorGroup)
+jobs_app = typer.Typer(help="Processing jobs: list, retry, cancel.", cls=OneLineErrorGroup)
 app.add_typer(jobs_app, name="jobs")
+jobs_app.command("cancel")(jobs_cancel)
 
 
 def _seconds_between(started_at: str | None, finished_at: str | None) -> float:
@@ -517,16 +475,12 @@ def jobs(
     """List jobs with their rule, state, attempts, worker, timings and error."""
     if ctx.invoked_subcommand is not None:
         return
-    from sqlalchemy import select
-
-    from db.models import Job
-    from dicom_node.jobs.state import job_as_dict
+    from dicom_node.queries.jobs import JobFilters, search_jobs
+    from dicom_node.queries.paging import EVERYTHING
 
     with database_session(settings_from(config)) as session:
-        query = select(Job).order_by(Job.id)
-        if state is not None:
-            query = query.where(Job.state == state)
-        rows = [job_as_dict(job) for job in session.scalars(query)]
+        found = search_jobs(session, JobFilters(state=state, newest_first=False), EVERYTHING)
+        rows = [job.model_dump(mode="json") for job in found.items]
         record_phi_read(session, "jobs", len(rows))
     empty = f"no {state.value} jobs" if state else "no jobs yet"
     if printed_as_json_or_empty(rows, as_json, empty):

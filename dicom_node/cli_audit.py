@@ -29,26 +29,18 @@ if TYPE_CHECKING:
     from dicom_node.config import Settings
     from dicom_node.security.audit_syslog import AuditForwarder
 
-DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def parse_since(value: str, now: dt.datetime | None = None) -> dt.datetime:
-    """``30m``, ``1h``, ``7d``, ``2w`` ago, or an ISO 8601 date or time (UTC unless it
-    says otherwise); anything else is a ``typer.BadParameter``."""
-    now = now or dt.datetime.now(dt.UTC)
-    duration = DURATION.match(value.strip().lower())
-    if duration:
-        return now - dt.timedelta(seconds=float(duration[1]) * UNIT_SECONDS[duration[2]])
+    """``dicom_node.queries.since.parse_since``, its refusal a ``typer.BadParameter``."""
+    from dicom_node.queries.since import BadMomentError
+    from dicom_node.queries.since import parse_since as parse
+
     try:
-        moment = dt.datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise typer.BadParameter(
-            f"expected a duration (30m, 1h, 7d, 2w) or an ISO 8601 time, got {value!r}",
-            param_hint="--since",
-        ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+        return parse(value, now)
+    except BadMomentError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--since") from None
 
 
 def _study_uid(value: str | None) -> str | None:

@@ -41,14 +41,10 @@ def _plugins(session: Session) -> list[Any]:
     return list_plugins(session)
 
 
-def _find(plugins: list[Any], name: str) -> Any:
-    from processors.registry import UnknownProcessorError, find
+def _find(session: Session, name: str) -> Any:
+    from dicom_node.plugin_state import find_plugin
 
-    try:
-        return find(name, plugins)
-    except UnknownProcessorError as exc:
-        known = ", ".join(sorted({p.name for p in plugins})) or "none"
-        raise UnknownProcessorError(f"no plugin named {name!r} (known: {known})") from exc
+    return find_plugin(session, name)
 
 
 @plugins_app.command("list")
@@ -78,11 +74,11 @@ def list_command(
 
 @plugins_app.command("show")
 def show_command(name: str, config: ConfigOption = None) -> None:
-    """One plugin's details and its parameters' JSON schema."""
+    """One plugin's details, its parameters' JSON schema and the rules that use it."""
+    from dicom_node.plugin_state import plugin_document
+
     with database_session(settings_from(config)) as session:
-        info = _find(_plugins(session), name)
-    document = info.as_dict()
-    document["params_schema"] = info.params_schema()
+        document = plugin_document(session, _find(session, name))
     typer.echo(json.dumps(document, indent=2))
 
 
@@ -90,9 +86,9 @@ def _set(name: str, config: Path | None, **changes: Any) -> Any:
     from dicom_node.plugin_state import set_state
 
     with database_session(settings_from(config)) as session:
-        info = _find(_plugins(session), name)
+        info = _find(session, name)
         set_state(session, info.name, **changes)
-        return _find(_plugins(session), name)
+        return _find(session, name)
 
 
 @plugins_app.command("enable")

@@ -412,6 +412,15 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
 
+    # -- models registered by admins (issue 17, docs/admin.md "Models"): the largest
+    # upload accepted (written to <data_dir>/models/incoming as it arrives).
+    model_upload_max_bytes: int = Field(512 * 1024 * 1024, ge=1)
+
+    # -- metrics (issue 17): /metrics takes a viewer's bearer token unless metrics_public
+    # (for a scraper on a trusted network; the series hold counts and rule, destination
+    # and processor names, no patient data).
+    metrics_public: bool = False
+
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:
         if (self.tls_certificate is None) != (self.tls_private_key is None):
@@ -615,6 +624,30 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(f"invalid configuration: {where}{_describe(exc, values)}") from exc
 
 
+def rule_plugin_problems(
+    rule: Rule,
+    plugin_names: Iterable[str],
+    params_models: Mapping[str, type[BaseModel]] | None = None,
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """What is wrong with ``rule``'s processors: (the field at fault, a message naming it),
+    e.g. ``(("pipeline", 1), "unknown processor 'x'")`` or ``(("params", "gaussian"), ...)``.
+    ``params_models`` as for ``check_rules_against_plugins``."""
+    known = set(plugin_names)
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    for index, step in enumerate(rule.pipeline):
+        if step not in known:
+            problems.append((("pipeline", index), f"unknown processor {step!r}"))
+    for step, values in rule.params.items():
+        model = (params_models or {}).get(step)
+        if model is None:
+            continue
+        try:
+            model.model_validate(values)
+        except ValidationError as exc:
+            problems.append((("params", step), f"params for {step!r}: {_describe(exc)}"))
+    return problems
+
+
 def check_rules_against_plugins(
     settings: Settings,
     plugin_names: Iterable[str],
@@ -628,19 +661,11 @@ def check_rules_against_plugins(
     them at any time. Raises ``ConfigError`` naming each rule and processor at fault.
     """
     known = set(plugin_names)
-    problems: list[str] = []
-    for rule in settings.rules:
-        for step in rule.pipeline:
-            if step not in known:
-                problems.append(f"rule {rule.name!r}: unknown processor {step!r}")
-        for step, values in rule.params.items():
-            model = (params_models or {}).get(step)
-            if model is None:
-                continue
-            try:
-                model.model_validate(values)
-            except ValidationError as exc:
-                problems.append(f"rule {rule.name!r}: params for {step!r}: {_describe(exc)}")
+    problems = [
+        f"rule {rule.name!r}: {message}"
+        for rule in settings.rules
+        for _field, message in rule_plugin_problems(rule, known, params_models)
+    ]
     if problems:
         installed = ", ".join(sorted(known)) or "none"
         raise ConfigError("; ".join(problems) + f" (installed processors: {installed})")

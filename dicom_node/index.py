@@ -325,8 +325,11 @@ class Indexer:
         flush_seconds: float = 0.05,
         idle_callback: Callable[[], None] | None = None,
         idle_interval: float = 1.0,
+        on_record: Callable[[IndexRecord], None] | None = None,
     ) -> None:
+        """``on_record``: told of each record as it arrives (the node's metrics)."""
         self._sessions = sessions
+        self._on_record = on_record
         self._batch_size = batch_size
         self._flush_seconds = flush_seconds
         self._idle_callback = idle_callback
@@ -340,6 +343,13 @@ class Indexer:
 
     def put(self, record: IndexRecord) -> None:
         self._queue.put(record)
+        if self._on_record is not None:
+            self._on_record(record)
+
+    @property
+    def backlog(self) -> int:
+        """Records (and markers) waiting to be written."""
+        return self._queue.qsize()
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Block until everything queued before this call is committed."""

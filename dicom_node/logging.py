@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import warnings
+from types import TracebackType
 
 import structlog
 
@@ -29,8 +31,19 @@ def keep_patient_values_out_of_logs(level: int = logging.INFO) -> None:
 
 
 def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
+    """The process's logs on stderr. ``fmt = "json"``: one JSON object per line for every
+    line, the libraries' (``logging`` records and Python warnings) as well as the node's,
+    a traceback inside its line (``exception``)."""
     numeric = logging.getLevelName(level)
-    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(message)s", force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_json_formatter() if fmt == "json" else logging.Formatter("%(message)s"))
+    logging.basicConfig(level=numeric, handlers=[handler], force=True)
+    logging.captureWarnings(fmt == "json")
+    if fmt == "json":  # an exception nobody caught: its traceback in one line too
+        sys.excepthook = _log_uncaught
+        threading.excepthook = lambda hook: _log_uncaught(
+            hook.exc_type, hook.exc_value or hook.exc_type(), hook.exc_traceback
+        )
     keep_patient_values_out_of_logs(numeric)
     # pynetdicom logs whole datasets at DEBUG and the peer's details at INFO.
     logging.getLogger("pynetdicom").setLevel(max(numeric, logging.WARNING))
@@ -53,3 +66,25 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def _json_formatter() -> logging.Formatter:
+    """Renders a ``logging`` record as the node's own JSON lines are rendered."""
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_logger_name,
+            structlog.stdlib.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+
+
+def _log_uncaught(
+    kind: type[BaseException], error: BaseException, traceback: TracebackType | None
+) -> None:
+    structlog.get_logger(__name__).error("uncaught exception", exc_info=(kind, error, traceback))

@@ -30,6 +30,7 @@ from dicom_node.export import Exporter
 from dicom_node.index import Indexer, reconcile
 from dicom_node.jobs.dispatcher import Dispatcher
 from dicom_node.jobs.executors import Executor, make_executor
+from dicom_node.metrics import NodeMetrics
 from dicom_node.receiver import Receiver
 from dicom_node.receiver_pool import Listeners, ReceiverPool, open_listeners, start_receivers
 from dicom_node.routing import assembler_quiet_seconds
@@ -66,6 +67,7 @@ class Node:
         self.dispatcher: Dispatcher | None = None
         self.spool: Spool | None = None
         self.api: ApiServer | None = None
+        self.metrics: NodeMetrics | None = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -85,12 +87,16 @@ class Node:
         with self.sessions.begin() as session:
             sync_from_settings(session, settings)
         self.assembler = StudyAssembler(self.sessions, assembler_quiet_seconds(settings))
+        self.metrics = NodeMetrics(
+            self.sessions, lambda: self.indexer.backlog if self.indexer else 0
+        )
         self.indexer = Indexer(
             self.sessions,
             batch_size=settings.index_batch_size,
             flush_seconds=settings.index_flush_seconds,
             idle_callback=self._check_studies,
             idle_interval=settings.assembler_interval_seconds,
+            on_record=self.metrics.record_received,
         )
         self.indexer.start()
         if self._listeners is not None:
@@ -128,6 +134,8 @@ class Node:
             wake_dispatcher=self.dispatcher.wake,
             wake_exporter=self.exporter.wake,
             executor_slots=lambda: executor.slots,
+            routing_changed=self.dispatcher.routing_changed,
+            metrics=self.metrics,
         )
         settings = self.settings
         self.api = ApiServer(
@@ -142,11 +150,18 @@ class Node:
     def _start_processing(self) -> None:
         """The exporter, the executor and the dispatcher, which the assembler wakes."""
         assert self.sessions is not None and self.assembler is not None and self.spool is not None
+        metrics = self.metrics
         self.exporter = Exporter(
-            self.sessions, (), node=self.settings.effective_node_name, keys=self.spool.keys
+            self.sessions,
+            (),
+            node=self.settings.effective_node_name,
+            keys=self.spool.keys,
+            metrics=metrics,
         )
         self.executor = make_executor(self.settings)
-        self.dispatcher = Dispatcher(self.settings, self.sessions, self.executor, self.exporter)
+        self.dispatcher = Dispatcher(
+            self.settings, self.sessions, self.executor, self.exporter, metrics
+        )
         self.dispatcher.start()
         self.exporter.start()
         dispatcher = self.dispatcher

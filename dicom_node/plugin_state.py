@@ -14,10 +14,17 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import PluginState
+from db.models import PluginState, RoutingEntry, RoutingEntryKind
 from db.upsert import insert_for
 from dicom_node.security import audit
-from processors.registry import PluginChoice, PluginInfo, apply_states, discover
+from processors.registry import (
+    PluginChoice,
+    PluginInfo,
+    UnknownProcessorError,
+    apply_states,
+    discover,
+    find,
+)
 
 
 def load_states(session: Session) -> dict[str, PluginChoice]:
@@ -31,6 +38,42 @@ def load_states(session: Session) -> dict[str, PluginChoice]:
 def list_plugins(session: Session, *, autoload: bool | None = None) -> list[PluginInfo]:
     """The discovered plugins with the admin's choices folded in."""
     return apply_states(discover(autoload=autoload), load_states(session))
+
+
+def find_plugin(session: Session, name: str) -> PluginInfo:
+    """The plugin ``name`` with the admin's choices; ``UnknownProcessorError`` naming the
+    plugins there are when there is none."""
+    plugins = list_plugins(session)
+    try:
+        return find(name, plugins)
+    except UnknownProcessorError as exc:
+        known = ", ".join(sorted({p.name for p in plugins})) or "none"
+        raise UnknownProcessorError(f"no plugin named {name!r} (known: {known})") from exc
+
+
+def rules_using(session: Session, name: str) -> list[tuple[str, bool]]:
+    """(rule name, enabled) of every stored rule whose pipeline has the plugin."""
+    rows = session.scalars(select(RoutingEntry).where(RoutingEntry.kind == RoutingEntryKind.RULE))
+    return [
+        (row.name, bool(row.definition.get("enabled", True)))
+        for row in rows
+        if name in row.definition.get("pipeline", ())
+    ]
+
+
+def plugin_document(session: Session, info: PluginInfo) -> dict[str, Any]:
+    """``info`` as the API and dashboard show one plugin: its parameters' JSON schema, the
+    rules that use it and, when it is not usable, what becomes of their jobs."""
+    document = info.as_dict()
+    document["params_schema"] = info.params_schema()
+    using = rules_using(session, info.name)
+    document["rules_using"] = [rule for rule, _enabled in using]
+    live = [rule for rule, enabled in using if enabled]
+    if live and not info.usable:
+        document["warning"] = (
+            f"the enabled rules {', '.join(live)} use it: their jobs fail until it is usable"
+        )
+    return document
 
 
 def set_state(

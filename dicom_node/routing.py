@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from sqlalchemy import func, select
@@ -38,7 +39,8 @@ from dicom_node.security.keys import KeyRing
 # A series' orientation is that of the patient axis its slice normal is closest to;
 # the normal must be within this many degrees of that axis, otherwise it is oblique.
 OBLIQUE_DEGREES = 45.0
-# Values of these keywords never appear in a reason (which is logged at INFO).
+# Values of these keywords (and of every person name) never appear in a reason, which is
+# logged at INFO, nor in an explanation (``explain``), which the API answers with.
 _REDACTED_PREFIXES = ("Patient", "OtherPatient", "Responsible")
 _REDACTED_KEYWORDS = frozenset({"AccessionNumber", "IssuerOfPatientID"})
 
@@ -340,7 +342,11 @@ def condition_matches(condition: MatchCondition, values: tuple[str, ...]) -> boo
 
 
 def _redacted(keyword: str) -> bool:
-    return keyword.startswith(_REDACTED_PREFIXES) or keyword in _REDACTED_KEYWORDS
+    """Whether values of ``keyword`` are hidden: patient attributes and every person name."""
+    if keyword.startswith(_REDACTED_PREFIXES) or keyword in _REDACTED_KEYWORDS:
+        return True
+    tag = tag_for_keyword(keyword)
+    return tag is not None and dictionary_VR(tag) == "PN"
 
 
 def _describe_condition(condition: MatchCondition) -> str:
@@ -363,38 +369,110 @@ def _calling_titles(calling_ae: str | Collection[str] | None) -> tuple[str, ...]
     return tuple(title.strip() for title in calling_ae)
 
 
+@dataclass(frozen=True)
+class CriterionCheck:
+    """One criterion of a rule checked against one series.
+
+    ``criterion`` names it: ``enabled``, ``readable``, ``image``, ``calling_ae_titles``,
+    ``match.<Keyword>``, ``min_instances`` or ``orientation``. ``wanted`` is what the rule
+    asks and ``seen`` what the series has, both None for a patient keyword (PatientName,
+    PatientID, PatientBirthDate, AccessionNumber...: their values are never shown, neither
+    the series' nor the rule's). ``reason`` says why it failed; None when it passed.
+    """
+
+    criterion: str
+    passed: bool
+    wanted: str | None = None
+    seen: str | None = None
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "criterion": self.criterion,
+            "passed": self.passed,
+            "wanted": self.wanted,
+            "seen": self.seen,
+            "reason": self.reason,
+        }
+
+
+def _check(
+    criterion: str, failure: str | None, wanted: str | None, seen: str | None
+) -> CriterionCheck:
+    return CriterionCheck(criterion, failure is None, wanted, seen, failure)
+
+
+def _match_check(
+    keyword: str, condition: MatchCondition, values: tuple[str, ...]
+) -> CriterionCheck:
+    criterion = f"match.{keyword}"
+    if _redacted(keyword):
+        if not values:
+            return _check(criterion, f"{keyword} is absent", None, None)
+        failure = None if condition_matches(condition, values) else f"{keyword} does not match"
+        return _check(criterion, failure, None, None)
+    wanted = _describe_condition(condition)
+    if not values:
+        return _check(criterion, f"{keyword} is absent (wanted {wanted})", wanted, None)
+    seen = "\\".join(values)
+    failure = None
+    if not condition_matches(condition, values):
+        failure = f"{keyword} {seen!r} does not match {wanted}"
+    return _check(criterion, failure, wanted, seen)
+
+
+def explain(
+    rule: Rule, candidate: SeriesCandidate, calling_ae: str | Collection[str] | None = None
+) -> list[CriterionCheck]:
+    """Every criterion of ``rule`` checked against ``candidate``, passed or failed, in the
+    order ``mismatch_reason`` reports the first failure. ``enabled``, ``readable`` and
+    ``image`` appear only when they fail; the rule's own criteria always do.
+
+    ``calling_ae``: as for ``mismatch_reason``.
+    """
+    checks: list[CriterionCheck] = []
+    failure: str | None
+    if not rule.enabled:
+        checks.append(_check("enabled", "the rule is disabled", "true", "false"))
+    if candidate.header_error is not None:
+        failure = f"its file cannot be read ({candidate.header_error})"
+        checks.append(_check("readable", failure, None, None))
+    elif not candidate.is_image:
+        checks.append(_check("image", "it is not an image series (no Rows/Columns)", None, None))
+    if rule.calling_ae_titles is not None:
+        titles = _calling_titles(calling_ae)
+        sent_by = ", ".join(titles) or "an unknown AE"
+        wanted = ", ".join(rule.calling_ae_titles)
+        sent_by_listed = any(title in rule.calling_ae_titles for title in titles)
+        failure = None if sent_by_listed else f"sent by {sent_by}, not by {wanted}"
+        checks.append(_check("calling_ae_titles", failure, wanted, sent_by))
+    for keyword, condition in rule.match.items():
+        checks.append(_match_check(keyword, condition, candidate.tags.get(keyword, ())))
+    count, least = candidate.num_instances, rule.min_instances
+    failure = f"{count} instances, fewer than min_instances {least}" if count < least else None
+    checks.append(_check("min_instances", failure, f">= {least}", str(count)))
+    if rule.orientation is not Orientation.ANY:
+        found = candidate.orientation.value if candidate.orientation else "oblique or unknown"
+        wanted = rule.orientation.value
+        same = candidate.orientation is rule.orientation
+        failure = None if same else f"orientation is {found}, not {wanted}"
+        checks.append(_check("orientation", failure, wanted, found))
+    return checks
+
+
 def mismatch_reason(
     rule: Rule, candidate: SeriesCandidate, calling_ae: str | Collection[str] | None = None
 ) -> str | None:
-    """Why ``candidate`` is left out of ``rule``, or None when the rule takes it.
+    """Why ``candidate`` is left out of ``rule`` (its first failed criterion, ``explain``),
+    or None when the rule takes it.
 
     ``calling_ae`` is the sender's AE title (or the titles of every association the series
     arrived on; any one listed in the rule suffices). None: the sender is not known, which
     no rule with ``calling_ae_titles`` accepts.
     """
-    if not rule.enabled:
-        return "the rule is disabled"
-    if candidate.header_error is not None:
-        return f"its file cannot be read ({candidate.header_error})"
-    if not candidate.is_image:
-        return "it is not an image series (no Rows/Columns)"
-    if rule.calling_ae_titles is not None:
-        titles = _calling_titles(calling_ae)
-        if not any(title in rule.calling_ae_titles for title in titles):
-            sent_by = ", ".join(titles) or "an unknown AE"
-            return f"sent by {sent_by}, not by {', '.join(rule.calling_ae_titles)}"
-    for keyword, condition in rule.match.items():
-        values = candidate.tags.get(keyword, ())
-        if not values:
-            return f"{keyword} is absent (wanted {_describe_condition(condition)})"
-        if not condition_matches(condition, values):
-            shown = "(value hidden)" if _redacted(keyword) else repr("\\".join(values))
-            return f"{keyword} {shown} does not match {_describe_condition(condition)}"
-    if candidate.num_instances < rule.min_instances:
-        return f"{candidate.num_instances} instances, fewer than min_instances {rule.min_instances}"
-    if rule.orientation is not Orientation.ANY and candidate.orientation is not rule.orientation:
-        found = candidate.orientation.value if candidate.orientation else "oblique or unknown"
-        return f"orientation is {found}, not {rule.orientation.value}"
+    for check in explain(rule, candidate, calling_ae):
+        if not check.passed:
+            return check.reason
     return None
 
 

@@ -5,17 +5,23 @@ At start the node copies the configuration file's rules and destinations into
 file no longer has are removed). Entries with origin ``api`` are an administrator's and
 are kept. The dispatcher reads the table (``load_routing``) rather than the file, with the
 same validation as the file: an invalid entry is refused with its name.
+
+Every version of an entry is kept in ``routing_history`` (the file's changes too), so an
+administrator's change can be looked at and reverted; the administrator's changes
+themselves (create, update, delete, enable, disable, revert) are in
+``dicom_node.routing_admin``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from db.models import RoutingEntry, RoutingEntryKind, RoutingOrigin, utcnow
+from db.models import RoutingEntry, RoutingEntryKind, RoutingHistory, RoutingOrigin, utcnow
 from db.upsert import insert_for
 from dicom_node.config import ConfigError, Destination, Rule, Settings
 from dicom_node.security import audit
@@ -84,16 +90,54 @@ def _store(
         for name, (_definition, origin) in before.items()
         if origin == RoutingOrigin.CONFIG and name not in names
     }
-    action, object_kind = AUDIT_ACTIONS[kind]
+    actor = audit.Actor.node("configuration file")
+    stored = dict(zip(names, definitions, strict=True))
     for name, change in sorted(changes.items()):
-        audit.record(
-            session,
-            action=action,
-            actor=audit.Actor.node("configuration file"),
-            object_kind=object_kind,
-            object_id=name,
-            details={"change": change},
+        record_change(session, kind, name, change, stored.get(name), RoutingOrigin.CONFIG, actor)
+
+
+def record_change(
+    session: Session,
+    kind: RoutingEntryKind,
+    name: str,
+    change: str,
+    definition: dict[str, Any] | None,
+    origin: RoutingOrigin,
+    actor: audit.Actor,
+    details: Mapping[str, str | int] | None = None,
+) -> int:
+    """Record a change of an entry: its next version in ``routing_history`` (``definition``
+    None: it was deleted) and its audit row (the change, version, origin and ``details``;
+    never the definition, which may match on patient attributes). Returns the version."""
+    latest = session.scalar(
+        select(func.max(RoutingHistory.version)).where(
+            RoutingHistory.kind == kind, RoutingHistory.name == name
         )
+    )
+    version = (latest or 0) + 1
+    session.add(
+        RoutingHistory(
+            kind=kind,
+            name=name,
+            version=version,
+            change=change,
+            definition=definition,
+            origin=origin,
+            actor=f"{actor.kind}:{actor.name}"[:160],
+            changed_at=utcnow(),
+        )
+    )
+    session.flush()
+    action, object_kind = AUDIT_ACTIONS[kind]
+    audit.record(
+        session,
+        action=action,
+        actor=actor,
+        object_kind=object_kind,
+        object_id=name,
+        details={"change": change, "version": version, "origin": str(origin), **(details or {})},
+    )
+    return version
 
 
 def sync_from_settings(session: Session, settings: Settings) -> None:

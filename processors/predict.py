@@ -151,37 +151,50 @@ class Predict:
     Params: ClassVar[type[PredictParams]] = PredictParams
 
     def run(self, volume: Volume, params: PredictParams, xp: ModuleType) -> list[Result]:
-        model = load_model(model_path(params.model))
-        features = compute_features(volume, model.feature_params, xp)
-        x = feature_vector(features, model.feature_names)
-        description = f"{model.name} {model.version}".strip()
-        if model.task == "regression":
-            value = float(model.pipeline.predict(x)[0])
-            concept = Codes.local(model.target.lower().replace(" ", "-"), model.target)
-            unit = model.unit or Code("1", "UCUM", "no units")
-            return [
-                MeasurementResult(
-                    (Measurement(concept, value, unit, derivation=description),),
-                    description=f"Prediction by {description}",
-                )
-            ]
-        probabilities = model.pipeline.predict_proba(x)[0]
-        classes = [str(c) for c in model.pipeline.classes_]
-        names = list(model.class_names) or classes
+        return predict_results(load_model(model_path(params.model)), volume, xp)
+
+
+def predict_values(model: LoadedModel, volume: Volume, xp: ModuleType) -> Any:
+    """The pipeline's output for one volume: the predicted value (regression) or the
+    probability of each of ``model.pipeline.classes_`` (classification)."""
+    features = compute_features(volume, model.feature_params, xp)
+    x = feature_vector(features, model.feature_names)
+    if model.task == "regression":
+        return float(model.pipeline.predict(x)[0])
+    return model.pipeline.predict_proba(x)[0]
+
+
+def predict_results(model: LoadedModel, volume: Volume, xp: ModuleType) -> list[Result]:
+    """What ``predict`` reports for ``volume``: a measurement or classifications (SR)."""
+    output = predict_values(model, volume, xp)
+    description = f"{model.name} {model.version}".strip()
+    if model.task == "regression":
+        value = float(output)
         concept = Codes.local(model.target.lower().replace(" ", "-"), model.target)
-        classifications = []
-        for label, probability in sorted(
-            zip(names, probabilities, strict=True), key=lambda pair: -pair[1]
-        ):
-            coded: Code | None = None
-            if model.positive_class is not None:
-                coded = Codes.PRESENT if label == model.positive_class else Codes.ABSENT
-            classifications.append(
-                Classification(concept, label, float(min(max(probability, 0.0), 1.0)), coded)
-            )
+        unit = model.unit or Code("1", "UCUM", "no units")
         return [
             MeasurementResult(
-                classifications=tuple(classifications),
+                (Measurement(concept, value, unit, derivation=description),),
                 description=f"Prediction by {description}",
             )
         ]
+    probabilities = output
+    classes = [str(c) for c in model.pipeline.classes_]
+    names = list(model.class_names) or classes
+    concept = Codes.local(model.target.lower().replace(" ", "-"), model.target)
+    classifications = []
+    for label, probability in sorted(
+        zip(names, probabilities, strict=True), key=lambda pair: -pair[1]
+    ):
+        coded: Code | None = None
+        if model.positive_class is not None:
+            coded = Codes.PRESENT if label == model.positive_class else Codes.ABSENT
+        classifications.append(
+            Classification(concept, label, float(min(max(probability, 0.0), 1.0)), coded)
+        )
+    return [
+        MeasurementResult(
+            classifications=tuple(classifications),
+            description=f"Prediction by {description}",
+        )
+    ]

@@ -18,7 +18,12 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
 from dicom_node import __version__
+from dicom_node.api import audit_routes, exports, jobs, studies
 from dicom_node.api.context import ApiContext, get_context
+from dicom_node.api.metrics_route import router as metrics_router
+from dicom_node.api.models_api import router as models_router
+from dicom_node.api.plugins_api import router as plugins_router
+from dicom_node.api.routing_api import router as routing_router
 from dicom_node.dashboard import routes as dashboard
 from processors.errors import BadInputError
 
@@ -75,6 +80,14 @@ def _bad_input(_request: Request, exc: Exception) -> JSONResponse:
 
 ROUTERS: tuple[tuple[APIRouter, str], ...] = (
     (health, ""),
+    (routing_router, API_PREFIX),
+    (plugins_router, API_PREFIX),
+    (models_router, f"{API_PREFIX}/models"),
+    (metrics_router, ""),
+    (studies.router, API_PREFIX),
+    (jobs.router, API_PREFIX),
+    (exports.router, API_PREFIX),
+    (audit_routes.router, API_PREFIX),
     (dashboard.router, ""),
 )
 

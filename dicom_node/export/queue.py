@@ -5,7 +5,10 @@ takes the rows whose time has come (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so
 nodes can share the work) and marks them ``sending``; ``record`` writes what became of
 each: ``delivered``, or the attempt counted with its error and the next one after an
 exponential backoff (``RetryPolicy``), or ``failed`` once ``max_attempts`` are used.
-``recover_interrupted`` puts rows a crash left ``sending`` back to ``pending``.
+``recover_interrupted`` puts rows a crash left ``sending`` back to ``pending``. An
+operator may ``cancel`` a ``pending`` or ``failed`` row: a ``cancelled`` row is never
+claimed, so never sent, until ``retry`` (or a job that produces it again) makes it
+``pending``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,14 @@ class ExportError(BadInputError):
     """A file or output cannot be enqueued (not DICOM, no SOP UIDs)."""
 
 
+class ExportStateConflictError(BadInputError):
+    """An operator asked for a change the export's present state does not allow (cancel a
+    delivered export, retry one being sent): the REST API answers 409."""
+
+
+CANCELLABLE = (ExportState.PENDING, ExportState.FAILED)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Backoff after the n-th failed attempt: ``min(cap, base * 2**(n-1))``, jittered down
@@ -62,6 +73,7 @@ class DeliveryReport:
     retrying: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)
+    destinations: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -108,8 +120,9 @@ def enqueue(
     Another node adding the same row meanwhile is not an error (``ON CONFLICT DO NOTHING``).
 
     A row already ``pending``, ``sending`` or ``delivered`` is left as it is (an instance
-    exported twice is sent once); a ``failed`` one goes back to ``pending`` with its
-    attempts kept, like ``retry``. Raises ``ExportError`` for a file that is not DICOM
+    exported twice is sent once); a ``failed`` or ``cancelled`` one (a job that ran
+    again produced it anew) goes back to ``pending`` with its attempts kept, like
+    ``retry``. Raises ``ExportError`` for a file that is not DICOM
     (``keys`` decrypt an encrypted one).
     """
     now = now or utcnow()
@@ -151,7 +164,7 @@ def enqueue(
                 Export.destination == target.name, Export.sop_instance_uid == sop_instance
             )
         ).one()
-        if row.state == ExportState.FAILED:
+        if row.state in (ExportState.FAILED, ExportState.CANCELLED):
             row.path, row.sop_class_uid = path, sop_class
             row.output_id = output_id if output_id is not None else row.output_id
             _to_pending(row, now)
@@ -173,11 +186,14 @@ def retry(
     actor: audit.Actor | None = None,
 ) -> Export | None:
     """Put one export back to ``pending``, due now, attempts kept (so a failed row gets one
-    more attempt). ``None`` if there is no such export; a delivered one is sent again.
+    more attempt). ``None`` if there is no such export; a delivered one is sent again, a
+    cancelled one sent after all; one being sent now is an ``ExportStateConflictError``.
     Audited as asked by ``actor`` (default: the OS user running this process)."""
     row = session.get(Export, export_id)
     if row is None:
         return None
+    if row.state == ExportState.SENDING:
+        raise ExportStateConflictError(f"export {export_id} is being sent now; nothing to retry")
     _to_pending(row, now or utcnow())
     _audit_exports(
         session,
@@ -185,6 +201,36 @@ def retry(
         {},
         action=audit.AuditAction.RETRY_REQUESTED,
         actor=actor or audit.Actor.os_user(),
+        details={"destination": row.destination},
+    )
+    return row
+
+
+def cancel(session: Session, export_id: int, *, actor: audit.Actor) -> Export | None:
+    """Cancel a ``pending`` or ``failed`` export, in the caller's transaction: it is not
+    sent (again) unless retried. ``None`` if there is no such export; an export being sent,
+    delivered or cancelled already is an ``ExportStateConflictError``. The change is
+    conditional, so an exporter claiming the row at the same moment wins or loses whole."""
+    row = session.get(Export, export_id, populate_existing=True)
+    if row is None:
+        return None
+    cancelled = session.execute(
+        update(Export)
+        .where(Export.id == export_id, Export.state.in_(CANCELLABLE))
+        .values(state=ExportState.CANCELLED)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    session.refresh(row)
+    if not cancelled:
+        raise ExportStateConflictError(
+            f"export {export_id} is {row.state}; only a pending or failed export can be cancelled"
+        )
+    _audit_exports(
+        session,
+        {row.id: audit.AuditOutcome.SUCCESS},
+        {},
+        action=audit.AuditAction.CANCEL_REQUESTED,
+        actor=actor,
         details={"destination": row.destination},
     )
     return row
@@ -263,6 +309,7 @@ def record(
     with sessions() as session, session.begin():
         for claimed in batch:
             outcome = outcomes[claimed.id]
+            report.destinations[claimed.id] = target.name
             attempts = claimed.attempts + 1
             values: dict[str, object] = {
                 "attempts": attempts,

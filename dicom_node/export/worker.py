@@ -33,6 +33,7 @@ from dicom_node.export.queue import (
 )
 from dicom_node.export.target import ExportTarget, TransportKind
 from dicom_node.export.transport import Outcome, Transport
+from dicom_node.metrics import NodeMetrics
 from dicom_node.scu import SendFile, scan_files
 from dicom_node.security.keys import KeyRing
 
@@ -178,8 +179,10 @@ class Exporter:
         limit: int = 500,
         node: str | None = None,
         keys: KeyRing | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.sessions = sessions
+        self.metrics = metrics or NodeMetrics()
         self.keys = keys
         self.node = node
         self.keys = keys
@@ -224,7 +227,7 @@ class Exporter:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                deliver_due(
+                report = deliver_due(
                     self.sessions,
                     self.targets,
                     policy=self.policy,
@@ -232,6 +235,7 @@ class Exporter:
                     node=self.node,
                     keys=self.keys,
                 )
+                self.metrics.exports_recorded(report)
             except Exception:  # a database hiccup must not end the exporter
                 log.exception("export round failed")
             self.rounds += 1

@@ -7,7 +7,9 @@ One thread in the node's main process. Each round it
 2. collects the jobs that finished: their outputs become ``outputs`` rows and one export
    per destination (``dicom_node.export.queue.enqueue``), in the same transaction as the job's
    ``succeeded``; a failure is retried after a backoff while attempts are left;
-3. stops jobs past ``job_timeout_seconds`` (the executor restarts their worker);
+3. stops jobs past ``job_timeout_seconds`` (the executor restarts their worker), and the
+   runs of jobs that are no longer running here: cancelled by an operator (on any node
+   sharing the database) or taken back with ``retry --force`` (``stop_cancelled``);
 4. claims due queued jobs while the executor has free slots and submits them.
 
 Outputs go out as soon as their step is written: a worker leaves one file per finished
@@ -44,12 +46,15 @@ from dicom_node.jobs.state import (
     claim_next,
     consume_completed_studies,
     create_jobs,
+    hold_running,
     requeue_interrupted,
     timings_document,
     transition,
     utcnow,
 )
 from dicom_node.jobs.worker import JobResult, JobSpec, written_steps
+from dicom_node.metrics import RETRYING, NodeMetrics
+from dicom_node.model_registry import model_refs
 from dicom_node.outputs import upsert_outputs
 from dicom_node.plugin_state import load_states
 from dicom_node.process import OutputRecord
@@ -89,8 +94,10 @@ class Dispatcher:
         sessions: sessionmaker[Session],
         executor: Executor,
         exporter: Exporter | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or NodeMetrics()
         self.sessions = sessions
         self.executor = executor
         self.exporter = exporter
@@ -98,6 +105,7 @@ class Dispatcher:
         self.keys = load_keys(settings.spool_encryption_key_file)
         self.routing = settings
         self._routing_loaded = 0.0
+        self._routing_stale = False
         self._running: dict[int, _Running] = {}
         self._gpu_processors = {
             info.name for info in discover() if "cupy" in info.requires and info.available
@@ -116,6 +124,11 @@ class Dispatcher:
         self._thread.start()
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def routing_changed(self) -> None:
+        """Reload the rules and destinations in a round that starts now."""
+        self._routing_stale = True
         self._wake.set()
 
     def stop(self, grace_seconds: float = 0.0) -> None:
@@ -158,14 +171,17 @@ class Dispatcher:
     def run_once(self) -> None:
         self.reload_routing()
         self.route_completed_studies()
+        self.stop_cancelled()
         self.collect()
         self.enforce_timeouts()
         if not self._stop.is_set():
             self.fill()
 
     def reload_routing(self, *, force: bool = False) -> None:
-        if not force and time.monotonic() - self._routing_loaded < ROUTING_RELOAD_SECONDS:
+        recent = time.monotonic() - self._routing_loaded < ROUTING_RELOAD_SECONDS
+        if recent and not force and not self._routing_stale:
             return
+        self._routing_stale = False
         try:
             with self.sessions() as session:
                 self.routing = load_routing(session, self.settings)
@@ -230,8 +246,32 @@ class Dispatcher:
             device=self.settings.processing_device,
             uid_root=self.settings.uid_root,
             plugin_choices=load_states(session),
+            models=model_refs(session, self.settings, job.pipeline),
             key_file=self.settings.spool_encryption_key_file,
         )
+
+    def stop_cancelled(self) -> list[int]:
+        """Stop the runs of this node's jobs whose row says they no longer run here (an
+        operator cancelled them, or took them back by force); their results, whenever they
+        come, are not recorded. Returns their ids."""
+        if not self._running:
+            return []
+        with self.sessions() as session:
+            still_ours = set(
+                session.scalars(
+                    select(Job.id).where(
+                        Job.id.in_(list(self._running)),
+                        Job.state == JobState.RUNNING,
+                        Job.claimed_by == self.node,
+                    )
+                )
+            )
+        stopped = [job_id for job_id in self._running if job_id not in still_ours]
+        for job_id in stopped:
+            running = self._running.pop(job_id)
+            self.executor.kill(running.future)
+            log.info("job no longer running here; its run stopped", job_id=job_id)
+        return stopped
 
     def collect(self) -> int:
         """Record the outputs of steps that finished, and the jobs that finished."""
@@ -280,8 +320,8 @@ class Dispatcher:
     def _record_outputs(self, job_id: int, records: list[OutputRecord]) -> None:
         """A step of a running job wrote these: record them and send them now."""
         with self.sessions.begin() as session:
-            job = session.get(Job, job_id)
-            if job is None or job.state != JobState.RUNNING:
+            job = session.get(Job, job_id) if hold_running(session, job_id) else None
+            if job is None:  # cancelled meanwhile: none of its outputs leave
                 return
             self._export(session, job, upsert_outputs(session, records, job_id))
         if self.exporter is not None:
@@ -289,8 +329,9 @@ class Dispatcher:
 
     def _succeeded(self, job_id: int, result: JobResult) -> None:
         with self.sessions.begin() as session:
-            job = session.get(Job, job_id)
+            job = session.get(Job, job_id) if hold_running(session, job_id) else None
             if job is None:
+                log.info("job no longer running here; its result discarded", job_id=job_id)
                 return
             rows = upsert_outputs(session, result.records, job_id)
             notes = list(result.problems) + self._export(session, job, rows)
@@ -305,6 +346,7 @@ class Dispatcher:
                 num_outputs=len(rows),
                 error="; ".join(notes) or None,
             )
+        self.metrics.job_ended(job, JobState.SUCCEEDED, result.timings)
         log.info("job succeeded", job_id=job_id, outputs=len(result.records))
         if self.exporter is not None:
             self.exporter.wake()
@@ -331,7 +373,7 @@ class Dispatcher:
                 return
             if job.attempts < job.max_attempts:
                 delay = RETRY_BASE_SECONDS * 2 ** (job.attempts - 1)
-                transition(
+                ended = transition(
                     session,
                     job_id,
                     JobState.QUEUED,
@@ -341,7 +383,7 @@ class Dispatcher:
                     claimed_by=None,
                 )
             else:
-                transition(
+                ended = transition(
                     session,
                     job_id,
                     JobState.FAILED,
@@ -349,4 +391,7 @@ class Dispatcher:
                     error=reason,
                     finished_at=utcnow(),
                 )
+        if ended:  # not if an operator cancelled it meanwhile
+            retrying = job.attempts < job.max_attempts
+            self.metrics.job_ended(job, RETRYING if retrying else JobState.FAILED)
         log.warning("job failed", job_id=job_id, error=reason)

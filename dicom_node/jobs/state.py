@@ -4,8 +4,11 @@ A job is made for each (series, rule) that ``dicom_node.routing`` matches when a
 completes. Its life is ``queued -> running -> succeeded | failed``; a failed or succeeded
 job can be queued again (``retry``, or a study that completes again), and a running one
 goes back to ``queued`` when its node died under it (``requeue_interrupted``) or its
-attempt failed with attempts left. ``transition`` is the only place a job's state changes:
-a conditional UPDATE, so two nodes sharing a PostgreSQL database never both move a job.
+attempt failed with attempts left. An operator may ``cancel`` a queued or running job:
+it is ``cancelled`` at once, the dispatcher running it stops its run on its next round
+and records nothing of it (``hold_running``), and it runs again only when retried.
+``transition`` is the only place a job's state changes: a conditional UPDATE, so two
+nodes sharing a PostgreSQL database never both move a job.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import structlog
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.models import Job, JobState, Study, StudyEvent, StudyEventKind
+from db.models import Export, ExportState, Job, JobState, Output, Study, StudyEvent, StudyEventKind
 from db.upsert import insert_for
 from dicom_node.config import Destination, Settings
 from dicom_node.routing import RouteDecision, matched, route
@@ -28,17 +31,26 @@ from processors.errors import BadInputError
 log = structlog.get_logger(__name__)
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
-    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.QUEUED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset(
+        {JobState.SUCCEEDED, JobState.FAILED, JobState.QUEUED, JobState.CANCELLED}
+    ),
     JobState.SUCCEEDED: frozenset({JobState.QUEUED}),
     JobState.FAILED: frozenset({JobState.QUEUED}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED}),
 }
+CANCELLABLE = frozenset({JobState.QUEUED, JobState.RUNNING})
 
 ERROR_TEXT_LIMIT = 4000
 
 
 class InvalidTransitionError(BadInputError):
     """A state change the job life cycle does not have (say, succeeded -> running)."""
+
+
+class JobStateConflictError(InvalidTransitionError):
+    """An operator asked for a change the job's present state does not allow (retry a
+    queued job, cancel a finished one): the REST API answers 409."""
 
 
 def utcnow() -> dt.datetime:
@@ -72,7 +84,7 @@ def transition(
     ).rowcount  # type: ignore[attr-defined]
     if changed:
         log.info("job state", job_id=job_id, state=str(to), **_loggable(values))
-        if JobState.RUNNING in sources and to is not JobState.RUNNING:
+        if JobState.RUNNING in sources and to in JOB_OUTCOMES:  # a cancel has its own row
             _audit_job(
                 session,
                 job_id,
@@ -100,8 +112,10 @@ def _audit_job(
     outcome: audit.AuditOutcome = audit.AuditOutcome.SUCCESS,
     reason: str | None = None,
     worker: str | None = None,
+    **details: str | int | None,
 ) -> None:
-    """The job's audit row (a run that ended, a retry asked for), in the caller's transaction."""
+    """The job's audit row (a run that ended, a retry or cancel asked for), in the caller's
+    transaction."""
     rule, series_uid, study_uid = session.execute(
         select(Job.rule_name, Job.series_instance_uid, Study.study_instance_uid)
         .join(Study, Study.id == Job.study_id)
@@ -117,7 +131,7 @@ def _audit_job(
         object_id=job_id,
         study_instance_uid=study_uid,
         series_instance_uid=series_uid,
-        details={"rule": rule, "worker": worker},
+        details={"rule": rule, "worker": worker, **details},
     )
 
 
@@ -196,6 +210,9 @@ def create_jobs(
             log.info("job queued", job_id=job.id, **decision.log_fields())
         elif job.state == JobState.RUNNING:
             log.warning("study completed again while its job runs", job_id=job.id)
+            continue
+        elif job.state == JobState.CANCELLED:
+            log.info("study completed again; its job stays cancelled", job_id=job.id)
             continue
         else:
             reset = {"attempts": 0, "error": None, "started_at": None, "finished_at": None}
@@ -292,11 +309,13 @@ def requeue_interrupted(session: Session, node: str) -> list[int]:
 def retry(
     session: Session, job_id: int, *, force: bool = False, actor: audit.Actor | None = None
 ) -> Job | None:
-    """Queue a failed (or succeeded) job again, due now, with a fresh attempt count.
+    """Queue a failed, succeeded or cancelled job again, due now, with a fresh attempt
+    count; ``JobStateConflictError`` for a queued one.
 
     ``force`` also takes a ``running`` job back: for one whose node is gone for good (a
     node that restarts under the same ``node_name`` recovers its jobs itself). If the
-    node is in fact alive, the job runs twice; its outputs are the same objects.
+    node is in fact alive, its dispatcher stops that run on its next round
+    (``Dispatcher.stop_cancelled``); a run that ends first records nothing either.
     Audited as asked by ``actor`` (default: the OS user running this process).
     """
     job = session.get(Job, job_id, populate_existing=True)
@@ -305,7 +324,7 @@ def retry(
     state = job.state
     if state is JobState.QUEUED or (state is JobState.RUNNING and not force):
         hint = " (--force takes a job whose node is gone)" if state is JobState.RUNNING else ""
-        raise InvalidTransitionError(f"job {job_id} is {state}; nothing to retry{hint}")
+        raise JobStateConflictError(f"job {job_id} is {state}; nothing to retry{hint}")
     transition(
         session,
         job_id,
@@ -316,13 +335,85 @@ def retry(
         error=None,
         claimed_by=None,
     )
-    _audit_job(session, job_id, audit.AuditAction.RETRY_REQUESTED, actor or audit.Actor.os_user())
+    _audit_job(
+        session,
+        job_id,
+        audit.AuditAction.RETRY_REQUESTED,
+        actor or audit.Actor.os_user(),
+        was=str(state),
+    )
     session.refresh(job)
     return job
 
 
+def cancel(session: Session, job_id: int, *, actor: audit.Actor) -> Job | None:
+    """Cancel a queued or running job, in the caller's transaction; ``None`` if there is
+    no such job, ``JobStateConflictError`` if it has finished (or was cancelled already).
+
+    A running job's dispatcher, on whichever node shares the database, stops the run on
+    its next round (``Dispatcher.stop_cancelled``) and records none of its outputs; the
+    outputs its finished steps already queued for export and not yet sent are cancelled
+    here, so nothing of a cancelled job leaves the node after the cancel.
+    """
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        return None
+    was = job.state
+    cancelled = transition(
+        session,
+        job_id,
+        JobState.CANCELLED,
+        expected=CANCELLABLE,
+        finished_at=utcnow(),
+        error=f"cancelled by {actor.kind} {actor.name}",
+    )
+    session.refresh(job)
+    if not cancelled:
+        raise JobStateConflictError(
+            f"job {job_id} is {job.state}; only a queued or running job can be cancelled"
+        )
+    exports = session.execute(
+        update(Export)
+        .where(
+            Export.output_id.in_(select(Output.id).where(Output.job_id == job_id)),
+            Export.state == ExportState.PENDING,
+        )
+        .values(state=ExportState.CANCELLED, last_error="its job was cancelled")
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    _audit_job(
+        session,
+        job_id,
+        audit.AuditAction.CANCEL_REQUESTED,
+        actor,
+        was=str(was),
+        exports_cancelled=int(exports),
+    )
+    return job
+
+
+def hold_running(session: Session, job_id: int) -> bool:
+    """Whether the job is still running, holding its row for the rest of the caller's
+    transaction (a no-op UPDATE): a ``cancel`` on this or another node waits for that
+    transaction, then finds the job finished. The dispatcher calls it before it records
+    a job's outputs, so a cancelled job records and exports none."""
+    held = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING)
+        .values(state=JobState.RUNNING)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    return bool(held)
+
+
 def timings_document(timings: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
     return [{"step": step, "seconds": round(seconds, 4)} for step, seconds in timings]
+
+
+def _isoformat(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=dt.UTC)).isoformat()  # SQLite: naive
 
 
 def job_as_dict(job: Job) -> dict[str, Any]:
@@ -341,7 +432,7 @@ def job_as_dict(job: Job) -> dict[str, Any]:
         "outputs": job.num_outputs,
         "destinations": job.destinations,
         "step_timings": job.step_timings or [],
-        "created_at": job.created_at.isoformat() if job.created_at else None,
-        "started_at": job.started_at.isoformat() if job.started_at else None,
-        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "created_at": _isoformat(job.created_at),
+        "started_at": _isoformat(job.started_at),
+        "finished_at": _isoformat(job.finished_at),
     }

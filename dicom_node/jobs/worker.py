@@ -26,6 +26,7 @@ from dicom_node.security.keys import DecryptionError, KeyFileError
 from dicom_node.volume import SeriesError
 from processors.base import ProcessorError
 from processors.errors import OperationFailedError
+from processors.model_plugin import ModelRef, with_registered_models
 from processors.registry import PluginChoice, apply_states, discover
 
 STEPS_DIR = ".steps"
@@ -84,6 +85,9 @@ class JobSpec:
     key_file: Path | None = None
     """``spool_encryption_key_file``: the worker reads it (the keys never travel in a spec)
     to decrypt the series and encrypt the outputs."""
+    models: dict[str, ModelRef] = field(default_factory=dict)
+    """The registered models the pipeline names (``model:<name>``), by step: the version
+    the dispatcher resolved, its file on the shared storage."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,9 @@ def run_job(spec: JobSpec) -> JobResult:
             spec.pipeline,
             params=params,
             uid_root=spec.uid_root,
-            plugins=apply_states(discover(), spec.plugin_choices),
+            plugins=with_registered_models(
+                apply_states(discover(), spec.plugin_choices), spec.models
+            ),
         )
         records = process_series(
             [Path(p) for p in spec.paths],

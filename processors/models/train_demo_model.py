@@ -1,11 +1,14 @@
 """Train the demo models shipped with the ``predict`` processor, on generated phantoms.
 
     python -m processors.models.train_demo_model [--train 160] [--test 60] [--seed 0]
+    python -m processors.models.train_demo_model --evaluate-only   # re-measure, rewrite the card
 
 Writes ``demo-lesion-presence.skops`` (lesion present / absent: StandardScaler + SVC),
 ``demo-lesion-volume.skops`` (lesion volume in ml: random forest regressor) and
-``MODEL_CARD.md`` with the measured held-out accuracy, next to this file.
-Deterministic for a given seed.
+``MODEL_CARD.md`` with the figures measured on the held-out phantoms by
+``dicom_node.models_eval`` (what ``dicom-node models evaluate`` reports), next to this
+file. Deterministic for a given seed: ``--evaluate-only`` draws the same phantoms and
+scores the shipped files.
 """
 
 from __future__ import annotations
@@ -23,20 +26,15 @@ import numpy as np
 import sklearn
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import RandomForestRegressor
-from sklearn.metrics import (
-    accuracy_score,
-    mean_absolute_error,
-    r2_score,
-    roc_auc_score,
-)
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
+from dicom_node.models_eval import classification_figures, regression_figures
 from dicom_node.synthetic import make_phantom
 from processors.base import Volume
 from processors.features import FeaturesParams, compute_features
-from processors.predict import MODEL_FORMAT
+from processors.predict import MODEL_FORMAT, load_model
 
 HERE = Path(__file__).parent
 SHAPE = (24, 64, 64)
@@ -78,9 +76,10 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument(
+        "--evaluate-only", action="store_true", help="score the shipped files, rewrite the card"
+    )
     args = parser.parse_args()
-
-    from skops.io import dump
 
     started = time.perf_counter()
     rng = np.random.default_rng(args.seed)
@@ -90,10 +89,29 @@ def main() -> None:
     x_train = np.array([[s.features[n] for n in names] for s in train])
     x_test = np.array([[s.features[n] for n in names] for s in test])
     y_train = np.array(["present" if s.present else "absent" for s in train])
-    y_test = np.array(["present" if s.present else "absent" for s in test])
     v_train = np.array([s.volume_ml for s in train])
-    v_test = np.array([s.volume_ml for s in test])
+    if args.evaluate_only:
+        classifier = load_model(args.out / "demo-lesion-presence.skops").pipeline
+        regressor = load_model(args.out / "demo-lesion-volume.skops").pipeline
+    else:
+        classifier, regressor = fit(x_train, y_train, v_train)
+    metrics = {
+        "train_phantoms": args.train,
+        "test_phantoms": args.test,
+        "seed": args.seed,
+        **held_out_figures(classifier, regressor, x_test, test),
+        "seconds": round(time.perf_counter() - started, 1),
+        "sklearn": sklearn.__version__,
+        "python": platform.python_version(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.evaluate_only:
+        save(args.out, classifier, regressor, names, metrics)
+    (args.out / "MODEL_CARD.md").write_text(card(metrics, names), encoding="utf-8")
+    print(json.dumps(metrics, indent=2))
 
+
+def fit(x_train: Any, y_train: Any, v_train: Any) -> tuple[Any, Any]:
     classifier = Pipeline(
         [
             ("scale", StandardScaler()),
@@ -106,25 +124,27 @@ def main() -> None:
             ("forest", RandomForestRegressor(n_estimators=50, max_depth=6, random_state=0)),
         ]
     ).fit(x_train, v_train)
+    return classifier, regressor
 
-    predicted = classifier.predict(x_test)
-    positive = list(classifier.classes_).index("present")
-    scores = classifier.predict_proba(x_test)[:, positive]
-    volumes = regressor.predict(x_test)
-    metrics = {
-        "train_phantoms": args.train,
-        "test_phantoms": args.test,
-        "seed": args.seed,
-        "presence_accuracy": float(accuracy_score(y_test, predicted)),
-        "presence_roc_auc": float(roc_auc_score(y_test == "present", scores)),
-        "test_present_fraction": float(np.mean(y_test == "present")),
-        "volume_mae_ml": float(mean_absolute_error(v_test, volumes)),
-        "volume_r2": float(r2_score(v_test, volumes)),
-        "volume_test_range_ml": [float(v_test.min()), float(v_test.max())],
-        "seconds": round(time.perf_counter() - started, 1),
-        "sklearn": sklearn.__version__,
-        "python": platform.python_version(),
+
+def held_out_figures(
+    classifier: Any, regressor: Any, x_test: Any, test: list[Sample]
+) -> dict[str, Any]:
+    """The figures of ``dicom-node models evaluate`` on the held-out phantoms."""
+    classes = [str(c) for c in classifier.classes_]
+    truth = ["present" if s.present else "absent" for s in test]
+    scores = classifier.predict_proba(x_test)
+    predicted = [classes[int(i)] for i in np.argmax(scores, axis=1)]
+    volumes = [s.volume_ml for s in test]
+    return {
+        "presence": classification_figures(truth, predicted, scores, classes, "present"),
+        "volume": regression_figures(volumes, [float(v) for v in regressor.predict(x_test)]),
     }
+
+
+def save(out: Path, classifier: Any, regressor: Any, names: tuple[str, ...], metrics: Any) -> None:
+    from skops.io import dump
+
     common = {
         "format": MODEL_FORMAT,
         "version": "1.0.0",
@@ -132,7 +152,6 @@ def main() -> None:
         "feature_params": FEATURE_PARAMS.model_dump(mode="json"),
         "metrics": json.dumps(metrics),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     dump(
         {
             **common,
@@ -143,7 +162,7 @@ def main() -> None:
             "class_names": [str(c) for c in classifier.classes_],
             "positive_class": "present",
         },
-        args.out / "demo-lesion-presence.skops",
+        out / "demo-lesion-presence.skops",
     )
     dump(
         {
@@ -154,16 +173,24 @@ def main() -> None:
             "target": "Lesion volume",
             "unit": ["ml", "UCUM", "milliliter"],
         },
-        args.out / "demo-lesion-volume.skops",
+        out / "demo-lesion-volume.skops",
     )
-    (args.out / "MODEL_CARD.md").write_text(card(metrics, names), encoding="utf-8")
-    print(json.dumps(metrics, indent=2))
 
 
 def card(metrics: dict[str, Any], names: tuple[str, ...]) -> str:
     radius = f"{RADIUS_RANGE_MM[0]:g}-{RADIUS_RANGE_MM[1]:g}"
     noise = f"{NOISE_RANGE_HU[0]:g}-{NOISE_RANGE_HU[1]:g}"
-    low, high = metrics["volume_test_range_ml"]
+    presence = metrics["presence"]
+    volume = metrics["volume"]
+    low, high = volume["truth_range"]
+    class_rows = "\n".join(
+        f"| {name} | {presence['class_balance'][name]['count']} "
+        f"({100 * presence['class_balance'][name]['share']:.0f} %) | {item['precision']:.3f} | "
+        f"{item['recall']:.3f} | {item['f1']:.3f} |"
+        for name, item in presence["per_class"].items()
+    )
+    macro = presence["macro"]
+    (tn, fp), (fn, tp) = presence["confusion_matrix"]
     return f"""# Demo models: lesion presence and lesion volume
 
 **Not for clinical use.** These models exist to demonstrate and test the `predict`
@@ -196,18 +223,32 @@ nothing about real patients, other grids, other scanners or other lesion sites.
 
 ## Measured on the held-out phantoms
 
-| metric | value |
-| --- | --- |
-| presence accuracy | {metrics["presence_accuracy"]:.3f} |
-| presence ROC AUC | {metrics["presence_roc_auc"]:.3f} |
-| fraction with a lesion in the test set | {metrics["test_present_fraction"]:.2f} |
-| volume mean absolute error | {metrics["volume_mae_ml"]:.2f} ml |
-| volume R^2 | {metrics["volume_r2"]:.3f} |
-| test lesion volumes | {low:.1f}-{high:.1f} ml |
+The figures of `dicom-node models evaluate` (`dicom_node.models_eval`), on the
+{presence["cases"]} held-out phantoms.
 
-Trained in {metrics["seconds"]} s with scikit-learn {metrics["sklearn"]},
-Python {metrics["python"]}.
-Retrain with `python -m processors.models.train_demo_model`.
+Lesion presence, per class (a class's recall is its sensitivity: the share of its cases
+the model finds; for `absent` it is the specificity):
+
+| class | cases (share) | precision | recall | F1 |
+| --- | --- | --- | --- | --- |
+{class_rows}
+| macro mean | | {macro["precision"]:.3f} | {macro["recall"]:.3f} | {macro["f1"]:.3f} |
+
+Confusion matrix (rows: truth, columns: prediction): {tn} absent and {tp} present
+called right, {fp} absent called present, {fn} present called absent. Accuracy
+{presence["accuracy"]:.3f}, balanced accuracy {presence["balanced_accuracy"]:.3f}, ROC AUC
+of the `present` probability {presence["roc_auc"]:.3f}. The set is nearly balanced; on a
+set where lesions are rare, read the `present` recall and the macro figures, not the
+accuracy.
+
+Lesion volume: mean absolute error {volume["mae"]:.2f} ml, root mean squared error
+{volume["rmse"]:.2f} ml, R^2 {volume["r2"]:.3f}, over lesion volumes of
+{low:.1f}-{high:.1f} ml.
+
+Measured in {metrics["seconds"]} s with scikit-learn {metrics["sklearn"]},
+Python {metrics["python"]}, by
+`python -m processors.models.train_demo_model --evaluate-only` (the same phantoms, the
+shipped files). Retrain with `python -m processors.models.train_demo_model`.
 
 ## Loading
 

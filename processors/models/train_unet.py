@@ -33,7 +33,6 @@ from processors.models.unet_phantoms import (
     Case,
     FloatArray,
     LabelArray,
-    dice,
     evaluation_case,
     make_ct_case,
 )
@@ -344,35 +343,30 @@ def export(model: Any, path: Path) -> None:
 def evaluate(
     cases: int, manifest_path: Path | None = None, seed_base: int = SEED_HELD_OUT
 ) -> dict[str, Any]:
-    """Pooled Dice per label over ``cases`` phantoms of an evaluation set, through the
-    processor."""
+    """Dice per label over ``cases`` phantoms of an evaluation set, through the processor,
+    scored by ``dicom_node.models_eval`` (what ``dicom-node models evaluate`` reports)."""
+    from dicom_node.models_eval import segmentation_figures
     from processors.base import Volume
     from processors.model import load_segmentation_model, segment_volume
 
     model = load_segmentation_model(manifest_path or OUT_DIR / "manifest.json")
-    inter = {1: 0, 2: 0}
-    total = {1: 0, 2: 0}
-    per_case: dict[int, list[float]] = {1: [], 2: []}
     started = time.perf_counter()
-    for i in range(cases):
-        case = evaluation_case(seed_base, i)
-        volume = Volume(case.image, spacing=case.spacing, modality="CT")
-        predicted = segment_volume(model, volume, np)
-        for label in (1, 2):
-            p, t = predicted == label, case.labels == label
-            inter[label] += int(np.logical_and(p, t).sum())
-            total[label] += int(p.sum()) + int(t.sum())
-            if t.any():
-                per_case[label].append(dice(p, t))
-    pooled = {label: 2.0 * inter[label] / max(total[label], 1) for label in (1, 2)}
+
+    def predictions() -> Any:
+        for i in range(cases):
+            case = evaluation_case(seed_base, i)
+            volume = Volume(case.image, spacing=case.spacing, modality="CT")
+            yield case.labels, segment_volume(model, volume, np)
+
+    figures = segmentation_figures(predictions(), {1: "Lung", 2: "Lesion"})
+    per_label = figures["per_label"]
     return {
         "cases": cases,
-        "pooled_dice": {str(k): round(v, 4) for k, v in pooled.items()},
-        "mean_dice": round(float(np.mean(list(pooled.values()))), 4),
-        "per_case_mean": {
-            str(k): round(float(np.mean(v)), 4) if v else None for k, v in per_case.items()
-        },
-        "cases_with_lesion": len(per_case[2]),
+        "pooled_dice": {str(v["label"]): v["dice_pooled"] for v in per_label.values()},
+        "mean_dice": figures["mean_dice"],
+        "per_case_mean": {str(v["label"]): v["dice_mean_per_case"] for v in per_label.values()},
+        "cases_with_lesion": per_label["Lesion"]["cases_with_label"],
+        "figures": figures,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -531,8 +525,9 @@ the one before:
 (`held_out_case(i)`: seeds {SEED_HELD_OUT}+i, pixel spacing 1.6-2.4 mm, slices 2-4 mm, so
 also other grids than the training grids), run through the `unet` processor itself (ONNX
 Runtime on the CPU, resampling to the model grid and back, sliding window); Dice against
-the generator's truth on the source grid. {result["cases_with_lesion"]} of the cases hold
-lesions.
+the generator's truth on the source grid, scored by `dicom_node.models_eval` (the code of
+`dicom-node models evaluate`). {result["cases_with_lesion"]} of the cases hold lesions
+in truth or prediction; the mean per case is over those cases.
 
 | label | Dice (pooled over all voxels) | mean Dice per case |
 | --- | --- | --- |
@@ -554,7 +549,9 @@ Synthetic anatomy: smooth ellipsoids, no vessels, airways, heart or abdomen orga
 model learns nothing about real patients, scanners, contrast phases or pathology. Use it
 to check that the pipeline works, not for findings.
 
-`--evaluate-only` re-measures and rewrites this card.
+These figures were produced by
+`python -m processors.models.train_unet --evaluate-only`, which re-measures and
+rewrites this card.
 Python {platform.python_version()}.
 """
     (out_dir / "MODEL_CARD.md").write_text(text)

@@ -157,11 +157,6 @@ def make_ct_case(
     )
 
 
-def dice(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
 def evaluation_case(seed_base: int, index: int) -> Case:
     """Phantom ``index`` of the evaluation set ``seed_base``: never a training seed; a
     smaller field of view so that evaluating runs in seconds (about 40 x 160 x 160 voxels

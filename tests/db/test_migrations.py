@@ -13,6 +13,7 @@ from sqlalchemy import Engine, Enum, MetaData, create_engine, inspect, select, t
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from db.enums import ModelKind
 from db.models import (
     ApiToken,
     Association,
@@ -29,8 +30,10 @@ from db.models import (
     JobState,
     Output,
     OutputKind,
+    RegisteredModel,
     RoutingEntry,
     RoutingEntryKind,
+    RoutingHistory,
     RoutingOrigin,
     Study,
     StudyEvent,
@@ -209,6 +212,32 @@ def an_api_token() -> ApiToken:
     )
 
 
+def a_routing_version() -> RoutingHistory:
+    return RoutingHistory(
+        kind=RoutingEntryKind.RULE,
+        name="ct",
+        version=1,
+        change="created",
+        definition={"name": "ct", "pipeline": ["gaussian"]},
+        origin=RoutingOrigin.API,
+        actor="api_token:admin",
+        changed_at=AT,
+    )
+
+
+def a_registered_model() -> RegisteredModel:
+    return RegisteredModel(
+        name="lungs",
+        version="1",
+        kind=ModelKind.SEGMENTATION,
+        file_sha256="0" * 64,
+        file_size=1,
+        manifest={},
+        uploaded_at=AT,
+        uploaded_by="os_user:alice",
+    )
+
+
 def a_token_audit_event() -> AuditEvent:
     return AuditEvent(
         at=AT,
@@ -332,7 +361,9 @@ def test_states_outside_their_enum_are_refused_by_the_database(empty_database: s
     upgrade(empty_database)
     engine = make_engine(empty_database)
     with Session(engine) as session, session.begin():
-        session.add_all([an_audit_event(), an_api_token()])
+        session.add_all(
+            [an_audit_event(), an_api_token(), a_routing_version(), a_registered_model()]
+        )
     accepted = []
     for table, column, _type in state_columns():
         with engine.connect() as connection:

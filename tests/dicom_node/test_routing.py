@@ -17,6 +17,7 @@ from dicom_node.records import AssociationOpened, IndexRecord
 from dicom_node.routing import (
     SeriesCandidate,
     assembler_quiet_seconds,
+    explain,
     match_rule,
     matched,
     mismatch_reason,
@@ -55,8 +56,12 @@ def add_series(
     num_slices: int = 4,
     description: str | None = None,
     calling_ae: str | None = None,
+    study_uid: str = STUDY_UID,
+    received_at: dt.datetime = NOW,
+    study_date: str | None = None,
 ) -> str:
-    """Generate a small series, spool it, and index it as the receiver would."""
+    """Generate a small series, spool it, and index it as the receiver would (received at
+    ``received_at``; the StudyDate ``study_date`` when given)."""
     series = generate_series(
         modality=modality,
         num_slices=num_slices,
@@ -64,7 +69,7 @@ def add_series(
         columns=16,
         orientation=orientation,
         uid_seed=f"routing-{number}",
-        study_instance_uid=STUDY_UID,
+        study_instance_uid=study_uid,
         series_description=description,
     )
     records: list[IndexRecord] = []
@@ -73,18 +78,20 @@ def add_series(
         association_id = f"assoc-{number}"
         records.append(
             AssociationOpened(
-                association_id, calling_ae, "DICOMNODE", "127.0.0.1", 5000, True, None, NOW
+                association_id, calling_ae, "DICOMNODE", "127.0.0.1", 5000, True, None, received_at
             )
         )
     for dataset in series.datasets:
         dataset.SeriesNumber = number
+        if study_date is not None:
+            dataset.StudyDate = study_date
         key = InstanceKey.checked(
             dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
         )
         buffer = BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
         path, _ = spool.write(key, [buffer.getvalue()])
-        records.append(stored_record_from_file(path, NOW, association_id))
+        records.append(stored_record_from_file(path, received_at, association_id))
     with sessions.begin() as session:
         write_batch(session, records)
     return series.series_instance_uid
@@ -171,6 +178,58 @@ def test_reasons_name_the_failing_condition_and_hide_patient_values() -> None:
     assert reason is not None and "PatientID" in reason and "SECRET" not in reason
     reason = mismatch_reason(rule(min_instances=200), candidate())
     assert reason == "100 instances, fewer than min_instances 200"
+
+
+def test_explain_checks_every_criterion_and_the_first_failure_is_the_reason() -> None:
+    checked = rule(
+        calling_ae_titles=["CT1"],
+        match={"Modality": "MR", "BodyPartExamined": "CHEST", "Manufacturer": "GE"},
+        min_instances=200,
+        orientation="coronal",
+    )
+    checks = explain(checked, candidate(), "CT1")
+    assert [(c.criterion, c.passed) for c in checks] == [
+        ("calling_ae_titles", True),
+        ("match.Modality", False),
+        ("match.BodyPartExamined", True),
+        ("match.Manufacturer", False),
+        ("min_instances", False),
+        ("orientation", False),
+    ]
+    modality = checks[1]
+    assert (modality.wanted, modality.seen) == ("'MR'", "CT")
+    assert modality.reason == mismatch_reason(checked, candidate(), "CT1")
+    assert checks[3].reason == "Manufacturer is absent (wanted 'GE')" and checks[3].seen is None
+    assert (checks[4].wanted, checks[4].seen) == (">= 200", "100")
+    assert (checks[5].wanted, checks[5].seen) == ("coronal", "axial")
+    assert all(check.reason is None for check in checks if check.passed)
+    assert explain(rule(enabled=False), candidate())[0].criterion == "enabled"
+
+
+@pytest.mark.parametrize(
+    "condition", ["SECRET-123", {"regex": "^SECRET"}, ["OTHER", "SECRET-123"], "NOT-THIS-ONE"]
+)
+def test_explain_never_shows_patient_values_nor_the_rules_own(condition: Any) -> None:
+    """Neither the series' value of a patient attribute or person name nor the rule's
+    condition on it appears: only whether it matched."""
+    series = candidate(
+        tags={**candidate().tags, "ReferringPhysicianName": ("DR^WHO",), "PatientName": ("DOE",)}
+    )
+    for keyword in ("PatientID", "ReferringPhysicianName", "PatientBirthDate"):
+        [check, _count] = explain(rule(match={keyword: condition}), series)
+        assert check.wanted is None and check.seen is None
+        text = repr(check.as_dict()) + str(
+            mismatch_reason(rule(match={keyword: condition}), series)
+        )
+        for secret in ("SECRET", "OTHER", "NOT-THIS", "DR^WHO"):
+            assert secret not in text
+        assert keyword in (check.reason or keyword)
+    assert explain(rule(match={"PatientID": "NOT-THIS-ONE"}), series)[0].reason == (
+        "PatientID does not match"
+    )
+    assert explain(rule(match={"PatientBirthDate": "19700101"}), series)[0].reason == (
+        "PatientBirthDate is absent"
+    )
 
 
 def test_disabled_unreadable_and_non_image_series_are_left_out() -> None:

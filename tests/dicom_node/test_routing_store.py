@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import RoutingEntry, RoutingEntryKind, RoutingOrigin
+from db.models import RoutingEntry, RoutingEntryKind, RoutingHistory, RoutingOrigin
 from db.testing import writer_gets_in_first
 from dicom_node.config import ConfigError, Settings
 from dicom_node.routing_store import load_routing, sync_from_settings
@@ -120,12 +120,23 @@ def test_entries_added_changed_and_removed_by_the_file_are_audited(
             sync_from_settings(session, settings_with(*rules))
     changes = audit_rows(sessions, AuditAction.RULE_CHANGED, AuditAction.DESTINATION_CHANGED)
     assert [(row["object_kind"], row["object_id"], row["details"]) for row in changes] == [
-        ("destination", "pacs", {"change": "added"}),
-        ("rule", "b", {"change": "added"}),
-        ("rule", "ct", {"change": "added"}),
-        ("rule", "ct", {"change": "changed"}),
-        ("rule", "ct", {"change": "removed"}),
+        ("destination", "pacs", {"change": "added", "version": 1, "origin": "config"}),
+        ("rule", "b", {"change": "added", "version": 1, "origin": "config"}),
+        ("rule", "ct", {"change": "added", "version": 1, "origin": "config"}),
+        ("rule", "ct", {"change": "changed", "version": 2, "origin": "config"}),
+        ("rule", "ct", {"change": "removed", "version": 3, "origin": "config"}),
     ]
     assert {(row["actor_kind"], row["actor"]) for row in changes} == {
         ("node", "configuration file")
     }
+    with sessions() as session:
+        versions = session.scalars(
+            select(RoutingHistory).where(RoutingHistory.name == "ct").order_by(RoutingHistory.id)
+        ).all()
+    assert [(v.version, v.change, v.origin, v.actor) for v in versions] == [
+        (1, "added", RoutingOrigin.CONFIG, "node:configuration file"),
+        (2, "changed", RoutingOrigin.CONFIG, "node:configuration file"),
+        (3, "removed", RoutingOrigin.CONFIG, "node:configuration file"),
+    ]
+    assert versions[1].definition == {**CT_RULE, "pipeline": ["median"]}
+    assert versions[2].definition is None

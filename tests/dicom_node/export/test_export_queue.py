@@ -21,7 +21,9 @@ from dicom_node.config import Settings
 from dicom_node.export.queue import (
     DeliveryReport,
     ExportError,
+    ExportStateConflictError,
     RetryPolicy,
+    cancel,
     claim,
     enqueue,
     record,
@@ -234,3 +236,31 @@ def test_a_retry_asked_for_is_audited_with_who_asked(
     )
     assert asked["sop_instance_uid"] == uid_of(series_files[0])
     assert asked["details"] == {"destination": "pacs", "attempt": 0}
+
+
+def test_a_cancelled_export_is_never_claimed_until_retried_or_enqueued_anew(
+    sessions: sessionmaker[Session], series_files: list[Path], settings: Settings
+) -> None:
+    pacs, ops = target_for(settings), Actor.api_token("ops")
+    with sessions() as session, session.begin():
+        first, second = enqueue(session, pacs, series_files[:2], now=T0)
+        cancel(session, first.id, actor=ops)
+        cancel(session, second.id, actor=ops)
+        with pytest.raises(ExportStateConflictError, match="is cancelled; only a pending"):
+            cancel(session, first.id, actor=ops)
+        assert cancel(session, 999, actor=ops) is None
+    assert claim(sessions, ["pacs"], T0, 10, None) == []
+    with sessions() as session, session.begin():
+        retry(session, first.id, now=T0)
+        enqueue(session, pacs, series_files[1:2], now=T0)  # a job that ran again made it
+    assert sorted(c.id for c in claim(sessions, ["pacs"], T0, 10, None)) == [first.id, second.id]
+    with sessions() as session, session.begin():
+        with pytest.raises(ExportStateConflictError, match="is sending; only a pending"):
+            cancel(session, first.id, actor=ops)
+        with pytest.raises(ExportStateConflictError, match="being sent now"):
+            retry(session, first.id)
+    cancels = audit_rows(sessions, AuditAction.CANCEL_REQUESTED)
+    assert [(row["actor"], row["object_id"]) for row in cancels] == [
+        ("ops", str(first.id)),
+        ("ops", str(second.id)),
+    ]

@@ -7,9 +7,10 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import (
@@ -28,6 +29,7 @@ from dicom_node.jobs.dispatcher import Dispatcher
 from dicom_node.jobs.executors import InlineExecutor, JobFuture
 from dicom_node.jobs.state import (
     InvalidTransitionError,
+    cancel,
     claim_next,
     consume_completed_studies,
     create_jobs,
@@ -38,7 +40,7 @@ from dicom_node.jobs.state import (
 from dicom_node.jobs.worker import JobResult, JobSpec, run_job, written_steps
 from dicom_node.plugin_state import set_state
 from dicom_node.routing_store import sync_from_settings
-from dicom_node.security.audit import AuditAction
+from dicom_node.security.audit import Actor, AuditAction
 from dicom_node.storage import Spool
 from tests.dicom_node import test_routing
 from tests.dicom_node.security.audit_support import audit_rows
@@ -380,3 +382,53 @@ def test_each_run_that_ends_is_audited_with_its_outcome_in_its_transition(
         str(job.id),
         series_uid,
     )
+
+
+def test_a_cancelled_job_stays_cancelled_when_its_study_completes_again(
+    sessions: sessionmaker[Session], spool: Spool
+) -> None:
+    add_series(spool, sessions, number=1)
+    settings = settings_with(CT_RULE)
+    [job] = make_jobs(sessions, settings)
+    with sessions.begin() as session:
+        cancel(session, job.id, actor=Actor.api_token("ops"))
+    assert make_jobs(sessions, settings) == []
+    assert [(j.id, j.state) for j in jobs(sessions)] == [(job.id, JobState.CANCELLED)]
+
+
+def test_a_cancel_that_commits_just_before_the_dispatcher_records_the_job_wins(
+    sessions: sessionmaker[Session], spool: Spool, tmp_path: Path
+) -> None:
+    """Another node's operator cancels the job between its run's end and the dispatcher's
+    recording of it: the dispatcher records none of its outputs, sends nothing."""
+    add_series(spool, sessions, number=1)
+    settings = settings_sending_to_pacs(tmp_path, ["gaussian"])
+    with sessions.begin() as session:
+        sync_from_settings(session, settings)
+        complete_quiet_studies(session, 1.0, now=LATER)
+    dispatcher = Dispatcher(settings, sessions, InlineExecutor(run_job))
+    dispatcher.reload_routing(force=True)
+    dispatcher.route_completed_studies()
+    assert dispatcher.fill() == 1
+    [job] = jobs(sessions)
+    engine = sessions.kw["bind"]
+    cancelled: list[int] = []
+
+    def cancel_first(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if not cancelled and statement.lstrip().startswith("UPDATE jobs"):
+            cancelled.append(job.id)
+            with Session(engine) as other, other.begin():
+                cancel(other, job.id, actor=Actor.api_token("ops"))
+
+    event.listen(engine, "before_cursor_execute", cancel_first)
+    try:
+        dispatcher.collect()
+    finally:
+        event.remove(engine, "before_cursor_execute", cancel_first)
+    assert cancelled == [job.id]
+    assert [(j.state, j.num_outputs) for j in jobs(sessions)] == [(JobState.CANCELLED, 0)]
+    with sessions() as session:
+        assert (session.scalars(select(Output)).all(), session.scalars(select(Export)).all()) == (
+            [],
+            [],
+        )
