@@ -80,6 +80,7 @@ def _bad_input(_request: Request, exc: Exception) -> JSONResponse:
 
 ROUTERS: tuple[tuple[APIRouter, str], ...] = (
     (health, ""),
+    (models_router, f"{API_PREFIX}/models"),
     (routing_router, API_PREFIX),
     (plugins_router, API_PREFIX),
     (models_router, f"{API_PREFIX}/models"),

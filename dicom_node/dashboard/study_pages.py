@@ -1,4 +1,5 @@
-"""The studies list, a study's timeline, and the jobs with their steps and errors.
+"""The studies list, a study's timeline, and the jobs with their steps and errors, read
+with the REST API's own queries (``dicom_node.queries``).
 
 These pages show what the node holds about patients' studies, so each view is a
 ``phi_read`` audit row for the signed-in token, as the API's and the CLI's listings are.
@@ -12,100 +13,84 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse
-from sqlalchemy.orm import Session
 
 from db.enums import JobState
 from db.models import StudyStatus
-from dicom_node.api.auth import Caller
 from dicom_node.api.context import get_context
-from dicom_node.dashboard import study_queries
+from dicom_node.api.resources import record_read
 from dicom_node.dashboard.rendering import page
 from dicom_node.dashboard.session import PageCaller
-from dicom_node.security import audit
+from dicom_node.dashboard.timeline import timeline
+from dicom_node.queries.jobs import JobFilters, search_jobs
+from dicom_node.queries.paging import Paging
+from dicom_node.queries.studies import StudyFilters, search_studies, study_detail
 
 router = APIRouter(include_in_schema=False)
 
-ROWS = 200
+ROWS = Paging(limit=200)
 RETRYABLE = frozenset({JobState.FAILED, JobState.SUCCEEDED, JobState.CANCELLED})
 CANCELLABLE = frozenset({JobState.QUEUED, JobState.RUNNING})
-
-
-def record_phi_read(session: Session, caller: Caller, what: str, count: int) -> None:
-    audit.record(
-        session,
-        action=audit.AuditAction.PHI_READ,
-        actor=caller.actor,
-        object_kind=audit.AuditObjectKind.REQUEST,
-        object_id=f"GET {what} (dashboard)",
-        count=count,
-    )
 
 
 @router.get("/studies")
 def studies_page(
     request: Request,
     caller: PageCaller,
-    status_filter: Annotated[str, Query(alias="status", max_length=16)] = "",
+    status_filter: Annotated[StudyStatus | None, Query(alias="status")] = None,
     modality: Annotated[str, Query(max_length=16)] = "",
 ) -> HTMLResponse:
-    known_status = status_filter if status_filter in set(StudyStatus) else ""
+    filters = StudyFilters(modality=modality.strip() or None, status=status_filter)
     with get_context(request).sessions.begin() as session:
-        rows = study_queries.study_rows(
-            session, status=known_status or None, modality=modality.strip() or None, limit=ROWS
-        )
-        record_phi_read(session, caller, "/studies", len(rows))
+        found = search_studies(session, filters, ROWS)
+        record_read(session, caller, request, len(found.items))
     return page(
         request,
         "studies.html",
         caller,
-        studies=rows,
-        status_filter=known_status,
+        studies=found,
+        status_filter=status_filter or "",
         modality=modality.strip(),
         statuses=[str(item) for item in StudyStatus],
-        limit=ROWS,
     )
 
 
 @router.get("/studies/{study_instance_uid}")
 def study_page(request: Request, caller: PageCaller, study_instance_uid: str) -> HTMLResponse:
     with get_context(request).sessions.begin() as session:
-        detail = study_queries.study_detail(session, study_instance_uid)
+        detail = study_detail(session, study_instance_uid)
         if detail is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such study")
-        record_phi_read(session, caller, "/studies/{uid}", 1)
-        return page(
-            request,
-            "study.html",
-            caller,
-            detail=detail,
-            jobs=[(job, study_instance_uid) for job in detail.jobs],
-            retryable=RETRYABLE,
-            cancellable=CANCELLABLE,
-        )
+        moments = timeline(session, detail)
+        record_read(session, caller, request, 1, study_instance_uid=study_instance_uid)
+    return page(
+        request,
+        "study.html",
+        caller,
+        detail=detail,
+        timeline=moments,
+        retryable=RETRYABLE,
+        cancellable=CANCELLABLE,
+    )
 
 
 @router.get("/jobs")
 def jobs_page(
     request: Request,
     caller: PageCaller,
-    state: Annotated[str, Query(max_length=16)] = "",
+    state: Annotated[JobState | None, Query()] = None,
     rule: Annotated[str, Query(max_length=128)] = "",
 ) -> HTMLResponse:
-    known_state = state if state in set(JobState) else ""
     with get_context(request).sessions.begin() as session:
-        rows = study_queries.job_rows(
-            session, state=known_state or None, rule=rule.strip() or None, limit=ROWS
-        )
-        record_phi_read(session, caller, "/jobs", len(rows))
-        return page(
-            request,
-            "jobs.html",
-            caller,
-            jobs=rows,
-            state=known_state,
-            rule=rule.strip(),
-            states=[str(item) for item in JobState],
-            retryable=RETRYABLE,
-            cancellable=CANCELLABLE,
-            limit=ROWS,
-        )
+        found = search_jobs(session, JobFilters(state=state, rule=rule.strip() or None), ROWS)
+        record_read(session, caller, request, len(found.items))
+    return page(
+        request,
+        "jobs.html",
+        caller,
+        jobs=found,
+        state=state or "",
+        rule=rule.strip(),
+        states=[str(item) for item in JobState],
+        retryable=RETRYABLE,
+        cancellable=CANCELLABLE,
+    )
