@@ -41,6 +41,7 @@ __all__ = [
     "ViewerCaller",
     "client_address",
     "csrf_matches",
+    "deny",
     "new_csrf_token",
     "require",
 ]
@@ -75,7 +76,7 @@ def client_address(request: Request) -> str | None:
     return None if request.client is None else f"{request.client.host}:{request.client.port}"
 
 
-def _deny(
+def deny(
     context: ApiContext, request: Request, actor_name: str, reason: str, status_code: int
 ) -> HTTPException:
     """Record the refusal in its own transaction and return the error to raise."""
@@ -118,7 +119,7 @@ def require(role: TokenRole) -> Callable[..., Caller]:
         with context.sessions.begin() as session:
             info = authenticate(session, presented)
         if info is None:
-            raise _deny(
+            raise deny(
                 context,
                 request,
                 "(invalid)",
@@ -126,7 +127,7 @@ def require(role: TokenRole) -> Callable[..., Caller]:
                 status.HTTP_401_UNAUTHORIZED,
             )
         if not allows(info.role, role):
-            raise _deny(
+            raise deny(
                 context,
                 request,
                 info.name,
@@ -149,7 +150,7 @@ def _presented_token(
         if request.method not in SAFE_METHODS and not csrf_matches(
             request, request.headers.get(CSRF_HEADER)
         ):
-            raise _deny(
+            raise deny(
                 context,
                 request,
                 "(cookie)",
@@ -158,7 +159,7 @@ def _presented_token(
                 status.HTTP_403_FORBIDDEN,
             )
         return cookie
-    raise _deny(
+    raise deny(
         context,
         request,
         "(none)",

@@ -1,4 +1,5 @@
-"""The overview and the audit page: what needs no REST API module, read from the database."""
+"""The overview and the audit page (admins only, as ``/api/v1/audit``), read from the
+database."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
-from sqlalchemy.orm import Session
 
-from dicom_node.api.auth import Caller
 from dicom_node.api.context import get_context
+from dicom_node.api.resources import record_read
 from dicom_node.dashboard import queries
 from dicom_node.dashboard.charts import bar_chart
 from dicom_node.dashboard.rendering import page
-from dicom_node.dashboard.session import PageCaller
+from dicom_node.dashboard.session import AdminPageCaller, PageCaller
 from dicom_node.security import audit
 
 router = APIRouter(include_in_schema=False)
@@ -59,7 +59,7 @@ def overview(
 @router.get("/audit")
 def audit_page(
     request: Request,
-    caller: PageCaller,
+    caller: AdminPageCaller,
     hours: Annotated[int, Query(ge=1, le=24 * 365)] = 24,
     action: Annotated[str, Query(max_length=64)] = "",
     study: Annotated[str, Query(max_length=64)] = "",
@@ -73,7 +73,7 @@ def audit_page(
     )
     with get_context(request).sessions.begin() as session:
         events = [audit.event_as_dict(event) for event in audit.read_events(session, query)]
-        _record_audit_read(session, caller, len(events))
+        record_read(session, caller, request, len(events), action=audit.AuditAction.AUDIT_READ)
     return page(
         request,
         "audit.html",
@@ -84,15 +84,4 @@ def audit_page(
         study=study.strip(),
         all_actions=[str(item) for item in audit.AuditAction],
         limit=AUDIT_ROWS,
-    )
-
-
-def _record_audit_read(session: Session, caller: Caller, count: int) -> None:
-    audit.record(
-        session,
-        action=audit.AuditAction.AUDIT_READ,
-        actor=caller.actor,
-        object_kind=audit.AuditObjectKind.REQUEST,
-        object_id="GET /audit (dashboard)",
-        count=count,
     )

@@ -43,7 +43,7 @@ NAVIGATION = (
     NavItem("/jobs", "Jobs", TokenRole.VIEWER),
     NavItem("/rules", "Rules", TokenRole.VIEWER),
     NavItem("/plugins", "Plugins & models", TokenRole.VIEWER),
-    NavItem("/audit", "Audit", TokenRole.VIEWER),
+    NavItem("/audit", "Audit", TokenRole.ADMIN),
 )
 
 

@@ -9,23 +9,25 @@ which comes back to that page afterwards.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request, status
 from fastapi.responses import RedirectResponse, Response
 
-from db.enums import AuditActorKind
+from db.enums import AuditActorKind, TokenRole
 from dicom_node.api.auth import (
     CSRF_COOKIE,
     SESSION_COOKIE,
     Caller,
     client_address,
     csrf_matches,
+    deny,
     new_csrf_token,
 )
 from dicom_node.api.context import get_context
-from dicom_node.api.tokens import TokenInfo, authenticate
+from dicom_node.api.tokens import TokenInfo, allows, authenticate
 from dicom_node.dashboard.rendering import is_https, page, set_csrf_cookie
 from dicom_node.security import audit
 
@@ -53,7 +55,27 @@ def page_caller(request: Request) -> Caller:
     return Caller(info, client_address(request))
 
 
+def page_caller_of(role: TokenRole) -> Callable[[Request], Caller]:
+    """Who is signed in, with ``role`` or above: a lower role is a 403 (audited), as on the
+    API; the page is not linked for it."""
+
+    def caller_of_role(request: Request) -> Caller:
+        caller = page_caller(request)
+        if not allows(caller.role, role):
+            raise deny(
+                get_context(request),
+                request,
+                caller.token.name,
+                f"needs the {role} role; the token {caller.token.name!r} has {caller.role}",
+                status.HTTP_403_FORBIDDEN,
+            )
+        return caller
+
+    return caller_of_role
+
+
 PageCaller = Annotated[Caller, Depends(page_caller)]
+AdminPageCaller = Annotated[Caller, Depends(page_caller_of(TokenRole.ADMIN))]
 
 
 def safe_next(value: str | None) -> str:

@@ -67,7 +67,9 @@ def _job_moments(job: JobView) -> list[Moment]:
         return moments
     moments.append(Moment(job.started_at, f"{label} started", job.worker or ""))
     for step in job.step_timings:
-        moments.append(Moment(job.started_at, f"{label} step {step.step}", step_seconds=step.seconds))
+        moments.append(
+            Moment(job.started_at, f"{label} step {step.step}", step_seconds=step.seconds)
+        )
     if job.finished_at is not None and job.state in (JobState.SUCCEEDED, JobState.FAILED):
         failed = job.state == JobState.FAILED
         detail = job.error or "" if failed else f"{job.outputs} outputs"

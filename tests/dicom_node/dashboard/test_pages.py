@@ -62,7 +62,7 @@ def test_the_audit_page_lists_events_and_records_that_it_was_read(api: ApiHarnes
             study_instance_uid=study.study_instance_uid,
             count=1,
         )
-    client = signed_in(api, TokenRole.VIEWER)
+    client = signed_in(api, TokenRole.ADMIN)
     everything = table_text(client.get("/audit").text, "audit-events")
     assert "study_completed" in everything and study.study_instance_uid in everything
     assert "token_changed" in everything  # the harness's tokens
@@ -74,14 +74,24 @@ def test_the_audit_page_lists_events_and_records_that_it_was_read(api: ApiHarnes
         reads = session.scalars(
             select(AuditEvent).where(AuditEvent.action == audit.AuditAction.AUDIT_READ)
         ).all()
-    assert [(row.actor, row.object_id) for row in reads] == [
-        ("viewer", "GET /audit (dashboard)")
-    ] * 3
+    assert [(row.actor, row.object_id) for row in reads] == [("admin", "GET /audit")] * 3
 
 
 def test_every_role_sees_the_pages_it_may_use(api: ApiHarness) -> None:
     for role in TokenRole:
-        html = signed_in(api, role).get("/").text
-        for path in ("/studies", "/jobs", "/rules", "/audit"):
+        client = signed_in(api, role)
+        html = client.get("/").text
+        for path in ("/studies", "/jobs", "/rules", "/plugins"):
             assert f'href="{path}"' in html, (role, path)
         assert f"{role} ({role})" in html
+        audit_linked = 'href="/audit"' in html
+        assert audit_linked == (role == TokenRole.ADMIN), role
+        assert client.get("/audit").status_code == (200 if audit_linked else 403)
+    with api.context.sessions() as session:
+        refused = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == audit.AuditAction.ACCESS_DENIED)
+        ).all()
+    assert [(row.actor, row.object_id) for row in refused] == [
+        ("viewer", "GET /audit"),
+        ("operator", "GET /audit"),
+    ]

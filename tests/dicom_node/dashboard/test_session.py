@@ -21,29 +21,29 @@ def set_cookie_headers(response: object) -> dict[str, str]:
 
 
 def test_a_page_sends_a_signed_out_browser_to_the_form_and_back(api: ApiHarness) -> None:
-    response = api.client.get("/audit", follow_redirects=False)
+    response = api.client.get("/jobs", follow_redirects=False)
     assert response.status_code == 303
-    assert response.headers["location"] == "/sign-in?next=/audit"
-    form = api.client.get("/sign-in?next=/audit")
-    assert 'name="next" value="/audit"' in form.text
+    assert response.headers["location"] == "/sign-in?next=/jobs"
+    form = api.client.get("/sign-in?next=/jobs")
+    assert 'name="next" value="/jobs"' in form.text
     response = api.client.post(
         "/sign-in",
         data={
             "token": api.tokens[TokenRole.VIEWER],
             "csrf_token": form.cookies[CSRF_COOKIE],
-            "next": "/audit",
+            "next": "/jobs",
         },
         follow_redirects=False,
     )
     assert response.status_code == 303
-    assert response.headers["location"] == "/audit"
+    assert response.headers["location"] == "/jobs"
     cookies = set_cookie_headers(response)
     session_cookie = cookies[SESSION_COOKIE]
     assert "httponly" in session_cookie and "samesite=strict" in session_cookie
     assert "max-age" not in session_cookie  # gone when the browser closes
     assert "httponly" in cookies[CSRF_COOKIE] and "samesite=strict" in cookies[CSRF_COOKIE]
     assert response.cookies[CSRF_COOKIE] != form.cookies[CSRF_COOKIE]  # a new one per session
-    page = api.client.get("/audit")
+    page = api.client.get("/jobs")
     assert page.status_code == 200
     assert "viewer (viewer)" in page.text
 
