@@ -186,12 +186,14 @@ def print_dashboard(base: str, token: str) -> None:
             f"   studies: {uid} {study['Status']}, {study['Modalities']},"
             f" {study['Series']} series, {study['Instances']} instances"
         )
-        moments = dashboard_page(base, token, f"/studies/{uid}").rows["timeline"]
+        timeline = dashboard_page(base, token, f"/studies/{uid}").rows["timeline"]
+        moments = [moment for moment in timeline if " step " not in " ".join(moment)]
         shown = moments if len(moments) <= TIMELINE_LINES else moments[: TIMELINE_LINES - 1]
         for moment in shown:
             print(f"     {' '.join(moment)}")
         if len(shown) < len(moments):
             print(f"     … {len(moments) - len(shown)} more, the last: {' '.join(moments[-1])}")
+        print(f"     (and {len(timeline) - len(moments)} job steps, listed with the jobs below)")
     for job in dashboard_page(base, token, "/jobs").table("jobs"):
         print(
             f"   jobs: job {job['Job']} {job['State']}, {job['Rule (pipeline)']},"
