@@ -15,13 +15,13 @@ import json
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
-from sqlalchemy import select
 
-from db.models import RoutingEntry, RoutingEntryKind
+from db.models import RoutingEntryKind
 from dicom_node.api.context import get_context
 from dicom_node.dashboard.rendering import page
 from dicom_node.dashboard.session import PageCaller
 from dicom_node.plugin_state import list_plugins
+from dicom_node.routing_admin import list_entries
 
 router = APIRouter(include_in_schema=False)
 
@@ -29,22 +29,22 @@ router = APIRouter(include_in_schema=False)
 @router.get("/rules")
 def rules_page(request: Request, caller: PageCaller) -> HTMLResponse:
     with get_context(request).sessions() as session:
-        entries = session.scalars(
-            select(RoutingEntry)
-            .where(RoutingEntry.kind == RoutingEntryKind.RULE)
-            .order_by(RoutingEntry.position, RoutingEntry.name)
-        ).all()
-        rules = [
+        entries = list_entries(session, RoutingEntryKind.RULE)
+    rules = []
+    for entry in entries:
+        document = json.dumps(entry.definition, indent=2)
+        rules.append(
             {
                 "name": entry.name,
                 "origin": str(entry.origin),
+                "version": entry.version,
                 "enabled": entry.definition.get("enabled", True),
                 "updated_at": entry.updated_at,
-                "document": json.dumps(entry.definition, indent=2, sort_keys=False),
-                "lines": min(24, 2 + json.dumps(entry.definition, indent=2).count("\n")),
+                "note": entry.note,
+                "document": document,
+                "lines": min(24, 2 + document.count("\n")),
             }
-            for entry in entries
-        ]
+        )
     return page(request, "rules.html", caller, rules=rules, scripts=["rules.js"])
 
 

@@ -39,7 +39,9 @@ def test_admins_may_save_a_rule_and_try_it_others_only_read_it(api: ApiHarness) 
     assert 'class="try secondary"' in admin
     assert 'data-api-url="/api/v1/rules/lungs/disable"' in admin
     shown = admin.split("<textarea", 1)[1].split(">", 1)[1].split("</textarea>", 1)[0]
-    assert json.loads(shown.replace("&#34;", '"')) == LUNGS
+    document = json.loads(shown.replace("&#34;", '"'))
+    assert {key: document[key] for key in LUNGS} == LUNGS
+    assert document["enabled"] is True  # the defaults are shown too
     for role in (TokenRole.VIEWER, TokenRole.OPERATOR):
         html = signed_in(api, role).get("/rules").text
         section = rule_section(html, "lungs")
