@@ -10,6 +10,7 @@ refused with a ``SeriesError`` that says why.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
+from pydicom.pixels.utils import pixel_array
 
 from dicom_node.security.crypto import read_dicom
 from dicom_node.security.keys import KeyRing
@@ -220,7 +222,9 @@ def _pixels(ds: Dataset, where: str) -> npt.NDArray[Any]:
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise SeriesError(f"{where}: colour images are not volumes (SamplesPerPixel > 1)")
     try:
-        array: npt.NDArray[Any] = ds.pixel_array
+        # Not ``ds.pixel_array``: that keeps the decoded array on the dataset as long as
+        # the dataset lives (a second copy of the series beside the volume).
+        array: npt.NDArray[Any] = pixel_array(ds)
     except Exception as exc:  # missing decoder, corrupt stream
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise SeriesError(f"{where}: cannot decode pixel data ({syntax}): {exc}") from exc
@@ -249,13 +253,18 @@ def datasets_to_volume(datasets: Sequence[Dataset]) -> Volume:
     ordered, slice_spacing = _order(frames)
 
     decoded: dict[int, npt.NDArray[Any]] = {}
+    frames_left = Counter(frame.source for frame in ordered)
     rows, columns = ordered[0].shape
     volume = np.empty((len(ordered), rows, columns), dtype=np.float32)
     for z, frame in enumerate(ordered):
         ds = datasets[frame.source]
         if frame.source not in decoded:
             decoded[frame.source] = _pixels(ds, f"instance {frame.sop_instance_uid}")
-        pixels = decoded[frame.source]
+        frames_left[frame.source] -= 1
+        # An instance's decoded pixels are kept only until its last frame is placed.
+        pixels = (
+            decoded.pop(frame.source) if frames_left[frame.source] == 0 else decoded[frame.source]
+        )
         plane = pixels if frame.frame is None else pixels[frame.frame]
         if plane.shape != (rows, columns):
             raise SeriesError(

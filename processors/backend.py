@@ -165,3 +165,15 @@ def _kernel(kind: KernelKind, *spec: str | tuple[str, ...]) -> Any:
 def clear_kernels() -> None:
     """Forget every kernel (for tests)."""
     _kernel.cache_clear()
+
+
+#: Slices per slab where work goes slice by slice (``slabs``): 16 slices of 512 x 512 hold
+#: 4 MB of a boolean mask, 16 MB of float32, 32 MB of float64.
+SLAB_SLICES = 16
+
+
+def slabs(depth: int, size: int | None = None) -> list[slice]:
+    """Runs of ``size`` slices (``SLAB_SLICES``) covering ``depth``: what works slice by
+    slice runs on one slab at a time, so its temporaries are a slab's, not a volume's."""
+    size = size or SLAB_SLICES
+    return [slice(start, min(start + size, depth)) for start in range(0, depth, size)]

@@ -20,7 +20,7 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field
 
-from processors.backend import is_cupy, to_host
+from processors.backend import is_cupy, slabs, to_host
 from processors.base import (
     Array,
     Code,
@@ -32,7 +32,13 @@ from processors.base import (
     SegmentDescription,
     Volume,
 )
-from processors.segment import BodyMaskParams, body_mask, intensity_unit, segment_statistics
+from processors.segment import (
+    BodyMaskParams,
+    body_mask,
+    intensity_unit,
+    label_counts,
+    segment_statistics,
+)
 
 
 @dataclass(frozen=True)
@@ -199,11 +205,23 @@ def kmeans_sklearn(
 
 
 def sample_index(xp: ModuleType, n: int, params: KMeansParams) -> Array | None:
-    """Sorted random rows to fit on (``params.sample_size`` of ``n``), or None for all."""
-    if params.sample_size is None or params.sample_size >= n:
+    """Sorted random rows to fit on (``params.sample_size`` of ``n``), or None for all.
+
+    Drawn with replacement, the repeats dropped and topped up, then thinned to the size: a
+    uniform subset like ``rng.choice(n, size, replace=False)``, without the permutation of
+    all ``n`` rows (170 MB of int64 for a 200-slice CT's body) that choice makes.
+    """
+    size = params.sample_size
+    if size is None or size >= n:
         return None
     rng = np.random.default_rng(params.seed)
-    return xp.asarray(np.sort(rng.choice(n, size=params.sample_size, replace=False)))
+    chosen = np.unique(rng.integers(0, n, size=size + size // 8 + 16))
+    while chosen.size < size:
+        more = rng.integers(0, n, size=size - chosen.size + 16)
+        chosen = np.unique(np.concatenate([chosen, more]))
+    if chosen.size > size:
+        chosen = np.sort(rng.choice(chosen, size=size, replace=False))
+    return xp.asarray(chosen)
 
 
 def intensity_classes(
@@ -216,28 +234,70 @@ def intensity_classes(
     when one is asked for); in one dimension the nearest centre of a voxel is found by
     counting the midpoints of the sorted centres below its value.
     """
-    flat = volume.array.ravel()
-    values = flat if inside is None else flat[inside.ravel()]
-    mean = float(values.mean(dtype=xp.float64))
-    std = float(values.std(dtype=xp.float64)) or 1.0
-    pick = sample_index(xp, values.shape[0], params)
-    if pick is not None:
-        values = values[pick]
-    fit = ((values.astype(xp.float32) - mean) / std)[:, None]
+    image = volume.array
+    mean, std, count = masked_mean_std(xp, image, inside)
+    pick = sample_index(xp, count, params)
+    values = masked_values(xp, image, inside, None if pick is None else to_host(pick))
+    fit = ((values.astype(xp.float32) - mean) / (std or 1.0))[:, None]
     options = dict(max_iter=params.max_iter, tol=params.tol, n_init=params.n_init, seed=params.seed)
     if is_cupy(xp):
         _, centres = kmeans_xp(xp, fit, params.k, **options)  # type: ignore[arg-type]
     else:
         _, centres = kmeans_sklearn(fit, params.k, sample=None, **options)  # type: ignore[arg-type]
-    ordered = np.sort(np.asarray(to_host(centres), dtype=np.float64)[:, 0]) * std + mean
-    labels = xp.ones(flat.shape, dtype=xp.uint16)
-    for midpoint in (ordered[1:] + ordered[:-1]) / 2.0:
-        # A float64 scalar, so that float32 voxels compare as searchsorted would (in
-        # float64), one pass each: k - 1 passes are 9x faster than searchsorted for k = 3.
-        labels += flat > np.float64(midpoint)
-    if inside is not None:
-        labels *= inside.ravel()
-    return labels.reshape(volume.shape), ordered.tolist()
+    ordered = np.sort(np.asarray(to_host(centres), dtype=np.float64)[:, 0]) * (std or 1.0) + mean
+    midpoints = (ordered[1:] + ordered[:-1]) / 2.0
+    labels = xp.empty(image.shape, dtype=xp.uint8)
+    for slab in slabs(len(image)):
+        slab_labels = xp.ones(image[slab].shape, dtype=xp.uint8)
+        for midpoint in midpoints:
+            # A float64 scalar, so that float32 voxels compare as searchsorted would (in
+            # float64), one pass each: k - 1 passes are 9x faster than searchsorted for k = 3.
+            slab_labels += image[slab] > np.float64(midpoint)
+        if inside is not None:
+            slab_labels *= inside[slab]
+        labels[slab] = slab_labels
+    return labels, ordered.tolist()
+
+
+def masked_mean_std(xp: ModuleType, image: Array, inside: Array | None) -> tuple[float, float, int]:
+    """The mean and standard deviation (float64, two passes) of the voxels ``inside`` (all
+    when None) and how many they are, slab by slab: no copy of the selected voxels."""
+    count = 0
+    total = 0.0
+    for slab in slabs(len(image)):
+        values = image[slab] if inside is None else image[slab][inside[slab]]
+        count += int(values.size)
+        total += float(values.sum(dtype=xp.float64))
+    if count == 0:
+        return 0.0, 0.0, 0
+    mean = total / count
+    squares = 0.0
+    for slab in slabs(len(image)):
+        values = image[slab] if inside is None else image[slab][inside[slab]]
+        deviations = values.astype(xp.float64) - mean
+        squares += float((deviations * deviations).sum())
+    return mean, float(np.sqrt(squares / count)), count
+
+
+def masked_values(
+    xp: ModuleType, image: Array, inside: Array | None, ranks: np.ndarray | None
+) -> Array:
+    """The voxels ``inside`` (all when None) in C order, or only those at the sorted
+    ``ranks`` among them: gathered slab by slab, so that only the result is volume-sized."""
+    if ranks is None:
+        return image.ravel() if inside is None else image[inside]
+    parts = []
+    offset = 0
+    for slab in slabs(len(image)):
+        here = image[slab].ravel()
+        if inside is not None:
+            here = here[inside[slab].ravel()]
+        size = int(here.shape[0])
+        lo, hi = np.searchsorted(ranks, [offset, offset + size])
+        if hi > lo:
+            parts.append(here[xp.asarray(ranks[lo:hi] - offset)])
+        offset += size
+    return xp.concatenate(parts) if parts else image.ravel()[:0]
 
 
 def feature_classes(
@@ -284,7 +344,7 @@ class KMeansCluster:
             )
         classify = intensity_classes if params.spatial_weight == 0 else feature_classes
         label_map, centres = classify(xp, volume, params, inside)
-        sizes = to_host(xp.bincount(label_map.ravel(), minlength=params.k + 1))
+        sizes = label_counts(xp, label_map, params.k)
         present = [label for label in range(1, params.k + 1) if int(sizes[label]) > 0]
         stats = segment_statistics(
             xp, volume.array, label_map, params.k, volume.voxel_volume_mm3, intensity_unit(volume)

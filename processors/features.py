@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field, model_validator
 
-from processors.backend import to_host
+from processors.backend import slabs, to_host
 from processors.base import (
     Array,
     Code,
@@ -75,21 +75,36 @@ def local(name: str) -> Code:
 # ------------------------------------------------------------------ first order
 
 
-def first_order(xp: ModuleType, values: Array, bins: int) -> dict[str, float]:
-    """Statistics of a 1-D array of region voxels (skewness/kurtosis as scipy.stats)."""
-    if values.size == 0:
+def first_order(xp: ModuleType, image: Array, mask: Array, bins: int) -> dict[str, float]:
+    """Statistics of the voxels of ``image`` where ``mask`` (skewness/kurtosis as
+    scipy.stats), slab by slab in float64: only the region's float32 voxels (for the
+    percentiles) are ever volume-sized."""
+    count = 0
+    total = 0.0
+    low, high = math.inf, -math.inf
+    for slab in slabs(len(image)):
+        values = image[slab][mask[slab]]
+        if values.size:
+            count += int(values.size)
+            total += float(values.sum(dtype=xp.float64))
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+    if count == 0:
         raise ProcessorError("the feature region is empty")
-    v = values.astype(xp.float64)
-    mean = float(v.mean())
-    centred = v - mean
-    squared = centred * centred
-    m2 = float(squared.mean())
-    m3 = float((squared * centred).mean())
-    m4 = float((squared * squared).mean())
-    low, high = float(v.min()), float(v.max())
-    p10, p50, p90 = (float(q) for q in xp.percentile(v, xp.asarray([10.0, 50.0, 90.0])))
-    hist, _ = xp.histogram(v, bins=bins, range=(low, high if high > low else low + 1.0))
-    p = hist.astype(xp.float64) / v.size
+    mean = total / count
+    m2 = m3 = m4 = 0.0
+    hist = np.zeros(bins, dtype=np.int64)
+    edges = (low, high if high > low else low + 1.0)
+    for slab in slabs(len(image)):
+        values = image[slab][mask[slab]].astype(xp.float64)
+        centred = values - mean
+        squared = centred * centred
+        m2 += float(squared.sum())
+        m3 += float((squared * centred).sum())
+        m4 += float((squared * squared).sum())
+        hist += to_host(xp.histogram(values, bins=bins, range=edges)[0])
+    m2, m3, m4 = m2 / count, m3 / count, m4 / count
+    p10, p50, p90 = percentiles(xp, image[mask], (10.0, 50.0, 90.0))
+    p = hist.astype(np.float64) / count
     nz = p[p > 0]
     return {
         "Mean": mean,
@@ -101,9 +116,27 @@ def first_order(xp: ModuleType, values: Array, bins: int) -> dict[str, float]:
         "Percentile 90": p90,
         "Skewness": m3 / m2**1.5 if m2 > 0 else 0.0,
         "Kurtosis": m4 / m2**2 - 3.0 if m2 > 0 else 0.0,
-        "Entropy": float(-(nz * xp.log2(nz)).sum()),
+        "Entropy": float(-(nz * np.log2(nz)).sum()),
         "Uniformity": float((p**2).sum()),
     }
+
+
+def percentiles(xp: ModuleType, values: Array, points: tuple[float, ...]) -> list[float]:
+    """``numpy.percentile(values.astype(float64), points)`` (linear method), computed by
+    partitioning ``values`` in place: no float64 copy and no second copy for sorting."""
+    n = int(values.size)
+    virtual = [(n - 1) * (point / 100.0) for point in points]
+    below = [math.floor(index) for index in virtual]
+    kth = sorted({*below, *(min(index + 1, n - 1) for index in below)})
+    values.partition(xp.asarray(kth))
+    out = []
+    for index, lower in zip(virtual, below, strict=True):
+        a = float(values[lower])
+        b = float(values[min(lower + 1, n - 1)])
+        gamma = index - lower
+        # numpy's _lerp: from the nearer end, so that the result stays within [a, b].
+        out.append(b - (b - a) * (1.0 - gamma) if gamma >= 0.5 else a + (b - a) * gamma)
+    return out
 
 
 # ------------------------------------------------------------------ GLCM
@@ -222,10 +255,9 @@ def compute_features(volume: Volume, params: FeaturesParams, xp: ModuleType) -> 
         mask = xp.ones(image.shape, dtype=bool)
     else:
         mask = image > params.region_threshold
-    region = image[mask]
     features: dict[str, float] = {}
-    features.update(first_order(xp, region, params.histogram_bins))
-    features["Region volume"] = float(region.size) * volume.voxel_volume_mm3
+    features.update(first_order(xp, image, mask, params.histogram_bins))
+    features["Region volume"] = float(int(mask.sum())) * volume.voxel_volume_mm3
 
     slices = representative_slices(xp, mask, params.n_slices)
     if params.glcm_range is not None:

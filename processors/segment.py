@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from processors.backend import ndimage_for, to_host
+from processors.backend import ndimage_for, slabs, to_host
 from processors.base import (
     Array,
     Code,
@@ -211,11 +211,12 @@ def components_touching(xp: ModuleType, mask: Array, seeds: Array) -> Array:
     return touched[labels]
 
 
-def in_plane_box(xp: ModuleType, mask: Array) -> tuple[slice, slice] | None:
-    """Rows and columns of the mask's bounding box over all slices, with a ring of one
-    pixel around it where the image allows; None when the mask is empty."""
-    rows = xp.flatnonzero(mask.any(axis=(0, 2)))
-    columns = xp.flatnonzero(mask.any(axis=(0, 1)))
+def box_around(xp: ModuleType, rows_any: Array, columns_any: Array) -> tuple[slice, slice] | None:
+    """The rows and columns where a mask has voxels (``rows_any``/``columns_any``: over
+    all its slices), with a ring of one pixel around them where the image allows; None when
+    the mask is empty."""
+    rows = xp.flatnonzero(rows_any)
+    columns = xp.flatnonzero(columns_any)
     if rows.size == 0:
         return None
     top, bottom = max(int(rows[0]) - 1, 0), int(rows[-1]) + 2
@@ -279,7 +280,6 @@ def body_mask(xp: ModuleType, volume: Volume, params: BodyMaskParams | None = No
     level = params.body_threshold
     if level is None:
         level = foreground_threshold(xp, volume)
-    above = image > level
     _, row_mm, column_mm = volume.spacing
     field_mm = min(volume.shape[1] * row_mm, volume.shape[2] * column_mm)
     scale = min(1.0, field_mm / FULL_FIELD_OF_VIEW_MM)
@@ -288,25 +288,39 @@ def body_mask(xp: ModuleType, volume: Volume, params: BodyMaskParams | None = No
     pixel_mm = (row_mm * rows, column_mm * columns)
     opening_mm = scale * params.body_opening_mm
     thickness_mm = scale * params.body_min_thickness_mm
-    coarse = block_majority(xp, above, rows, columns)
+    coarse = xp.concatenate(
+        [block_majority(xp, image[slab] > level, rows, columns) for slab in slabs(len(image))]
+    )
     if opening_mm > 0:
         coarse = ndi.binary_opening(coarse, structure=in_plane_disk(xp, opening_mm, pixel_mm))
     parts = thick_parts(xp, coarse, pixel_mm, thickness_mm, params.body_min_area_fraction)
     # Back on the full grid: what the opening and the coarse grid shaved off the skin (an
     # ear, a nose) comes back if it is near a part and joined to it, so that a blanket a
-    # few millimetres off the skin stays out.
+    # few millimetres off the skin stays out. Slab by slab (every step is in-plane), so
+    # that the full-grid temporaries are a slab's.
     reach = in_plane_disk(xp, opening_mm + max(pixel_mm), pixel_mm)
-    near = upsample(xp, ndi.binary_dilation(parts, structure=reach), rows, columns, image.shape)
+    near = ndi.binary_dilation(parts, structure=reach)
     core = ndi.binary_erosion(parts, structure=in_plane_structure(xp))
-    inner = upsample(xp, core, rows, columns, image.shape)
-    candidate = above & near
+
+    def candidate(slab: slice) -> Array:
+        shape = (slab.stop - slab.start, *image.shape[1:])
+        return (image[slab] > level) & upsample(xp, near[slab], rows, columns, shape)
+
+    rows_any = xp.zeros(image.shape[1], dtype=bool)
+    columns_any = xp.zeros(image.shape[2], dtype=bool)
+    for slab in slabs(len(image)):
+        found = candidate(slab)
+        rows_any |= found.any(axis=(0, 2))
+        columns_any |= found.any(axis=(0, 1))
     body = xp.zeros(image.shape, dtype=bool)
-    box = in_plane_box(xp, candidate)
+    box = box_around(xp, rows_any, columns_any)
     if box is None:
         return body
-    window = (slice(None), *box)
-    joined = components_touching(xp, candidate[window], inner[window])
-    body[window] = fill_holes_in_plane(xp, joined)
+    for slab in slabs(len(image)):
+        shape = (slab.stop - slab.start, *image.shape[1:])
+        inner = upsample(xp, core[slab], rows, columns, shape)[(slice(None), *box)]
+        joined = components_touching(xp, candidate(slab)[(slice(None), *box)], inner)
+        body[(slab, *box)] = fill_holes_in_plane(xp, joined)
     return body
 
 
@@ -392,38 +406,81 @@ def segment_mask(xp: ModuleType, volume: Volume, params: ThresholdParams) -> Arr
     return mask
 
 
+def label_counts(xp: ModuleType, labels: Array, count: int) -> np.ndarray:
+    """How many voxels hold each label 0..count (a host array), slab by slab: ``bincount``
+    of a whole volume would first copy it to intp (8 bytes a voxel)."""
+    sizes = np.zeros(count + 1, dtype=np.int64)
+    for slab in slabs(len(labels)):
+        sizes += to_host(xp.bincount(labels[slab].ravel(), minlength=count + 1))[: count + 1]
+    return sizes
+
+
+def label_moments(
+    xp: ModuleType, image: Array, labels: Array, count: int
+) -> list[tuple[int, float, float, float, float]]:
+    """(voxels, mean, standard deviation, min, max) of ``image`` in each label 1..count.
+
+    Slab by slab in float64, in two passes (the sums, then the squared deviations from
+    the mean): the temporaries are a slab's whatever the volume, and the deviation is as
+    exact as numpy's ``std`` of the gathered voxels. A few labels gather their voxels
+    (a pass each); many go through ``bincount`` and ``ndimage`` over the labelled voxels.
+    """
+    voxels = np.zeros(count + 1, dtype=np.int64)
+    sums = np.zeros(count + 1)
+    low = np.full(count + 1, np.inf)
+    high = np.full(count + 1, -np.inf)
+    for slab in slabs(len(image)):
+        for label, values in _labelled_values(xp, image[slab], labels[slab], count):
+            voxels[label] += values.size
+            sums[label] += float(values.sum(dtype=xp.float64))
+            low[label] = min(low[label], float(values.min()))
+            high[label] = max(high[label], float(values.max()))
+    means = np.divide(sums, voxels, out=np.zeros(count + 1), where=voxels > 0)
+    squares = np.zeros(count + 1)
+    for slab in slabs(len(image)):
+        for label, values in _labelled_values(xp, image[slab], labels[slab], count):
+            deviations = values.astype(xp.float64) - means[label]
+            squares[label] += float((deviations * deviations).sum())
+    rows: list[tuple[int, float, float, float, float]] = []
+    for label in range(1, count + 1):
+        n = int(voxels[label])
+        if n == 0:
+            rows.append((0, 0.0, 0.0, 0.0, 0.0))
+            continue
+        std = float(np.sqrt(squares[label] / n))
+        rows.append((n, float(means[label]), std, float(low[label]), float(high[label])))
+    return rows
+
+
+def _labelled_values(
+    xp: ModuleType, image: Array, labels: Array, count: int
+) -> list[tuple[int, Array]]:
+    """Each label of 1..count present in this slab, with its voxels' values."""
+    if count <= 8:
+        found = [(label, image[labels == label]) for label in range(1, count + 1)]
+        return [(label, values) for label, values in found if values.size]
+    inside = labels > 0
+    flat_labels = labels[inside]
+    values = image[inside]
+    order = xp.argsort(flat_labels, kind="stable")
+    flat_labels, values = flat_labels[order], values[order]
+    present = to_host(xp.unique(flat_labels))
+    starts = to_host(xp.searchsorted(flat_labels, xp.asarray(present), side="left"))
+    ends = to_host(xp.searchsorted(flat_labels, xp.asarray(present), side="right"))
+    return [
+        (int(label), values[int(start) : int(end)])
+        for label, start, end in zip(present, starts, ends, strict=True)
+        if 1 <= int(label) <= count
+    ]
+
+
 def segment_statistics(
     xp: ModuleType, image: Array, labels: Array, count: int, voxel_mm3: float, unit: Code
 ) -> list[Measurement]:
     """Volume, mean, standard deviation, min and max of ``image`` inside each segment."""
     if count == 0:
         return []
-    rows: list[tuple[int, float, float, float, float]] = []
-    if count <= 8:
-        # A few segments: gather each one's voxels (a handful of passes, no sorting).
-        for label in range(1, count + 1):
-            values = image[labels == label]
-            if values.size == 0:
-                rows.append((0, 0.0, 0.0, 0.0, 0.0))
-                continue
-            mean = float(values.mean())
-            std = float(values.std())
-            rows.append((int(values.size), mean, std, float(values.min()), float(values.max())))
-    else:
-        ndi = ndimage_for(xp)
-        index = xp.arange(1, count + 1)
-        flat_labels = labels.ravel().astype(xp.int64)
-        flat = image.ravel().astype(xp.float64)
-        n = to_host(xp.bincount(flat_labels, minlength=count + 1)[1:])
-        sums = to_host(xp.bincount(flat_labels, weights=flat, minlength=count + 1)[1:])
-        squares = to_host(xp.bincount(flat_labels, weights=flat * flat, minlength=count + 1)[1:])
-        minima = to_host(xp.asarray(ndi.minimum(image, labels, index)))
-        maxima = to_host(xp.asarray(ndi.maximum(image, labels, index)))
-        for i in range(count):
-            voxels = int(n[i])
-            mean = float(sums[i]) / voxels if voxels else 0.0
-            var = max(float(squares[i]) / voxels - mean * mean, 0.0) if voxels else 0.0
-            rows.append((voxels, mean, var**0.5, float(minima[i]), float(maxima[i])))
+    rows = label_moments(xp, image, labels, count)
     out: list[Measurement] = []
     for segment, (voxels, mean, std, low, high) in enumerate(rows, start=1):
         if voxels == 0:

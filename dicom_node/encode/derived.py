@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import highdicom as hd
@@ -117,6 +117,20 @@ def encode_derived(
     now: dt.datetime | None = None,
 ) -> list[Dataset]:
     """One derived instance per slice of ``result`` (slice order), ready to save."""
+    return list(derived_instances(result, sources, provenance, index=index, now=now))
+
+
+def derived_instances(
+    result: ImageResult,
+    sources: Sequence[Dataset],
+    provenance: Provenance,
+    *,
+    index: int = 0,
+    now: dt.datetime | None = None,
+) -> Iterator[Dataset]:
+    """``encode_derived`` one instance at a time, so that a caller writing each as it
+    comes holds one slice's dataset, not the series'. The checks run before it returns:
+    an ``EncodeError`` is raised by this call, not while iterating."""
     geometry = result.volume
     if geometry.source_frame_numbers:
         raise EncodeError("derived series from multi-frame sources are not supported yet")
@@ -158,44 +172,46 @@ def encode_derived(
         contribution_description=long_string(f"{provenance.processor} {provenance.version}"),
     )
     code = hd.sr.CodedConcept.from_code(DERIVATION_CODES.get(provenance.family, DEFAULT_DERIVATION))
-    out: list[Dataset] = []
-    for z, source in enumerate(ordered):
-        ds = Dataset()
-        for element in source:
-            if element.keyword not in DROPPED and not element.tag.is_private:
-                ds.add(copy.deepcopy(element))
-        image_type = [str(v) for v in source.get("ImageType", [])]
-        ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]]
-        ds.SOPInstanceUID = provenance.instance_uid(series_uid, "derived", index, z)
-        ds.SeriesInstanceUID = new_series
-        ds.SeriesNumber = SERIES_NUMBER["derived"] + index
-        ds.SeriesDescription = long_string(description)
-        ds.InstanceNumber = z + 1
-        ds.SeriesDate = ds.ContentDate = when.strftime("%Y%m%d")
-        ds.SeriesTime = ds.ContentTime = when.strftime("%H%M%S")
-        ds.DerivationDescription = derivation[:1024]
-        ds.DerivationCodeSequence = [code]
-        ds.SourceImageSequence = [_source_item(source)]
-        ds.ContributingEquipmentSequence = [equipment]
-        ds.BitsAllocated = 16
-        ds.BitsStored = bits
-        ds.HighBit = bits - 1
-        ds.PixelRepresentation = 1 if signed else 0
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        if has_rescale:
-            ds.RescaleSlope = f"{slope:.10g}"[:16]
-            ds.RescaleIntercept = f"{intercept:.10g}"[:16]
-        if not kept:
-            # The source's window and rescale type describe other values: viewers auto-window.
-            for keyword in ("WindowCenter", "WindowWidth", "RescaleType", "VOILUTSequence"):
-                if keyword in ds:
-                    delattr(ds, keyword)
-        ds.PixelData = stored_slice(z)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds.file_meta = meta
-        out.append(ds)
-    return out
+
+    def instances() -> Iterator[Dataset]:
+        for z, source in enumerate(ordered):
+            ds = Dataset()
+            for element in source:
+                if element.keyword not in DROPPED and not element.tag.is_private:
+                    ds.add(copy.deepcopy(element))
+            image_type = [str(v) for v in source.get("ImageType", [])]
+            ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]]
+            ds.SOPInstanceUID = provenance.instance_uid(series_uid, "derived", index, z)
+            ds.SeriesInstanceUID = new_series
+            ds.SeriesNumber = SERIES_NUMBER["derived"] + index
+            ds.SeriesDescription = long_string(description)
+            ds.InstanceNumber = z + 1
+            ds.SeriesDate = ds.ContentDate = when.strftime("%Y%m%d")
+            ds.SeriesTime = ds.ContentTime = when.strftime("%H%M%S")
+            ds.DerivationDescription = derivation[:1024]
+            ds.DerivationCodeSequence = [code]
+            ds.SourceImageSequence = [_source_item(source)]
+            ds.ContributingEquipmentSequence = [equipment]
+            ds.BitsAllocated = 16
+            ds.BitsStored = bits
+            ds.HighBit = bits - 1
+            ds.PixelRepresentation = 1 if signed else 0
+            ds.PhotometricInterpretation = "MONOCHROME2"
+            if has_rescale:
+                ds.RescaleSlope = f"{slope:.10g}"[:16]
+                ds.RescaleIntercept = f"{intercept:.10g}"[:16]
+            if not kept:
+                # The source's window and rescale type describe other values: viewers auto-window.
+                for keyword in ("WindowCenter", "WindowWidth", "RescaleType", "VOILUTSequence"):
+                    if keyword in ds:
+                        delattr(ds, keyword)
+            ds.PixelData = stored_slice(z)
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+            ds.file_meta = meta
+            yield ds
+
+    return instances()

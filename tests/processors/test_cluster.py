@@ -13,7 +13,14 @@ from sklearn.metrics import adjusted_rand_score
 
 from processors.api import run_processor
 from processors.base import Codes, LabelResult, MeasurementResult, ProcessorError, Volume
-from processors.cluster import CT_TISSUES, FAT, build_features, kmeans_xp
+from processors.cluster import (
+    CT_TISSUES,
+    FAT,
+    KMeansParams,
+    build_features,
+    kmeans_xp,
+    sample_index,
+)
 from processors.segment import body_mask
 
 WHOLE = {"inside_body": False}
@@ -74,7 +81,8 @@ def test_kmeans_on_subsample(phantom, device):
         run_processor("kmeans", phantom.values, SPACING, device, k=3, sample_size=5000, **WHOLE)
     )
     x, _, _ = build_features(np, Volume(phantom.values, spacing=SPACING), 0.0)
-    pick = np.sort(np.random.default_rng(0).choice(x.shape[0], size=5000, replace=False))
+    pick = sample_index(np, x.shape[0], KMeansParams(k=3, sample_size=5000))
+    assert pick is not None and len(np.unique(pick)) == 5000 and (np.diff(pick) > 0).all()
     expected = KMeans(n_clusters=3, n_init=1, random_state=0).fit(x[pick]).predict(x)
     assert adjusted_rand_score(expected, out.ravel()) >= 0.99
 
@@ -141,3 +149,19 @@ def test_kmeans_without_a_body_says_so():
 def test_kmeans_body_params_are_bounded():
     with pytest.raises(pydantic.ValidationError, match="body_min_area_fraction"):
         run_processor("kmeans", np.zeros((2, 2, 2), np.float32), body_min_area_fraction=2)
+
+
+def test_sample_index_is_a_uniform_subset_without_repeats():
+    n, size = 10_000, 2_000
+    counts = np.zeros(n)
+    for seed in range(200):
+        pick = sample_index(np, n, KMeansParams(sample_size=size, seed=seed))
+        assert pick is not None and pick.size == size
+        assert (np.diff(pick) > 0).all() and pick[0] >= 0 and pick[-1] < n
+        counts[pick] += 1
+    # Each row is picked with probability size / n = 0.2: 40 times in 200 draws, give or
+    # take a binomial spread (sd ~5.7); by tenths of the range, no region is favoured.
+    assert abs(counts.mean() - 40) < 1e-9
+    by_tenth = counts.reshape(10, -1).mean(axis=1)
+    assert np.all(np.abs(by_tenth - 40) < 1.0)
+    assert sample_index(np, n, KMeansParams(sample_size=n)) is None
