@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.expected_conditions import staleness_of
 from sqlalchemy import create_engine, select
 from sqlalchemy.engine import Engine
 
@@ -120,6 +121,8 @@ def test_an_admin_signs_in_retries_a_failed_job_and_fixes_a_rule(tmp_path: Path)
             lambda b: "queued again" in b.find_element(By.CSS_SELECTOR, "td .result").text,
         )
         shots.take("jobs-retried")
+        # The page reloads itself after a change; wait for it, lest it cut the next visit.
+        wait_until(browser, "the jobs page to reload", staleness_of(row))
         assert poll("the retry's audit row", lambda: retry_rows(engine)) == ["alice"]
         again = poll(
             "the job to run again",
