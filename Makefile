@@ -5,13 +5,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 ORTHANC_DICOMWEB := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
-APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools postgresql
+APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools postgresql chromium chromium-driver
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test deps venv lint typecheck bench-ingest clean
+.PHONY: demo demo-ui test deps venv lint typecheck bench-ingest clean
 
 demo: deps $(STAMP)
 	$(VENV)/bin/python scripts/demo.py
+
+demo-ui: deps $(STAMP)
+	$(VENV)/bin/python scripts/demo_ui.py
 
 test: deps $(STAMP)
 	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
@@ -25,6 +28,8 @@ deps:
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v stdbuf >/dev/null || missing="$$missing coreutils"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		if [ "$$(id -u)" != 0 ]; then echo "run as root, or: sudo apt-get install$$missing" >&2; exit 1; fi; \

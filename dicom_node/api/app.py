@@ -14,6 +14,7 @@ import tempfile
 
 from fastapi import APIRouter, FastAPI, Request, status
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
 from dicom_node import __version__
@@ -23,6 +24,7 @@ from dicom_node.api.metrics_route import router as metrics_router
 from dicom_node.api.models_api import router as models_router
 from dicom_node.api.plugins_api import router as plugins_router
 from dicom_node.api.routing_api import router as routing_router
+from dicom_node.dashboard import routes as dashboard
 from processors.errors import BadInputError
 
 API_PREFIX = "/api/v1"
@@ -78,6 +80,7 @@ def _bad_input(_request: Request, exc: Exception) -> JSONResponse:
 
 ROUTERS: tuple[tuple[APIRouter, str], ...] = (
     (health, ""),
+    (models_router, f"{API_PREFIX}/models"),
     (routing_router, API_PREFIX),
     (plugins_router, API_PREFIX),
     (models_router, f"{API_PREFIX}/models"),
@@ -86,6 +89,7 @@ ROUTERS: tuple[tuple[APIRouter, str], ...] = (
     (jobs.router, API_PREFIX),
     (exports.router, API_PREFIX),
     (audit_routes.router, API_PREFIX),
+    (dashboard.router, ""),
 )
 
 
@@ -101,4 +105,5 @@ def create_app(context: ApiContext) -> FastAPI:
     app.add_exception_handler(BadInputError, _bad_input)
     for router, prefix in ROUTERS:
         app.include_router(router, prefix=prefix)
+    app.mount(dashboard.STATIC_PATH, StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     return app
