@@ -33,6 +33,7 @@ from db.enums import AuditAction as AuditAction
 from db.enums import AuditActorKind as AuditActorKind
 from db.enums import AuditObjectKind as AuditObjectKind
 from db.enums import AuditOutcome as AuditOutcome
+from db.enums import ExportState as ExportState
 from db.enums import JobState as JobState
 from db.enums import ModelKind as ModelKind
 from db.enums import TokenRole as TokenRole
@@ -208,14 +209,6 @@ class Output(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON_DOCUMENT)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
-
-
-class ExportState(StrEnum):
-    PENDING = "pending"
-    SENDING = "sending"
-    DELIVERED = "delivered"
-    FAILED = "failed"
-    CANCELLED = "cancelled"  # by an operator (REST API); not sent unless retried
 
 
 class Export(Base):
