@@ -30,6 +30,7 @@ from dicom_node.cli_base import (
 from dicom_node.cli_deid import deidentify
 from dicom_node.cli_jobs import exports_cancel, jobs_cancel, replay
 from dicom_node.cli_models import models_app
+from dicom_node.cli_nodes import nodes
 from dicom_node.cli_plugins import plugins_app
 from dicom_node.cli_tls import TlsCaOption, TlsCertOption, TlsKeyOption, TlsOption, tls_context
 from dicom_node.cli_tokens import tokens_app
@@ -397,6 +398,7 @@ exports_app = typer.Typer(
 app.add_typer(exports_app, name="exports")
 exports_app.command("cancel")(exports_cancel)
 app.command("replay")(replay)
+app.command("nodes")(nodes)
 
 
 def export_rows(settings: Settings, state: ExportState | None = None) -> list[dict[str, Any]]:
