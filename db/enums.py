@@ -21,6 +21,14 @@ class JobState(StrEnum):
     CANCELLED = "cancelled"  # by an operator (REST API); never run again unless retried
 
 
+class ExportState(StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # by an operator (REST API); not sent unless retried
+
+
 # -- audit trail (issue 16, section 3): the CLI filters on actions before it loads the models
 
 

@@ -33,6 +33,7 @@ from db.enums import AuditAction as AuditAction
 from db.enums import AuditActorKind as AuditActorKind
 from db.enums import AuditObjectKind as AuditObjectKind
 from db.enums import AuditOutcome as AuditOutcome
+from db.enums import ExportState as ExportState
 from db.enums import JobState as JobState
 from db.enums import ModelKind as ModelKind
 from db.enums import TokenRole as TokenRole
@@ -208,14 +209,6 @@ class Output(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON_DOCUMENT)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
-
-
-class ExportState(StrEnum):
-    PENDING = "pending"
-    SENDING = "sending"
-    DELIVERED = "delivered"
-    FAILED = "failed"
-    CANCELLED = "cancelled"  # by an operator (REST API); not sent unless retried
 
 
 class Export(Base):
@@ -451,3 +444,23 @@ class RegisteredModel(Base):
     uploaded_by: Mapped[str] = mapped_column(String(160))
 
     __table_args__ = (UniqueConstraint("name", "version"),)
+
+
+# -- nodes sharing the database (issue 18): heartbeats and leases -----------------------------
+
+
+class NodeHeartbeat(Base):
+    """A node that runs on this database (``dicom_node.nodes``): it writes ``heartbeat_at``
+    every few seconds; one silent past the lease has its running jobs and its exports
+    being sent taken over by the others. ``stopped_at``: when it stopped cleanly (None
+    while it runs, or when it died)."""
+
+    __tablename__ = "nodes"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    stopped_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from db.enums import JobState
+from db.enums import ExportState, JobState
 from dicom_node import __version__
 from dicom_node.cli_audit import audit_command, record_phi_read, start_audit_forwarding
 from dicom_node.cli_base import (
@@ -28,8 +28,9 @@ from dicom_node.cli_base import (
     settings_from,
 )
 from dicom_node.cli_deid import deidentify
-from dicom_node.cli_jobs import exports_cancel, jobs_cancel
+from dicom_node.cli_jobs import exports_cancel, jobs_cancel, replay
 from dicom_node.cli_models import models_app
+from dicom_node.cli_nodes import nodes
 from dicom_node.cli_plugins import plugins_app
 from dicom_node.cli_tls import TlsCaOption, TlsCertOption, TlsKeyOption, TlsOption, tls_context
 from dicom_node.cli_tokens import tokens_app
@@ -396,14 +397,17 @@ exports_app = typer.Typer(
 )
 app.add_typer(exports_app, name="exports")
 exports_app.command("cancel")(exports_cancel)
+app.command("replay")(replay)
+app.command("nodes")(nodes)
 
 
-def export_rows(settings: Settings) -> list[dict[str, Any]]:
+def export_rows(settings: Settings, state: ExportState | None = None) -> list[dict[str, Any]]:
     from dicom_node.queries.exports import ExportFilters, search_exports
     from dicom_node.queries.paging import EVERYTHING
 
     with database_session(settings) as session:
-        found = search_exports(session, ExportFilters(newest_first=False), EVERYTHING).items
+        filters = ExportFilters(state=state, newest_first=False)
+        found = search_exports(session, filters, EVERYTHING).items
         record_phi_read(session, "exports", len(found))
     return [export.model_dump(mode="json") for export in found]
 
@@ -413,12 +417,14 @@ def exports(
     ctx: typer.Context,
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    state: Annotated[ExportState | None, typer.Option(help="Only exports in this state.")] = None,
 ) -> None:
     """List exports (one per destination and instance) with their state and attempts."""
     if ctx.invoked_subcommand is not None:
         return
-    rows = export_rows(settings_from(config))
-    if printed_as_json_or_empty(rows, as_json, "no exports yet"):
+    rows = export_rows(settings_from(config), state)
+    empty = f"no {state.value} exports" if state else "no exports yet"
+    if printed_as_json_or_empty(rows, as_json, empty):
         return
     table = new_table("ID", "STATE", "TRIES", "DESTINATION", "INSTANCE", "ERROR", numeric=("ID",))
     for row in rows:

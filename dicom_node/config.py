@@ -421,6 +421,12 @@ class Settings(BaseSettings):
     # and processor names, no patient data).
     metrics_public: bool = False
 
+    # -- nodes sharing one database (issue 18, docs/operations.md): each writes a heartbeat
+    # every node_heartbeat_seconds; one silent past node_lease_seconds has its running jobs
+    # and exports being sent taken over by the others.
+    node_heartbeat_seconds: float = Field(5.0, gt=0, le=300)
+    node_lease_seconds: float = Field(30.0, gt=0, le=3600)
+
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:
         if (self.tls_certificate is None) != (self.tls_private_key is None):

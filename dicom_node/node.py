@@ -31,6 +31,7 @@ from dicom_node.index import Indexer, reconcile
 from dicom_node.jobs.dispatcher import Dispatcher
 from dicom_node.jobs.executors import Executor, make_executor
 from dicom_node.metrics import NodeMetrics
+from dicom_node.nodes import Heartbeat
 from dicom_node.receiver import Receiver
 from dicom_node.receiver_pool import Listeners, ReceiverPool, open_listeners, start_receivers
 from dicom_node.routing import assembler_quiet_seconds
@@ -67,6 +68,7 @@ class Node:
         self.dispatcher: Dispatcher | None = None
         self.spool: Spool | None = None
         self.api: ApiServer | None = None
+        self.heartbeat: Heartbeat | None = None
         self.metrics: NodeMetrics | None = None
         self._stopped = threading.Event()
 
@@ -107,6 +109,7 @@ class Node:
             if not self.receivers.wait_ready(60):
                 log.error("a receiver process did not start")
         self._start_processing()
+        self._start_heartbeat()
         self.assembler.check()
         if settings.http_port:
             self._start_api()
@@ -146,6 +149,27 @@ class Node:
     def _check_studies(self) -> None:
         if self.assembler is not None:
             self.assembler.check()
+
+    def _start_heartbeat(self) -> None:
+        """Beat in ``nodes``; take over the work of nodes silent past their lease."""
+        assert self.sessions is not None
+        dispatcher, exporter = self.dispatcher, self.exporter
+
+        def wake() -> None:
+            if dispatcher is not None:
+                dispatcher.wake()
+            if exporter is not None:
+                exporter.wake()
+
+        settings = self.settings
+        self.heartbeat = Heartbeat(
+            self.sessions,
+            settings.effective_node_name,
+            settings.node_heartbeat_seconds,
+            settings.node_lease_seconds,
+            on_taken=wake,
+        )
+        self.heartbeat.start()
 
     def _start_processing(self) -> None:
         """The exporter, the executor and the dispatcher, which the assembler wakes."""
@@ -199,6 +223,8 @@ class Node:
         if self.indexer is not None:
             self.indexer.stop()
         self._stop_processing(grace)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if self.engine is not None:
             self.engine.dispose()
         self._stopped.set()
