@@ -33,6 +33,18 @@ BAD_INPUT = [
     "dicom_node.security.audit_syslog.SyslogAddressError",
     "dicom_node.security.crypto.EncryptedFileError",
     "dicom_node.api.tokens.TokenError",
+    "dicom_node.export.queue.ExportStateConflictError",
+    "dicom_node.jobs.state.JobStateConflictError",
+    "dicom_node.model_evaluation.EvaluationError",
+    "dicom_node.model_registry.ModelConflictError",
+    "dicom_node.model_registry.ModelRegistryError",
+    "dicom_node.model_registry.UnknownModelError",
+    "dicom_node.model_registry.UploadTooLargeError",
+    "dicom_node.queries.since.BadMomentError",
+    "dicom_node.routing_admin.EntryConflictError",
+    "dicom_node.routing_admin.InvalidEntryError",
+    "dicom_node.routing_admin.UnknownEntryError",
+    "processors.model_upload.UploadRefusedError",
 ]
 FAILED = [
     "dicom_node.scu.AssociationFailedError",
