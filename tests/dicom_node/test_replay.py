@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
-from db.models import Export, ExportState, Job, JobState, Output, OutputKind
+from db.models import Export, ExportState, Job, JobState
 from db.session import make_engine, make_sessionmaker, upgrade
 from dicom_node.cli import app
 from dicom_node.jobs.state import create_jobs
@@ -20,6 +20,7 @@ from dicom_node.replay import replay
 from dicom_node.security.audit import Actor, AuditAction
 from dicom_node.storage import Spool
 from tests.dicom_node import test_routing
+from tests.dicom_node.export.export_support import output_and_export
 from tests.dicom_node.security.audit_support import audit_rows
 from tests.dicom_node.test_routing import add_series, settings_with, study_id
 
@@ -40,40 +41,17 @@ def finish(session: Session, job: Job, state: JobState, at: dt.datetime) -> None
 def export_of(
     session: Session, job: Job, destination: str, state: ExportState, at: dt.datetime
 ) -> int:
-    """An output of ``job`` and its export to ``destination``, whose last attempt was at ``at``."""
-    number = session.scalar(select(Export.id).order_by(Export.id.desc())) or 0
-    uid = f"2.25.{job.id}{number + 1}"
-    output = Output(
-        sop_instance_uid=uid,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
-        kind=OutputKind.SEG,
-        path=f"/outputs/{uid}.dcm",
-        series_instance_uid=f"{uid}.1",
-        source_series_uid=job.series_instance_uid,
-        processor_name="gaussian",
-        processor_version="1",
-        params={},
-        job_id=job.id,
-    )
-    session.add(output)
-    session.flush()
-    row = Export(
-        destination=destination,
-        host="127.0.0.1",
-        port=104,
-        ae_title="PACS",
-        sop_instance_uid=uid,
-        sop_class_uid=output.sop_class_uid,
-        path=output.path,
-        state=state,
-        attempts=3,
-        max_attempts=3,
+    """An output of ``job`` and its export to ``destination``, last attempt due at ``at``."""
+    failed = state is ExportState.FAILED
+    row = output_and_export(
+        session,
+        job,
+        state,
         next_attempt_at=at,
-        last_error="no association" if state is ExportState.FAILED else None,
-        output_id=output.id,
+        destination=destination,
+        attempts=3 if failed else 1,
+        last_error="no association" if failed else None,
     )
-    session.add(row)
-    session.flush()
     return row.id
 
 

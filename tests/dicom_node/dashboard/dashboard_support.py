@@ -15,14 +15,13 @@ from db.models import (
     ExportState,
     Instance,
     Job,
-    Output,
-    OutputKind,
     Series,
     Study,
     StudyStatus,
 )
 from dicom_node.api.auth import CSRF_COOKIE
 from dicom_node.api.testing import ApiHarness
+from tests.dicom_node.export.export_support import output_and_export
 
 _numbers = itertools.count(1)
 
@@ -105,39 +104,14 @@ def add_export(
     delivered_at: dt.datetime | None = None,
     error: str | None = None,
 ) -> Export:
-    output = Output(
-        sop_instance_uid=uid(),
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
-        kind=OutputKind.SEG,
-        path="/outputs/seg.dcm",
-        series_instance_uid=uid(),
-        source_series_uid=job.series_instance_uid,
-        processor_name="threshold_segment",
-        processor_version="1",
-        params={},
-        job_id=job.id,
-    )
-    session.add(output)
-    session.flush()
-    export = Export(
-        destination="pacs",
-        host="127.0.0.1",
-        port=104,
-        ae_title="PACS",
-        sop_instance_uid=output.sop_instance_uid,
-        sop_class_uid=output.sop_class_uid,
-        path=output.path,
-        state=state,
-        attempts=1,
-        max_attempts=3,
+    return output_and_export(
+        session,
+        job,
+        state,
         next_attempt_at=delivered_at or job.finished_at or job.not_before,
         last_error=error,
         delivered_at=delivered_at,
-        output_id=output.id,
     )
-    session.add(export)
-    session.flush()
-    return export
 
 
 def signed_in(api: ApiHarness, role: TokenRole) -> TestClient:

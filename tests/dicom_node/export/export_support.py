@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +12,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Export
+from db.models import Export, ExportState, Job, Output, OutputKind
 from db.session import make_engine, make_sessionmaker, upgrade
 from dicom_node.config import Settings
 from dicom_node.export.queue import RetryPolicy
@@ -62,3 +63,52 @@ def uid_of(path: Path) -> str:
 def rows(sessions: sessionmaker[Session]) -> list[Export]:
     with sessions() as session:
         return list(session.scalars(select(Export).order_by(Export.id)))
+
+
+def output_and_export(
+    session: Session,
+    job: Job,
+    state: ExportState,
+    *,
+    next_attempt_at: dt.datetime,
+    destination: str = "pacs",
+    attempts: int = 1,
+    last_error: str | None = None,
+    delivered_at: dt.datetime | None = None,
+) -> Export:
+    """A SEG output of ``job`` and its export row to ``destination`` in ``state`` (of 3
+    attempts), flushed: both have their ids."""
+    uid = f"2.25.{uuid.uuid4().int}"
+    output = Output(
+        sop_instance_uid=uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+        kind=OutputKind.SEG,
+        path=f"/outputs/{uid}.dcm",
+        series_instance_uid=f"2.25.{uuid.uuid4().int}",
+        source_series_uid=job.series_instance_uid,
+        processor_name="threshold_segment",
+        processor_version="1",
+        params={},
+        job_id=job.id,
+    )
+    session.add(output)
+    session.flush()
+    export = Export(
+        destination=destination,
+        host="127.0.0.1",
+        port=104,
+        ae_title="PACS",
+        sop_instance_uid=output.sop_instance_uid,
+        sop_class_uid=output.sop_class_uid,
+        path=output.path,
+        state=state,
+        attempts=attempts,
+        max_attempts=3,
+        next_attempt_at=next_attempt_at,
+        last_error=last_error,
+        delivered_at=delivered_at,
+        output_id=output.id,
+    )
+    session.add(export)
+    session.flush()
+    return export
