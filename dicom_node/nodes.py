@@ -31,16 +31,12 @@ import structlog
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Export, ExportState, Job, JobState, NodeHeartbeat
+from db.models import Export, ExportState, Job, JobState, NodeHeartbeat, utcnow
 from db.upsert import insert_for
 from dicom_node import __version__
 from dicom_node.index import as_utc
 
 log = structlog.get_logger(__name__)
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def beat(session: Session, name: str, started_at: dt.datetime, now: dt.datetime) -> None:

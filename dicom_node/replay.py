@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from db.models import Export, ExportState, Job, JobState, Output
 from dicom_node.export import queue
 from dicom_node.jobs import state
+from dicom_node.queries.paging import in_utc
 from dicom_node.security import audit
 
 
@@ -40,7 +41,7 @@ class ReplayReport:
 
 
 def failed_jobs(session: Session, since: dt.datetime, rule: str | None) -> list[int]:
-    query = select(Job.id).where(Job.state == JobState.FAILED, Job.finished_at >= _utc(since))
+    query = select(Job.id).where(Job.state == JobState.FAILED, Job.finished_at >= in_utc(since))
     if rule is not None:
         query = query.where(Job.rule_name == rule)
     return list(session.scalars(query.order_by(Job.id)))
@@ -50,7 +51,7 @@ def failed_exports(
     session: Session, since: dt.datetime, rule: str | None, destination: str | None
 ) -> list[int]:
     query = select(Export.id).where(
-        Export.state == ExportState.FAILED, Export.next_attempt_at >= _utc(since)
+        Export.state == ExportState.FAILED, Export.next_attempt_at >= in_utc(since)
     )
     if destination is not None:
         query = query.where(Export.destination == destination)
@@ -83,7 +84,3 @@ def replay(
     for export_id in exports:
         queue.retry(session, export_id, actor=actor)
     return report
-
-
-def _utc(moment: dt.datetime) -> dt.datetime:
-    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)

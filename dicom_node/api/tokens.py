@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.models import ApiToken, TokenRole
+from dicom_node.index import as_utc
 from dicom_node.security import audit
 from processors.errors import BadInputError
 
@@ -71,10 +72,10 @@ class TokenInfo:
         return cls(
             name=row.name,
             role=TokenRole(row.role),
-            created_at=_as_utc(row.created_at),
+            created_at=as_utc(row.created_at),
             created_by=row.created_by,
-            revoked_at=None if row.revoked_at is None else _as_utc(row.revoked_at),
-            last_used_at=None if row.last_used_at is None else _as_utc(row.last_used_at),
+            revoked_at=None if row.revoked_at is None else as_utc(row.revoked_at),
+            last_used_at=None if row.last_used_at is None else as_utc(row.last_used_at),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -147,7 +148,7 @@ def authenticate(session: Session, presented: str) -> TokenInfo | None:
         return None
     now = audit.utcnow()
     # Written at most once a minute, so that a busy dashboard does not write on every read.
-    if row.last_used_at is None or now - _as_utc(row.last_used_at) >= LAST_USED_RESOLUTION:
+    if row.last_used_at is None or now - as_utc(row.last_used_at) >= LAST_USED_RESOLUTION:
         row.last_used_at = now
         session.flush()
     return TokenInfo.from_row(row)
@@ -183,7 +184,3 @@ def _record(session: Session, actor: audit.Actor, name: str, details: dict[str, 
         object_id=name,
         details=dict(details),
     )
-
-
-def _as_utc(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)  # SQLite reads naive

@@ -10,16 +10,13 @@ from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from dicom_node.index import as_utc
+
 ItemT = TypeVar("ItemT")
 RowT = TypeVarTuple("RowT")
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
-
-
-def as_utc(value: dt.datetime) -> dt.datetime:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def in_utc(value: dt.datetime) -> dt.datetime:
