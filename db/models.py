@@ -78,6 +78,18 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """A stored time with its offset: SQLite hands back naive datetimes, and every stored
+    time is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def in_utc(value: dt.datetime) -> dt.datetime:
+    """A moment given with any offset (or none: UTC) as UTC, to compare with stored times:
+    SQLite compares them as text, without their offsets."""
+    return as_utc(value).astimezone(dt.UTC)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 

@@ -31,6 +31,7 @@ from db.models import (
     StudyEvent,
     StudyEventKind,
     StudyStatus,
+    as_utc,
 )
 from db.upsert import insert_for
 from dicom_node.records import (
@@ -307,11 +308,6 @@ def _update_instance(instance: Instance, series: Series, record: InstanceStored)
     for column, value in _instance_row(series, record).items():
         setattr(instance, column, value)
     return old_path if old_path != record.path else None
-
-
-def as_utc(value: dt.datetime) -> dt.datetime:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 class Indexer:

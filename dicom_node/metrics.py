@@ -27,8 +27,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from sqlalchemy import Select, func, literal, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Export, ExportState, Job, JobState, Output, Study, StudyStatus
-from dicom_node.index import as_utc
+from db.models import Export, ExportState, Job, JobState, Output, Study, StudyStatus, as_utc
 from dicom_node.records import AssociationOpened, IndexRecord, InstanceStored
 
 if TYPE_CHECKING:

@@ -35,9 +35,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.enums import ModelKind
-from db.models import RegisteredModel
+from db.models import RegisteredModel, as_utc
 from dicom_node.config import Settings
-from dicom_node.index import as_utc
 from dicom_node.security import audit
 from processors.errors import BadInputError
 from processors.model_manifest import Manifest

@@ -31,10 +31,9 @@ import structlog
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Export, ExportState, Job, JobState, NodeHeartbeat, utcnow
+from db.models import Export, ExportState, Job, JobState, NodeHeartbeat, as_utc, utcnow
 from db.upsert import insert_for
 from dicom_node import __version__
-from dicom_node.index import as_utc
 
 log = structlog.get_logger(__name__)
 

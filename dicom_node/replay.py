@@ -21,10 +21,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Export, ExportState, Job, JobState, Output
+from db.models import Export, ExportState, Job, JobState, Output, in_utc
 from dicom_node.export import queue
 from dicom_node.jobs import state
-from dicom_node.queries.paging import in_utc
 from dicom_node.security import audit
 
 

@@ -22,7 +22,7 @@ from pydicom.multival import MultiValue
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Association, Instance, Series, Study
+from db.models import Association, Instance, Series, Study, as_utc
 from dicom_node.config import (
     UNMATCHABLE_VRS,
     Destination,
@@ -498,10 +498,6 @@ def assembler_quiet_seconds(settings: Settings) -> float:
     return min([settings.study_quiet_seconds, *overrides])
 
 
-def _as_utc(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
-
-
 def route(settings: Settings, session: Session, study_id: int) -> list[RouteDecision]:
     """One decision per (series, rule) of the study, matched or not.
 
@@ -513,7 +509,7 @@ def route(settings: Settings, session: Session, study_id: int) -> list[RouteDeci
         raise LookupError(f"no study with id {study_id}")
     candidates = select_series(study_id, session, load_keys(settings.spool_encryption_key_file))
     destinations = {destination.name: destination for destination in settings.destinations}
-    last_received = _as_utc(study.last_received_at) if study.last_received_at else None
+    last_received = as_utc(study.last_received_at) if study.last_received_at else None
     keyed: list[tuple[tuple[int, bool, int, str, int], RouteDecision]] = []
     for index, rule in enumerate(settings.rules):
         quiet = quiet_seconds_for(settings, rule)

@@ -12,9 +12,9 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
 from db.enums import AuditAction, AuditActorKind, AuditObjectKind, AuditOutcome
+from db.models import in_utc
 from dicom_node.api.auth import AdminCaller
 from dicom_node.api.resources import Context, StudyUidQuery, error_responses, record_read
-from dicom_node.queries.paging import in_utc
 from dicom_node.queries.since import BadMomentError, parse_since
 from dicom_node.security import audit
 from processors.errors import BadInputError

@@ -28,8 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.models import ApiToken, TokenRole
-from dicom_node.index import as_utc
+from db.models import ApiToken, TokenRole, as_utc
 from dicom_node.security import audit
 from processors.errors import BadInputError
 

@@ -16,8 +16,7 @@ from sqlalchemy import Integer, cast, extract, func, select
 from sqlalchemy.orm import Session
 
 from db.enums import JobState
-from db.models import Export, ExportState, Instance, Job, Output, Study
-from dicom_node.index import as_utc
+from db.models import Export, ExportState, Instance, Job, Output, Study, as_utc
 
 TURNAROUND_STUDIES = 500
 

@@ -11,8 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.enums import JobState
-from db.models import ExportState, Study, StudyEvent
-from dicom_node.index import as_utc
+from db.models import ExportState, Study, StudyEvent, as_utc
 from dicom_node.queries.exports import ExportView
 from dicom_node.queries.jobs import JobView
 from dicom_node.queries.studies import StudyDetail

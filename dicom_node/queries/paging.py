@@ -10,19 +10,13 @@ from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from dicom_node.index import as_utc
+from db.models import as_utc
 
 ItemT = TypeVar("ItemT")
 RowT = TypeVarTuple("RowT")
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
-
-
-def in_utc(value: dt.datetime) -> dt.datetime:
-    """A moment given with any offset (or none: UTC) as UTC: SQLite compares the stored
-    times as text, without their offsets."""
-    return as_utc(value).astimezone(dt.UTC)
 
 
 UtcDateTime = Annotated[dt.datetime, AfterValidator(as_utc)]

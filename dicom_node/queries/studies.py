@@ -20,10 +20,11 @@ from db.models import (
     Series,
     Study,
     StudyStatus,
+    in_utc,
 )
 from dicom_node.queries.exports import ExportFilters, ExportView, search_exports
 from dicom_node.queries.jobs import JobFilters, JobView, search_jobs
-from dicom_node.queries.paging import EVERYTHING, Page, Paging, UtcDateTime, count_of, in_utc
+from dicom_node.queries.paging import EVERYTHING, Page, Paging, UtcDateTime, count_of
 from processors.errors import BadInputError
 
 

@@ -30,7 +30,15 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import AuditAction, AuditActorKind, AuditEvent, AuditObjectKind, AuditOutcome
+from db.models import (
+    AuditAction,
+    AuditActorKind,
+    AuditEvent,
+    AuditObjectKind,
+    AuditOutcome,
+    as_utc,
+    in_utc,
+)
 
 __all__ = [
     "Actor",
@@ -140,7 +148,7 @@ class AuditQuery:
 def read_events(session: Session, query: AuditQuery) -> list[AuditEvent]:
     statement = select(AuditEvent)
     if query.since is not None:
-        statement = statement.where(AuditEvent.at >= query.since)
+        statement = statement.where(AuditEvent.at >= in_utc(query.since))
     if query.study_instance_uid is not None:
         statement = statement.where(AuditEvent.study_instance_uid == query.study_instance_uid)
     if query.actions:
@@ -151,14 +159,10 @@ def read_events(session: Session, query: AuditQuery) -> list[AuditEvent]:
     return list(reversed(latest))
 
 
-def _as_utc(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)  # SQLite reads naive
-
-
 def event_as_dict(event: AuditEvent) -> dict[str, Any]:
     return {
         "id": event.id,
-        "at": _as_utc(event.at).isoformat(),
+        "at": as_utc(event.at).isoformat(),
         "actor_kind": str(event.actor_kind),
         "actor": event.actor,
         "actor_address": event.actor_address,

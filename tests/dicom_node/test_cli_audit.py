@@ -81,6 +81,18 @@ def test_filters_select_the_events(database: str) -> None:
     assert [row["action"] for row in listed("--limit", "1")] == ["audit_read"]  # the reads so far
 
 
+def test_since_with_an_offset_compares_the_same_moment_in_utc(database: str) -> None:
+    """SQLite keeps times as text without offsets: 30 minutes ago written at +05:00 is
+    still 30 minutes ago (as text it would sort five hours later)."""
+    half_an_hour_ago = (NOW - dt.timedelta(minutes=30)).astimezone(
+        dt.timezone(dt.timedelta(hours=5))
+    )
+    assert [row["action"] for row in listed("--since", half_an_hour_ago.isoformat())] == [
+        "instances_stored",
+        "plugin_changed",
+    ]
+
+
 def test_the_table_and_the_read_itself_recorded(database: str) -> None:
     result = runner.invoke(app, ["audit", "--action", "instances_stored"])
     assert result.exit_code == 0, result.output
