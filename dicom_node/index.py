@@ -33,7 +33,6 @@ from db.models import (
     StudyStatus,
 )
 from db.upsert import insert_for
-from dicom_node.export.commitment import apply_report
 from dicom_node.records import (
     AssociationClosed,
     AssociationOpened,
@@ -123,6 +122,9 @@ def write_batch(session: Session, records: Sequence[IndexRecord]) -> list[Path]:
             association.instances_failed = record.instances_failed
             association.bytes_received = record.bytes_received
         elif isinstance(record, CommitmentReported):
+            # Here, not at the top: the export package's metrics import this module.
+            from dicom_node.export.commitment import apply_report
+
             apply_report(session, record)
         else:
             study = studies[record.key.study_instance_uid]

@@ -8,9 +8,9 @@ answers with an N-EVENT-REPORT that a receiver checks and passes to the indexer,
 calls ``apply_report`` in its transaction:
 
 - an instance it committed: ``committed`` (``committed_at``);
-- an instance it reports failed (missing, a class conflict, ...): the attempt is counted
-  and the export goes back to ``pending`` to be sent again (then asked again), or to
-  ``failed`` when that was its last attempt.
+- an instance it reports failed (missing, a class conflict, ...): the delivery attempt
+  counts as a failed one; the export goes back to ``pending`` to be sent again (the next
+  attempt, then asked again), or to ``failed`` when that was its last attempt.
 
 A transaction not answered within the destination's ``commitment_timeout`` is asked again,
 under a new UID; after ``commitment_requests`` unanswered requests the export is
@@ -272,7 +272,8 @@ def apply_report(session: Session, report: CommitmentReported) -> dict[int, Expo
         row = rows.pop(failed.sop_instance_uid, None)
         if row is None:
             continue
-        row.attempts += 1
+        # The delivery attempt it was is a failed one after all: the next send is the next
+        # attempt, unless that was the last.
         error = f"not committed by the PACS: {describe_failure(failed.failure_reason)}"
         row.last_error = errors[row.id] = error
         row.commitment_uid, row.commitment_requests = None, 0

@@ -265,7 +265,7 @@ def test_delivered_exports_are_asked_about_once_then_committed_or_sent_again(
     assert states == {ids[0]: ExportState.COMMITTED, ids[1]: ExportState.PENDING}
     first, second, third = rows(sessions)
     assert first.state == ExportState.COMMITTED and first.committed_at is not None
-    assert second.state == ExportState.PENDING and second.attempts == 2
+    assert second.state == ExportState.PENDING and second.attempts == 1
     assert second.commitment_uid is None and second.commitment_requests == 0
     assert second.last_error == "not committed by the PACS: 0x0112 (no such object instance)"
     assert third.state == ExportState.DELIVERED and third.commitment_uid == transaction_uid
