@@ -7,22 +7,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from db.models import AuditAction, AuditEvent, AuditOutcome, Export, ExportState
+from db.models import AuditAction, AuditEvent, AuditOutcome, ExportState
 from dicom_node.config import Settings
 from dicom_node.export.queue import enqueue
 from dicom_node.export.target import export_target
 from dicom_node.node import Node
 from dicom_node.synthetic import generate_series
 from dicom_node.testing import OrthancProcess, free_port, local_settings, running_orthanc
+from tests.dicom_node.export.export_support import exports_of, running, wait_for
 
 pytestmark = pytest.mark.interop
 
@@ -53,30 +53,6 @@ def orthanc_and_node(tmp_path: Path) -> Iterator[tuple[OrthancProcess, Settings]
             orthanc,
             local_settings(tmp_path, port=node_port, ae_title=NODE_AE, destinations=[destination]),
         )
-
-
-@contextmanager
-def running(settings: Settings) -> Iterator[Node]:
-    node = Node(settings)
-    node.start()
-    try:
-        yield node
-    finally:
-        node.stop(grace_seconds=5)
-
-
-def exports_of(node: Node) -> list[Export]:
-    assert node.sessions is not None
-    with node.sessions() as session:
-        return list(session.scalars(select(Export).order_by(Export.id)))
-
-
-def wait_for(what: str, condition: Callable[[], bool], seconds: float = 90.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def all_committed(node: Node) -> bool:
