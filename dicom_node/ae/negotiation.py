@@ -204,10 +204,11 @@ class Negotiator:
             )
         # The PACS is the storage commitment SCP here (it sends N-EVENT-REPORTs), the node
         # the SCU: a proposed SCP role is accepted, an SCU role is not (PS3.7 D.3.3.4).
+        proposed = {uid for uid, _scu, scp in request.roles if scp}
         roles = [
             _item(0x54, struct.pack(">H", len(uid)) + uid.encode() + bytes((0, 1)))
-            for uid, _scu, scp in request.roles
-            if uid == STORAGE_COMMITMENT_PUSH_MODEL and scp and uid in abstract_syntaxes.values()
+            for uid in (STORAGE_COMMITMENT_PUSH_MODEL,)
+            if uid in proposed and uid in abstract_syntaxes.values()
         ]
         return Negotiated(
             self._accept_pdu(request, results, roles), transfer_syntaxes, abstract_syntaxes
