@@ -5,8 +5,6 @@ node's N-ACTION with an N-EVENT-REPORT on an association of its own, and the exp
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,8 +12,10 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from typer.testing import CliRunner
 
 from db.models import AuditAction, AuditEvent, AuditOutcome, ExportState
+from dicom_node.cli import app
 from dicom_node.config import Settings
 from dicom_node.export.queue import enqueue
 from dicom_node.export.target import export_target
@@ -30,7 +30,9 @@ NODE_AE = "COMMITNODE"
 
 
 @contextmanager
-def orthanc_and_node(tmp_path: Path) -> Iterator[tuple[OrthancProcess, Settings]]:
+def orthanc_and_node(
+    tmp_path: Path, receiver_processes: int = 1
+) -> Iterator[tuple[OrthancProcess, Settings]]:
     """An Orthanc that knows the node (``DicomModalities``) and the node's settings: one
     destination, ``pacs``, with storage commitment (the node is not started)."""
     node_port, orthanc_port = free_port(), free_port()
@@ -49,10 +51,14 @@ def orthanc_and_node(tmp_path: Path) -> Iterator[tuple[OrthancProcess, Settings]
             "commitment_timeout": 30.0,
             "timeout": 10.0,
         }
-        yield (
-            orthanc,
-            local_settings(tmp_path, port=node_port, ae_title=NODE_AE, destinations=[destination]),
+        settings = local_settings(
+            tmp_path,
+            port=node_port,
+            ae_title=NODE_AE,
+            destinations=[destination],
+            receiver_processes=receiver_processes,
         )
+        yield orthanc, settings
 
 
 def all_committed(node: Node) -> bool:
@@ -60,16 +66,12 @@ def all_committed(node: Node) -> bool:
 
 
 def exports_json(settings: Settings, tmp_path: Path) -> list[dict[str, object]]:
+    """What ``dicom-node exports --json`` prints for the node's data folder."""
     config = tmp_path / "node.toml"
     config.write_text(f"data_dir = {json.dumps(str(settings.data_dir))}\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "dicom_node.cli", "exports", "--json", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    found: list[dict[str, object]] = json.loads(done.stdout)
+    listed = CliRunner().invoke(app, ["exports", "--json", "--config", str(config)])
+    assert listed.exit_code == 0, listed.output
+    found: list[dict[str, object]] = json.loads(listed.stdout)
     return found
 
 
@@ -82,7 +84,8 @@ def enqueue_series(node: Node, settings: Settings, directory: Path, seed: str) -
 
 
 def test_exports_to_orthanc_end_committed(tmp_path: Path) -> None:
-    with orthanc_and_node(tmp_path) as (_orthanc, settings), running(settings) as node:
+    # Two receiver processes: the report crosses their pipe to the node's indexer.
+    with orthanc_and_node(tmp_path, 2) as (_orthanc, settings), running(settings) as node:
         enqueue_series(node, settings, tmp_path / "series", "commitment-orthanc")
         wait_for("Orthanc's storage commitment report", lambda: all_committed(node))
         listed = exports_json(settings, tmp_path)
