@@ -27,6 +27,7 @@ class ExportState(StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
     CANCELLED = "cancelled"  # by an operator (REST API); not sent unless retried
+    COMMITTED = "committed"  # delivered, and the PACS took responsibility (storage commitment)
 
 
 # -- audit trail (issue 16, section 3): the CLI filters on actions before it loads the models
@@ -52,6 +53,7 @@ class AuditAction(StrEnum):
     ACCESS_DENIED = "access_denied"  # an API request without a valid token, or a role too low
     CANCEL_REQUESTED = "cancel_requested"  # a job or an export cancelled by hand
     MODEL_CHANGED = "model_changed"  # a model uploaded, evaluated, enabled or removed
+    STORAGE_COMMITMENT = "storage_commitment"  # the PACS committed an export, or did not
 
 
 class AuditActorKind(StrEnum):

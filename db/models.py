@@ -252,6 +252,13 @@ class Export(Base):
     output_id: Mapped[int | None] = mapped_column(ForeignKey("outputs.id"), index=True)
     # The node sending it while ``sending``: a restart recovers only its own rows.
     claimed_by: Mapped[str | None] = mapped_column(String(128))
+    # Storage commitment (issue 18): the transaction that asked the PACS to commit this
+    # delivered instance, when it was (last) asked, how often for this delivery, and when
+    # the PACS said it committed it (state ``committed``).
+    commitment_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    commitment_requested_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    commitment_requests: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    committed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         UniqueConstraint(

@@ -158,6 +158,25 @@ class Destination(BaseModel):
 
     # -- end of de-identification ----------------------------------------------------------
 
+    # -- storage commitment (issue 18, docs/operations.md "Storage commitment") -----------
+    # storage_commitment = true: after C-STORE, ask the PACS to commit what it received
+    # (N-ACTION); an export is ``committed`` when its N-EVENT-REPORT says so. Unanswered
+    # for commitment_timeout seconds: asked again, at most commitment_requests times.
+    storage_commitment: bool = False
+    commitment_timeout: float = Field(300.0, gt=0)
+    commitment_requests: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _check_storage_commitment(self) -> Destination:
+        if self.storage_commitment and self.url is not None:
+            raise ValueError(
+                f"destination {self.name!r}: storage_commitment is DICOM (C-STORE"
+                " destinations); a DICOMweb (url) destination cannot be asked to commit"
+            )
+        return self
+
+    # -- end of storage commitment ---------------------------------------------------------
+
     _check_ae_title = field_validator("ae_title")(validate_ae_title)
 
     @field_validator("calling_ae_title")

@@ -37,6 +37,7 @@ from db.upsert import insert_for
 from dicom_node.records import (
     AssociationClosed,
     AssociationOpened,
+    CommitmentReported,
     IndexRecord,
     InstanceStored,
     clip_text,
@@ -121,6 +122,11 @@ def write_batch(session: Session, records: Sequence[IndexRecord]) -> list[Path]:
             association.instances_received = record.instances_received
             association.instances_failed = record.instances_failed
             association.bytes_received = record.bytes_received
+        elif isinstance(record, CommitmentReported):
+            # Here, not at the top: the export package's metrics import this module.
+            from dicom_node.export.commitment import apply_report
+
+            apply_report(session, record)
         else:
             study = studies[record.key.study_instance_uid]
             _receive_into(session, study, record)

@@ -24,6 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_sessionmaker, upgrade
+from dicom_node.ae.commitment import PendingTransactions
 from dicom_node.assembler import StudyAssembler
 from dicom_node.config import Settings
 from dicom_node.export import Exporter
@@ -181,6 +182,7 @@ class Node:
             node=self.settings.effective_node_name,
             keys=self.spool.keys,
             metrics=metrics,
+            commitments=PendingTransactions.under(self.settings.data_dir),
         )
         self.executor = make_executor(self.settings)
         self.dispatcher = Dispatcher(

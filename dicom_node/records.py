@@ -81,7 +81,32 @@ class InstanceStored:
         )
 
 
-IndexRecord = AssociationOpened | AssociationClosed | InstanceStored
+@dataclass(frozen=True)
+class CommittedInstance:
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class FailedInstance:
+    sop_class_uid: str
+    sop_instance_uid: str
+    failure_reason: int | None
+
+
+@dataclass(frozen=True)
+class CommitmentReported:
+    """A PACS's storage commitment result (N-EVENT-REPORT) for a transaction the node asked
+    for: what it committed and what it did not (``dicom_node.export.commitment``)."""
+
+    transaction_uid: str
+    calling_ae_title: str
+    committed: tuple[CommittedInstance, ...]
+    failed: tuple[FailedInstance, ...]
+    received_at: dt.datetime
+
+
+IndexRecord = AssociationOpened | AssociationClosed | InstanceStored | CommitmentReported
 
 
 def clip_text(value: object, length: int) -> str | None:

@@ -22,11 +22,18 @@ from dataclasses import dataclass
 import structlog
 from pydicom.uid import UID
 
+from dicom_node.ae.commitment import (
+    MAX_EVENT_REPORT_BYTES,
+    STORAGE_COMMITMENT_PUSH_MODEL,
+    PendingTransactions,
+    check_event_report,
+)
 from dicom_node.ae.dimse import (
     C_CANCEL_RQ,
     C_ECHO_RQ,
     C_STORE_RQ,
     MAX_COMMAND_BYTES,
+    N_EVENT_REPORT_RQ,
     Command,
     decode_command,
     encode_response,
@@ -77,6 +84,8 @@ class _Message:
     command: Command | None = None
     instance: IncomingInstance | None = None
     discarded_bytes: int = 0
+    event_information: bytearray | None = None
+    """An N-EVENT-REPORT's dataset, kept in memory up to ``MAX_EVENT_REPORT_BYTES``."""
 
 
 class Association:
@@ -272,6 +281,11 @@ class Association:
             raise ProtocolError("a data set for a command that announced none")
         if message.instance is not None:
             message.instance.write(pdv.data)
+        elif message.event_information is not None:
+            message.event_information += pdv.data
+            if len(message.event_information) > MAX_EVENT_REPORT_BYTES:  # read past the rest
+                message.discarded_bytes = len(message.event_information)
+                message.event_information = None
         else:
             message.discarded_bytes += len(pdv.data)
         if pdv.is_last:
@@ -294,6 +308,14 @@ class Association:
             message.instance = IncomingInstance(self.context, self.state, command, transfer_syntax)
         elif command.command_field == C_ECHO_RQ and not command.has_data_set:
             self._respond(message, (DimseStatus.SUCCESS, None))
+        elif (
+            command.command_field == N_EVENT_REPORT_RQ
+            and abstract_syntax == STORAGE_COMMITMENT_PUSH_MODEL
+        ):
+            if command.has_data_set:
+                message.event_information = bytearray()
+            else:
+                self._event_report(message, None)
         elif not command.has_data_set:
             self._respond(message, self._unsupported(command))
 
@@ -301,13 +323,43 @@ class Association:
         assert message.command is not None
         if message.instance is not None:
             self._respond(message, message.instance.finish())
+        elif message.command.command_field == N_EVENT_REPORT_RQ and (
+            self._abstract_syntax(message) == STORAGE_COMMITMENT_PUSH_MODEL
+        ):
+            data = message.event_information
+            self._event_report(message, None if data is None else bytes(data))
         else:
             self._respond(message, self._unsupported(message.command))
+
+    def _abstract_syntax(self, message: _Message) -> str:
+        assert self._negotiated is not None
+        return self._negotiated.abstract_syntaxes[message.context_id]
+
+    def _event_report(self, message: _Message, data: bytes | None) -> None:
+        """A storage commitment result from a PACS: checked, passed on, answered."""
+        assert message.command is not None and self._negotiated is not None
+        assert self.state is not None
+        command = message.command
+        outcome, report = check_event_report(
+            command.affected_sop_class_uid,
+            command.affected_sop_instance_uid,
+            command.event_type_id,
+            data,
+            self._negotiated.transfer_syntaxes[message.context_id],
+            PendingTransactions.under(self.context.settings.data_dir),
+            self.state.calling_ae_title,
+        )
+        if report is not None:
+            self.context.index(report)
+        self._respond(message, outcome)
 
     @staticmethod
     def _unsupported(command: Command) -> Outcome:
         log.warning("DIMSE request not supported", command_field=f"0x{command.command_field:04X}")
-        return DimseStatus.UNRECOGNISED_OPERATION, "Only C-ECHO and C-STORE are served"
+        return (
+            DimseStatus.UNRECOGNISED_OPERATION,
+            "Only C-ECHO, C-STORE and commitment reports are served",
+        )
 
     def _respond(self, message: _Message, outcome: Outcome) -> None:
         assert message.command is not None

@@ -19,6 +19,7 @@ MAX_COMMAND_BYTES = 64 * 1024
 C_STORE_RQ = 0x0001
 C_ECHO_RQ = 0x0030
 C_CANCEL_RQ = 0x0FFF
+N_EVENT_REPORT_RQ = 0x0100
 RESPONSE_BIT = 0x8000
 NO_DATA_SET = 0x0101
 
@@ -30,6 +31,7 @@ _COMMAND_DATA_SET_TYPE = 0x0800
 _STATUS = 0x0900
 _ERROR_COMMENT = 0x0902
 _AFFECTED_SOP_INSTANCE_UID = 0x1000
+_EVENT_TYPE_ID = 0x1002
 
 _ELEMENT_HEADER = struct.Struct("<HHI")
 
@@ -41,6 +43,8 @@ class Command:
     has_data_set: bool
     affected_sop_class_uid: str
     affected_sop_instance_uid: str
+    event_type_id: int | None = None
+    """An N-EVENT-REPORT's Event Type ID (None in any other command)."""
 
 
 def _text(value: bytes) -> str:
@@ -80,6 +84,11 @@ def decode_command(encoded: bytes) -> Command:
         has_data_set=_unsigned_short(_COMMAND_DATA_SET_TYPE, data_set_type) != NO_DATA_SET,
         affected_sop_class_uid=_text(values.get(_AFFECTED_SOP_CLASS_UID, b"")),
         affected_sop_instance_uid=_text(values.get(_AFFECTED_SOP_INSTANCE_UID, b"")),
+        event_type_id=(
+            _unsigned_short(_EVENT_TYPE_ID, values[_EVENT_TYPE_ID])
+            if _EVENT_TYPE_ID in values
+            else None
+        ),
     )
 
 
@@ -93,7 +102,8 @@ def _padded(text: str, pad: bytes) -> bytes:
 
 
 def encode_response(request: Command, status: int, error_comment: str | None = None) -> bytes:
-    """The response command set to ``request``: the same SOP class/instance, ``status``."""
+    """The response command set to ``request``: the same SOP class/instance (and event
+    type, for an N-EVENT-REPORT), ``status``."""
     body = [
         _element(_AFFECTED_SOP_CLASS_UID, _padded(request.affected_sop_class_uid, b"\x00")),
         _element(_COMMAND_FIELD, struct.pack("<H", request.command_field | RESPONSE_BIT)),
@@ -109,5 +119,7 @@ def encode_response(request: Command, status: int, error_comment: str | None = N
                 _AFFECTED_SOP_INSTANCE_UID, _padded(request.affected_sop_instance_uid, b"\x00")
             )
         )
+    if request.event_type_id is not None:
+        body.append(_element(_EVENT_TYPE_ID, struct.pack("<H", request.event_type_id)))
     encoded = b"".join(body)
     return _element(0x0000, struct.pack("<I", len(encoded))) + encoded

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AllStoragePresentationContexts, sop_class
 
+from dicom_node.ae.commitment import STORAGE_COMMITMENT_PUSH_MODEL
 from dicom_node.ae.wire import AbortReason, PduType, ProtocolError
 from dicom_node.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
@@ -60,6 +61,8 @@ class AssociationRequest:
     max_pdu_length: int = 0
     """The longest P-DATA-TF the peer accepts (0: no limit)."""
     asks_for_async_window: bool = False
+    roles: tuple[tuple[str, bool, bool], ...] = ()
+    """The SCP/SCU role selections proposed: (SOP class UID, SCU role, SCP role)."""
 
 
 @dataclass(frozen=True)
@@ -114,11 +117,20 @@ def _presentation_context(value: bytes) -> ProposedContext:
     return ProposedContext(value[0], abstract, tuple(syntaxes))
 
 
+def _role(value: bytes) -> tuple[str, bool, bool]:
+    """An SCP/SCU Role Selection sub-item (PS3.7 D.3.3.4): UID length, UID, two roles."""
+    if len(value) < 2 or len(value) != 2 + int.from_bytes(value[:2], "big") + 2:
+        raise ProtocolError("malformed role selection", AbortReason.INVALID_PDU_PARAMETER_VALUE)
+    return _text(value[2:-2]), bool(value[-2]), bool(value[-1])
+
+
 def decode_request(body: bytes | memoryview) -> AssociationRequest:
     """An A-ASSOCIATE-RQ, from the PDU's body (what follows its 6-byte header).
 
-    Role selection items are read past: as pynetdicom's acceptor with default roles, the
-    node answers none, so the requestor is the SCU and the node the SCP (PS3.7 D.3.3.4).
+    Role selections are kept for storage commitment only: there a PACS asks to be the SCP
+    so that it can send the node its N-EVENT-REPORT. For every other SOP class the node
+    answers none, as pynetdicom's acceptor with default roles: the requestor is the SCU
+    and the node the SCP (PS3.7 D.3.3.4).
     """
     if len(body) < _FIXED_FIELDS.size:
         raise ProtocolError("truncated A-ASSOCIATE-RQ", AbortReason.INVALID_PDU_PARAMETER_VALUE)
@@ -141,6 +153,7 @@ def decode_request(body: bytes | memoryview) -> AssociationRequest:
         contexts=tuple(contexts),
         max_pdu_length=max_length,
         asks_for_async_window=any(item_type == 0x53 for item_type, _ in user),
+        roles=tuple(_role(value) for item_type, value in user if item_type == 0x54),
     )
 
 
@@ -149,7 +162,8 @@ def _item(item_type: int, value: bytes) -> bytes:
 
 
 class Negotiator:
-    """The node's presentation contexts: Verification and storage, any transfer syntax.
+    """The node's presentation contexts: Verification and storage, any transfer syntax,
+    and the Storage Commitment Push Model as the SCU (a PACS reports its results to it).
 
     With ``accept_unknown_sop_classes``, any abstract syntax pynetdicom does not know is
     taken as storage of a SOP class the node does not know (a vendor's private one).
@@ -160,7 +174,9 @@ class Negotiator:
         self.accept_unknown = accept_unknown
 
     def supports(self, abstract_syntax: str) -> bool:
-        if abstract_syntax == VERIFICATION or abstract_syntax in STORAGE_SOP_CLASSES:
+        if abstract_syntax in (VERIFICATION, STORAGE_COMMITMENT_PUSH_MODEL):
+            return True
+        if abstract_syntax in STORAGE_SOP_CLASSES:
             return True
         return self.accept_unknown and abstract_syntax not in KNOWN_SOP_CLASSES
 
@@ -186,15 +202,28 @@ class Negotiator:
                     0x21, bytes((context.context_id, 0, result, 0)) + _item(0x40, syntax.encode())
                 )
             )
-        return Negotiated(self._accept_pdu(request, results), transfer_syntaxes, abstract_syntaxes)
+        # The PACS is the storage commitment SCP here (it sends N-EVENT-REPORTs), the node
+        # the SCU: a proposed SCP role is accepted, an SCU role is not (PS3.7 D.3.3.4).
+        proposed = {uid for uid, _scu, scp in request.roles if scp}
+        roles = [
+            _item(0x54, struct.pack(">H", len(uid)) + uid.encode() + bytes((0, 1)))
+            for uid in (STORAGE_COMMITMENT_PUSH_MODEL,)
+            if uid in proposed and uid in abstract_syntaxes.values()
+        ]
+        return Negotiated(
+            self._accept_pdu(request, results, roles), transfer_syntaxes, abstract_syntaxes
+        )
 
-    def _accept_pdu(self, request: AssociationRequest, results: list[bytes]) -> bytes:
+    def _accept_pdu(
+        self, request: AssociationRequest, results: list[bytes], roles: list[bytes]
+    ) -> bytes:
         user_information = [
             _item(0x51, struct.pack(">I", self.max_pdu_length)),
             _item(0x52, IMPLEMENTATION_CLASS_UID.encode()),
         ]
         if request.asks_for_async_window:  # one operation at a time, both ways
             user_information.append(_item(0x53, struct.pack(">HH", 1, 1)))
+        user_information += roles
         user_information.append(_item(0x55, IMPLEMENTATION_VERSION_NAME.encode()))
         variable = b"".join(
             [

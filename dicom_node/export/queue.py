@@ -176,6 +176,7 @@ def _to_pending(row: Export, now: dt.datetime) -> None:
     row.state = ExportState.PENDING
     row.next_attempt_at = now
     row.last_error = None
+    row.commitment_uid, row.commitment_requests = None, 0
 
 
 def retry(

@@ -29,6 +29,11 @@ class ExportTarget:
     """C-STORE over DICOM TLS, with these certificates; None: plain TCP."""
     # De-identified on the way out (issue 16 part 2): the profile, or None to send as is.
     deidentify: DeidProfile | None = None
+    # Storage commitment (``dicom_node.export.commitment``): ask the PACS to commit what
+    # was delivered; re-ask after ``commitment_timeout`` seconds, at most this many times.
+    storage_commitment: bool = False
+    commitment_timeout: float = 300.0
+    commitment_requests: int = 3
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -39,6 +44,8 @@ class ExportTarget:
             raise ValueError(f"destination {self.name!r}: max_attempts must be at least 1")
         if self.timeout <= 0:
             raise ValueError(f"destination {self.name!r}: timeout must be positive")
+        if self.storage_commitment and self.url is not None:
+            raise ValueError(f"destination {self.name!r}: storage commitment needs C-STORE")
         if self.associations < 1:
             raise ValueError(f"destination {self.name!r}: associations must be at least 1")
 
@@ -66,4 +73,7 @@ def export_target(destination: Destination, node_ae_title: str) -> ExportTarget:
             if destination.deidentify
             else None
         ),
+        storage_commitment=destination.storage_commitment,
+        commitment_timeout=destination.commitment_timeout,
+        commitment_requests=destination.commitment_requests,
     )

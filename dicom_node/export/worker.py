@@ -21,7 +21,9 @@ from pathlib import Path
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.ae.commitment import PendingTransactions
 from dicom_node.export import cstore, stowrs
+from dicom_node.export.commitment import request_due
 from dicom_node.export.queue import (
     Claimed,
     DeliveryReport,
@@ -180,8 +182,12 @@ class Exporter:
         node: str | None = None,
         keys: KeyRing | None = None,
         metrics: NodeMetrics | None = None,
+        commitments: PendingTransactions | None = None,
     ) -> None:
+        """``commitments``: where the transactions asked of storage commitment destinations
+        are marked for the receivers (``<data_dir>/commitment``); None: never asked."""
         self.sessions = sessions
+        self.commitments = commitments
         self.metrics = metrics or NodeMetrics()
         self.keys = keys
         self.node = node
@@ -236,6 +242,8 @@ class Exporter:
                     keys=self.keys,
                 )
                 self.metrics.exports_recorded(report)
+                if self.commitments is not None:
+                    request_due(self.sessions, self.targets, self.commitments)
             except Exception:  # a database hiccup must not end the exporter
                 log.exception("export round failed")
             self.rounds += 1

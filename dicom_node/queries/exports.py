@@ -34,6 +34,14 @@ class ExportView(BaseModel):
     created_at: UtcDateTime | None
     delivered_at: UtcDateTime | None
     output_id: int | None = Field(description="The node's output it sends; none for a source.")
+    commitment_uid: str | None = Field(
+        None, description="Storage commitment: the transaction that (last) asked the PACS."
+    )
+    commitment_requested_at: UtcDateTime | None = None
+    commitment_requests: int = Field(0, ge=0, description="Requests for this delivery.")
+    committed_at: UtcDateTime | None = Field(
+        None, description="When the PACS reported it committed (state committed)."
+    )
 
 
 def of_study(study_instance_uid: str) -> Any:

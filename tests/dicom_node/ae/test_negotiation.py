@@ -106,6 +106,28 @@ def test_role_selection_and_async_window_proposals() -> None:
     assert window_reply.maximum_number_operations_performed == 1
 
 
+@pytest.mark.parametrize(
+    ("scu_role", "scp_role", "reply"),
+    [(False, True, (False, True)), (True, True, (False, True)), (True, False, None)],
+)
+def test_a_pacs_is_accepted_as_the_storage_commitment_scp(
+    scu_role: bool, scp_role: bool, reply: tuple[bool, bool] | None
+) -> None:
+    """A PACS reporting storage commitment results proposes the SCP role for itself; the
+    node takes it (and never the SCU role: it commits nothing itself)."""
+    commitment = "1.2.840.10008.1.20.1"
+    role = build_role(commitment, scu_role=scu_role, scp_role=scp_role)
+    request = decode_request(request_body([(commitment, [ImplicitVRLittleEndian])], role))
+    negotiated = Negotiator(1 << 20, accept_unknown=False).negotiate(request)
+    assert negotiated.abstract_syntaxes == {1: commitment}
+    roles = [
+        (item.sop_class_uid, item.scu_role, item.scp_role)
+        for item in accepted(negotiated.accept_pdu).user_information
+        if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+    ]
+    assert roles == ([] if reply is None else [(commitment, *reply)])
+
+
 FIXED_FIELDS = b"\x00\x01\x00\x00" + b"CALLED".ljust(16) + b"CALLING".ljust(16) + bytes(32)
 APPLICATION_CONTEXT = b"\x10\x00\x00\x15" + b"1.2.840.10008.3.1.1.1"
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from db.session import make_engine, make_sessionmaker, upgrade
 from dicom_node.config import Settings
 from dicom_node.export.queue import RetryPolicy
 from dicom_node.export.target import ExportTarget
+from dicom_node.node import Node
 from dicom_node.testing import free_port
 
 T0 = dt.datetime(2026, 11, 26, 8, 0, tzinfo=dt.UTC)
@@ -112,3 +114,28 @@ def output_and_export(
     session.add(export)
     session.flush()
     return export
+
+
+@contextmanager
+def running(settings: Settings) -> Iterator[Node]:
+    """A whole node in this process (receiver, indexer, exporter) with ``settings``."""
+    node = Node(settings)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop(grace_seconds=5)
+
+
+def exports_of(node: Node) -> list[Export]:
+    assert node.sessions is not None
+    return rows(node.sessions)
+
+
+def wait_for(what: str, condition: Callable[[], bool], seconds: float = 90.0) -> None:
+    """Until ``condition()``; an ``AssertionError`` naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
