@@ -74,7 +74,7 @@ def paging(
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="At most this many.")] = (
         DEFAULT_LIMIT
     ),
-    offset: Annotated[int, Query(ge=0, description="Skip this many first.")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID, description="Skip this many first.")] = 0,
 ) -> Paging:
     return Paging(limit=limit, offset=offset)
 

@@ -120,6 +120,8 @@ def test_listing_studies_exports_or_jobs_records_a_phi_read(database: str) -> No
         (["--action", "looked"], "'looked' is not one of"),
         (["--study", "1.2.abc"], "not a DICOM UID"),
         (["--limit", "0"], "greater than or equal to 1"),
+        (["--since", "1000000d"], "reaches before the year 1"),
+        (["--since", "0001-01-01T00:00+01:00"], "out of range in UTC"),
     ],
 )
 def test_bad_arguments_get_one_line_and_exit_code_2(
@@ -136,4 +138,5 @@ def test_since_reads_durations_and_iso_times() -> None:
     assert parse_since("90m", now) == now - dt.timedelta(minutes=90)
     assert parse_since("2w", now) == now - dt.timedelta(weeks=2)
     assert parse_since("2026-11-29", now) == dt.datetime(2026, 11, 29, tzinfo=dt.UTC)
-    assert parse_since("2026-11-29T10:00+01:00", now).utcoffset() == dt.timedelta(hours=1)
+    assert parse_since("2026-11-29T10:00+01:00", now) == dt.datetime(2026, 11, 29, 9, tzinfo=dt.UTC)
+    assert parse_since("2026-11-29T10:00+01:00", now).utcoffset() == dt.timedelta(0)

@@ -82,6 +82,7 @@ BAD_FILTERS: list[tuple[dict[str, object], str]] = [
     ({"limit": 0}, "limit"),
     ({"limit": 5000}, "limit"),
     ({"offset": -1}, "offset"),
+    ({"offset": 2**63}, "offset"),
     ({"modality": "X" * 17}, "modality"),
 ]
 
