@@ -61,6 +61,7 @@ def full_settings(tmp_path: Path, small_file_system: Path) -> Settings:
         tmp_path,
         data_dir=small_file_system / "data",
         database_url=f"sqlite:///{tmp_path / 'index.db'}",
+        receive_min_free_bytes=0,  # no low-disk watermark: the writes themselves fail
     )
 
 
