@@ -52,6 +52,7 @@ class AuditAction(StrEnum):
     ACCESS_DENIED = "access_denied"  # an API request without a valid token, or a role too low
     CANCEL_REQUESTED = "cancel_requested"  # a job or an export cancelled by hand
     MODEL_CHANGED = "model_changed"  # a model uploaded, evaluated, enabled or removed
+    DATA_PURGED = "data_purged"  # a study's spool files or a job's outputs deleted by retention
 
 
 class AuditActorKind(StrEnum):
