@@ -263,18 +263,39 @@ def _inside(path: Path, root: Path) -> bool:
     return True
 
 
-def _delete_file(path: Path, written_by: dt.datetime, dry_run: bool) -> int:
-    """Delete ``path`` unless it was written after ``written_by``; the bytes it held."""
+@dataclass(frozen=True)
+class _Doomed:
+    """A file to delete, unless it is written again after ``written_by``."""
+
+    path: Path
+    written_by: dt.datetime
+    size: int
+
+
+def _doomed_file(path: Path, written_by: dt.datetime) -> _Doomed | None:
     try:
         stat = path.stat()
     except FileNotFoundError:
-        return 0
+        return None
     if dt.datetime.fromtimestamp(stat.st_mtime, tz=dt.UTC) > written_by:
         log.info("file written again since it was chosen; kept", path=path.name)
-        return 0
-    if not dry_run:
-        path.unlink(missing_ok=True)
-    return stat.st_size
+        return None
+    return _Doomed(path, written_by, stat.st_size)
+
+
+def _doomed_tree(folder: Path, written_by: dt.datetime) -> list[_Doomed]:
+    found: list[_Doomed] = []
+    for root, _dirs, names in os.walk(folder):
+        found += filter(None, (_doomed_file(Path(root) / name, written_by) for name in names))
+    return found
+
+
+def _delete(doomed: Iterable[_Doomed]) -> None:
+    """Delete each file unless it was written again since it was chosen (a receiver filed
+    a new copy of the instance meanwhile)."""
+    for item in doomed:
+        if _doomed_file(item.path, item.written_by) is not None:
+            item.path.unlink(missing_ok=True)
 
 
 def _remove_empty_dirs(directory: Path, root: Path) -> None:
@@ -287,8 +308,14 @@ def _remove_empty_dirs(directory: Path, root: Path) -> None:
         directory = directory.parent
 
 
+def _remove_empty_tree(folder: Path) -> None:
+    for root, _dirs, _names in os.walk(folder, topdown=False):
+        _remove_empty_dirs(Path(root), folder.parent)
+
+
 class RetentionPass:
-    """One retention pass over the database and the data folder."""
+    """One retention pass over the database and the data folder. Each purge claims its
+    rows, chooses its files and writes its audit row in one transaction, then deletes."""
 
     def __init__(
         self, sessions: sessionmaker[Session], settings: Settings, now: dt.datetime, dry_run: bool
@@ -320,34 +347,44 @@ class RetentionPass:
                 .join(Series, Series.id == Instance.series_id)
                 .where(Series.study_id == study.study_id, Instance.purged_at.is_(None))
             ).all()
+            doomed = [
+                found
+                for _, path, received_at in instances
+                if _inside(Path(path), spool)
+                and (
+                    found := _doomed_file(Path(path), as_utc(received_at) + WRITTEN_AFTER_TOLERANCE)
+                )
+            ]
             jobs = list(session.scalars(select(Job.id).where(Job.study_id == study.study_id)))
-            if not self.dry_run:
-                ids = [instance_id for instance_id, _, _ in instances]
-                for start in range(0, len(ids), 500):
-                    session.execute(
-                        update(Instance)
-                        .where(Instance.id.in_(ids[start : start + 500]))
-                        .values(purged_at=self.now)
-                    )
-        files, size, folders = 0, 0, set()
-        for _, path_text, received_at in instances:
-            path = Path(path_text)
-            if not _inside(path, spool):
-                continue
-            freed = _delete_file(path, as_utc(received_at) + WRITTEN_AFTER_TOLERANCE, self.dry_run)
-            files, size = files + bool(freed), size + freed
-            folders.add(path.parent)
-        if not self.dry_run:
-            for folder in folders:
-                _remove_empty_dirs(folder, spool)
-            for job_id in jobs:  # job folders left without outputs (a failed attempt's)
-                self._remove_job_folder_without_outputs(job_id)
-        purged = Purged("study", study.study_instance_uid, None, files, size, reason, study.done_at)
-        if not self.dry_run:
-            self._audit(purged, len(instances))
+            purged = Purged(
+                "study",
+                study.study_instance_uid,
+                None,
+                len(doomed),
+                sum(item.size for item in doomed),
+                reason,
+                study.done_at,
+            )
+            if self.dry_run:
+                return purged
+            ids = [instance_id for instance_id, _, _ in instances]
+            for start in range(0, len(ids), 500):
+                session.execute(
+                    update(Instance)
+                    .where(Instance.id.in_(ids[start : start + 500]))
+                    .values(purged_at=self.now)
+                )
+            self._audit(session, purged, len(instances))
+        _delete(doomed)
+        for folder in {item.path.parent for item in doomed}:
+            _remove_empty_dirs(folder, spool)
+        for job_id in jobs:  # job folders left without outputs (a failed attempt's)
+            self._remove_job_folder_without_outputs(job_id)
         return purged
 
     def purge_outputs(self, outputs: DoneOutputs, reason: Reason) -> Purged | None:
+        outputs_dir = self.settings.outputs_dir
+        folder = outputs_dir / f"job-{outputs.job_id}"
         with self.sessions.begin() as session:
             rows = session.execute(
                 select(Output.id, Output.path).where(
@@ -362,33 +399,26 @@ class RetentionPass:
                 ).rowcount  # type: ignore[attr-defined]
                 if not claimed:
                     return None
-        folder = self.settings.outputs_dir / f"job-{outputs.job_id}"
-        files, size = self._delete_tree(folder)
-        for _, path_text in rows:  # an output written elsewhere than the job's folder
-            path = Path(path_text)
-            if not _inside(path, folder) and _inside(path, self.settings.outputs_dir):
-                freed = _delete_file(path, self.now, self.dry_run)
-                files, size = files + bool(freed), size + freed
-        purged = Purged(
-            "outputs", outputs.study_instance_uid, outputs.job_id, files, size, reason,
-            outputs.done_at,
-        )  # fmt: skip
-        if not self.dry_run:
-            self._audit(purged, len(rows), outputs.series_instance_uid)
+            doomed = _doomed_tree(folder, self.now)
+            for _, path_text in rows:  # an output written elsewhere than the job's folder
+                path = Path(path_text)
+                if _inside(path, outputs_dir) and not _inside(path, folder):
+                    doomed += filter(None, [_doomed_file(path, self.now)])
+            purged = Purged(
+                "outputs",
+                outputs.study_instance_uid,
+                outputs.job_id,
+                len(doomed),
+                sum(item.size for item in doomed),
+                reason,
+                outputs.done_at,
+            )
+            if self.dry_run:
+                return purged
+            self._audit(session, purged, len(rows), outputs.series_instance_uid)
+        _delete(doomed)
+        _remove_empty_tree(folder)
         return purged
-
-    def _delete_tree(self, folder: Path) -> tuple[int, int]:
-        """Delete the files under ``folder`` not written since this pass chose it."""
-        files, size = 0, 0
-        if not folder.is_dir():
-            return files, size
-        for root, _dirs, names in os.walk(folder, topdown=False):
-            for name in names:
-                freed = _delete_file(Path(root) / name, self.now, self.dry_run)
-                files, size = files + bool(freed), size + freed
-            if not self.dry_run:
-                _remove_empty_dirs(Path(root), folder.parent)
-        return files, size
 
     def _remove_job_folder_without_outputs(self, job_id: int) -> None:
         with self.sessions() as session:
@@ -397,34 +427,35 @@ class RetentionPass:
                     Output.job_id == job_id, Output.purged_at.is_(None)
                 )
             )
-        if not kept:
-            self._delete_tree(self.settings.outputs_dir / f"job-{job_id}")
+        folder = self.settings.outputs_dir / f"job-{job_id}"
+        if not kept and folder.is_dir():
+            _delete(_doomed_tree(folder, self.now))
+            _remove_empty_tree(folder)
 
-    def _audit(self, purged: Purged, rows: int, series_uid: str | None = None) -> None:
-        with self.sessions.begin() as session:
-            audit.record(
-                session,
-                action=audit.AuditAction.DATA_PURGED,
-                actor=self.actor,
-                object_kind=(
-                    audit.AuditObjectKind.STUDY
-                    if purged.kind == "study"
-                    else audit.AuditObjectKind.JOB
-                ),
-                object_id=purged.job_id,
-                study_instance_uid=purged.study_instance_uid,
-                series_instance_uid=series_uid,
-                count=rows,
-                details={
-                    "what": "spool" if purged.kind == "study" else "outputs",
-                    "reason": purged.reason,
-                    "files": purged.files,
-                    "bytes": purged.bytes,
-                },
-                at=self.now,
-            )
+    def _audit(
+        self, session: Session, purged: Purged, rows: int, series_uid: str | None = None
+    ) -> None:
+        audit.record(
+            session,
+            action=audit.AuditAction.DATA_PURGED,
+            actor=self.actor,
+            object_kind=(
+                audit.AuditObjectKind.STUDY if purged.kind == "study" else audit.AuditObjectKind.JOB
+            ),
+            object_id=purged.job_id,
+            study_instance_uid=purged.study_instance_uid,
+            series_instance_uid=series_uid,
+            count=rows,
+            details={
+                "what": "spool" if purged.kind == "study" else "outputs",
+                "reason": purged.reason,
+                "files": purged.files,
+                "bytes": purged.bytes,
+            },
+            at=self.now,
+        )
         log.info(
-            "retention deleted files",
+            "retention deletes files",
             what=purged.kind,
             study_uid=purged.study_instance_uid,
             job_id=purged.job_id,

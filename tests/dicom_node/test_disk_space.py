@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from dicom_node.api.testing import api_harness, settings_for
 from dicom_node.disk_space import ReceiveWatermark, free_bytes
 from dicom_node.synthetic import generate_series
 from dicom_node.testing import running_node, storescu
+from tests.dicom_node.small_fs import mounted_tmpfs
 
 MiB = 1024 * 1024
 
@@ -121,20 +121,8 @@ SLICES = 4
 
 @pytest.fixture
 def small_file_system(tmp_path: Path) -> Iterator[Path]:
-    mount_point = tmp_path / "small-fs"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    assert mounted.returncode == 0, (
-        f"this test mounts a small tmpfs and needs root: {mounted.stderr.strip()}"
-    )
-    try:
+    with mounted_tmpfs(tmp_path / "small-fs", TMPFS_BYTES) as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def _log_events(log: str, event: str) -> int:

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,6 +53,7 @@ from dicom_node.storage import InstanceKey, Spool
 from dicom_node.synthetic import generate_series
 from dicom_node.testing import local_settings
 from tests.dicom_node.security.audit_support import audit_rows
+from tests.dicom_node.small_fs import mounted_tmpfs
 
 MiB = 1024 * 1024
 DAY = dt.timedelta(days=1)
@@ -439,18 +439,8 @@ def test_the_node_thread_purges_by_itself(tmp_path: Path, site_for: Callable[...
 
 @pytest.fixture
 def small_data_dir(tmp_path: Path) -> Iterator[Path]:
-    mount_point = tmp_path / "small-fs"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    assert mounted.returncode == 0, f"this test mounts a tmpfs and needs root: {mounted.stderr}"
-    try:
+    with mounted_tmpfs(tmp_path / "small-fs", 32 * MiB) as mount_point:
         yield mount_point / "data"
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_below_the_watermark_the_oldest_done_studies_go_first_until_above(
