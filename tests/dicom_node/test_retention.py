@@ -40,6 +40,8 @@ from dicom_node.cli import app
 from dicom_node.config import Settings
 from dicom_node.disk_space import free_bytes
 from dicom_node.index import stored_record_from_file, write_batch
+from dicom_node.outputs import upsert_outputs
+from dicom_node.process import OutputRecord
 from dicom_node.queries.paging import EVERYTHING
 from dicom_node.queries.studies import StudyFilters, search_studies
 from dicom_node.retention import (
@@ -363,6 +365,30 @@ def test_outputs_go_once_their_exports_are_delivered(site: Site) -> None:
     [outputs_event] = [event for event in events if event["details"]["what"] == "outputs"]
     assert outputs_event["object_id"] == str(delivered_job) and outputs_event["count"] == 2
     assert outputs_event["series_instance_uid"] == delivered.series_uid
+
+
+def test_an_output_a_job_writes_again_is_no_longer_purged(site: Site) -> None:
+    study = site.receive()
+    job_id = site.job(study)
+    path = site.output(job_id, ExportState.DELIVERED)
+    run_retention(site.sessions, site.settings, now=later(49))
+    with site.sessions.begin() as session:
+        output = session.scalars(select(Output)).one()
+        assert output.purged_at is not None and not path.exists()
+        record = OutputRecord(
+            output.sop_instance_uid,
+            output.sop_class_uid,
+            output.series_instance_uid,
+            "seg",
+            path,
+            output.source_series_uid,
+            "threshold_segment",
+            "1",
+            "{}",
+        )
+        upsert_outputs(session, [record], job_id)
+    with site.sessions() as session:
+        assert session.scalars(select(Output.purged_at)).one() is None
 
 
 def test_a_dry_run_says_what_would_go_and_deletes_nothing(site: Site) -> None:
