@@ -54,11 +54,11 @@ from db.models import (
     StudyEvent,
     StudyEventKind,
     StudyStatus,
+    as_utc,
     utcnow,
 )
 from dicom_node.config import ConfigError, Destination, Settings
 from dicom_node.disk_space import free_bytes, total_bytes
-from dicom_node.index import as_utc
 from dicom_node.routing_store import load_routing
 from dicom_node.security import audit
 
