@@ -9,7 +9,6 @@ and emptied again, with DCMTK's ``storescu`` as the sender and the node not rest
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +18,9 @@ from structlog.testing import capture_logs
 
 from dicom_node.api.testing import api_harness, settings_for
 from dicom_node.disk_space import ReceiveWatermark, free_bytes
+from dicom_node.node import Node
 from dicom_node.synthetic import generate_series
-from dicom_node.testing import running_node, storescu
+from dicom_node.testing import local_settings, storescu
 from tests.dicom_node.small_fs import mounted_tmpfs
 
 MiB = 1024 * 1024
@@ -137,47 +137,48 @@ def _log_events(log: str, event: str) -> int:
 
 
 def test_storescu_gets_out_of_resources_while_the_disk_is_low_then_stores(
-    tmp_path: Path, small_file_system: Path
+    tmp_path: Path, small_file_system: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     series = generate_series(num_slices=SLICES, rows=64, columns=64, uid_seed="low-disk")
     files = series.write(tmp_path / "slices")
     uids = {dataset.SOPInstanceUID for dataset in series.datasets}
-    data_dir = small_file_system / "data"
-    env = {
-        "DICOM_NODE_DATABASE_URL": f"sqlite:///{tmp_path / 'index.db'}",
-        "DICOM_NODE_RECEIVER_PROCESSES": "2",
-        "DICOM_NODE_EXECUTOR": "inline",
-        "DICOM_NODE_STUDY_QUIET_SECONDS": "3600",
-        "DICOM_NODE_RECEIVE_MIN_FREE_BYTES": str(MIN_FREE),
-        "DICOM_NODE_RECEIVE_FREE_MARGIN_BYTES": str(MARGIN),
-    }
-    with running_node(data_dir, env=env) as node:
-        pid = node.process.pid
+    settings = local_settings(
+        tmp_path,
+        data_dir=small_file_system / "data",
+        database_url=f"sqlite:///{tmp_path / 'index.db'}",
+        receiver_processes=2,  # processes of their own, each with its watermark
+        log_format="json",
+        receive_min_free_bytes=MIN_FREE,
+        receive_free_margin_bytes=MARGIN,
+    )
+    node = Node(settings)
+    node.start()
+    try:
         # Leave less than the minimum free, but room enough for every slice.
         filler = small_file_system / "filler"
         filler.write_bytes(b"\0" * (free_bytes(small_file_system) - MIN_FREE + 4 * MiB))
         assert free_bytes(small_file_system) < MIN_FREE - 2 * MiB
-        refused = storescu(files, node.port, extra_args=["--debug", "--no-halt"])
+        refused = storescu(files, settings.port, extra_args=["--debug", "--no-halt"])
         answers = refused.stdout + refused.stderr
         assert answers.count("DIMSE Status                  : 0xa700") == SLICES, answers
         assert answers.count("[Disk space low: receiving paused]") == SLICES
-        spooled = {path.stem for path in node.data_dir.glob("spool/*/*/*.dcm")}
+        spooled = {path.stem for path in settings.spool_dir.glob("*/*/*.dcm")}
         assert not spooled & uids, "an instance refused for lack of space was kept"
 
-        filler.unlink()  # the operator frees space: no restart
+        filler.unlink()  # the operator frees space: the same node stores again
         deadline = time.monotonic() + 30
         while True:
-            stored = storescu(files, node.port, extra_args=["--debug", "--no-halt"])
-            spooled = {path.stem for path in node.data_dir.glob("spool/*/*/*.dcm")}
+            stored = storescu(files, settings.port, extra_args=["--debug", "--no-halt"])
+            spooled = {path.stem for path in settings.spool_dir.glob("*/*/*.dcm")}
             if stored.returncode == 0 and uids <= spooled:
                 break
             assert time.monotonic() < deadline, stored.stderr
             time.sleep(0.5)
         assert (stored.stdout + stored.stderr).count(": 0x0000: Success") == SLICES
-        assert node.process.pid == pid and node.process.poll() is None
-        log = node.log()
+    finally:
+        node.stop(grace_seconds=5)
+    log = capfd.readouterr().err
     # Each receiver process that saw the disk low says so once, not once per instance.
     paused = _log_events(log, "receiving paused: the spool's disk is nearly full")
     resumed = _log_events(log, "receiving resumed: disk space is back")
     assert 1 <= paused <= 2 and resumed <= paused, log[-3000:]
-    assert os.path.ismount(small_file_system)
