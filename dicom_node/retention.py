@@ -231,6 +231,19 @@ class Purged:
     reason: Reason
     done_at: dt.datetime
 
+    @classmethod
+    def of(
+        cls,
+        kind: Literal["study", "outputs"],
+        study_instance_uid: str,
+        job_id: int | None,
+        doomed: Sequence[_Doomed],
+        reason: Reason,
+        done_at: dt.datetime,
+    ) -> Purged:
+        size = sum(item.size for item in doomed)
+        return cls(kind, study_instance_uid, job_id, len(doomed), size, reason, done_at)
+
 
 @dataclass
 class RetentionReport:
@@ -356,14 +369,8 @@ class RetentionPass:
                 )
             ]
             jobs = list(session.scalars(select(Job.id).where(Job.study_id == study.study_id)))
-            purged = Purged(
-                "study",
-                study.study_instance_uid,
-                None,
-                len(doomed),
-                sum(item.size for item in doomed),
-                reason,
-                study.done_at,
+            purged = Purged.of(
+                "study", study.study_instance_uid, None, doomed, reason, study.done_at
             )
             if self.dry_run:
                 return purged
@@ -404,12 +411,11 @@ class RetentionPass:
                 path = Path(path_text)
                 if _inside(path, outputs_dir) and not _inside(path, folder):
                     doomed += filter(None, [_doomed_file(path, self.now)])
-            purged = Purged(
+            purged = Purged.of(
                 "outputs",
                 outputs.study_instance_uid,
                 outputs.job_id,
-                len(doomed),
-                sum(item.size for item in doomed),
+                doomed,
                 reason,
                 outputs.done_at,
             )
