@@ -54,6 +54,7 @@ class AuditAction(StrEnum):
     CANCEL_REQUESTED = "cancel_requested"  # a job or an export cancelled by hand
     MODEL_CHANGED = "model_changed"  # a model uploaded, evaluated, enabled or removed
     STORAGE_COMMITMENT = "storage_commitment"  # the PACS committed an export, or did not
+    DATA_PURGED = "data_purged"  # a study's spool files or a job's outputs deleted by retention
 
 
 class AuditActorKind(StrEnum):

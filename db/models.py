@@ -131,6 +131,9 @@ class Study(Base):
     first_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Its spool files were deleted by retention (``dicom_node.retention``); cleared when an
+    # instance of it is received again.
+    purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
@@ -165,6 +168,8 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     association_id: Mapped[str | None] = mapped_column(ForeignKey("associations.id"), index=True)
+    # Its file was deleted by retention; cleared when it is received again.
+    purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -221,6 +226,8 @@ class Output(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON_DOCUMENT)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    # Its file was deleted by retention; cleared when a job writes it again.
+    purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Export(Base):

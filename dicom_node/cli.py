@@ -32,6 +32,7 @@ from dicom_node.cli_jobs import exports_cancel, jobs_cancel, replay
 from dicom_node.cli_models import models_app
 from dicom_node.cli_nodes import nodes
 from dicom_node.cli_plugins import plugins_app
+from dicom_node.cli_retention import retention
 from dicom_node.cli_tls import TlsCaOption, TlsCertOption, TlsKeyOption, TlsOption, tls_context
 from dicom_node.cli_tokens import tokens_app
 from dicom_node.config import Settings, validate_ae_title
@@ -301,7 +302,7 @@ def studies(
     for row in rows:
         add_row(
             table,
-            row["status"],
+            "purged" if row["purged_at"] else row["status"],
             row["num_series"],
             row["num_instances"],
             row["last_received_at"][:19],
@@ -399,6 +400,7 @@ app.add_typer(exports_app, name="exports")
 exports_app.command("cancel")(exports_cancel)
 app.command("replay")(replay)
 app.command("nodes")(nodes)
+app.command("retention")(retention)
 
 
 def export_rows(settings: Settings, state: ExportState | None = None) -> list[dict[str, Any]]:

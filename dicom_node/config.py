@@ -446,6 +446,24 @@ class Settings(BaseSettings):
     node_heartbeat_seconds: float = Field(5.0, gt=0, le=300)
     node_lease_seconds: float = Field(30.0, gt=0, le=3600)
 
+    # -- retention and disk space (issue 18, docs/operations.md "Retention and disk space")
+    # Receivers answer C-STORE 0xA700 while the spool's file system has less than
+    # receive_min_free_bytes free (0: only when a write fails), and store again once it has
+    # receive_free_margin_bytes more than that.
+    receive_min_free_bytes: int = Field(1024**3, ge=0)
+    receive_free_margin_bytes: int = Field(256 * 1024**2, ge=0)
+    # A study's spool files are deleted retention_spool_hours after it is done (complete,
+    # its jobs finished, their exports delivered and committed where asked); a job's outputs
+    # retention_outputs_hours after they are done (0: not by age). Below
+    # retention_free_bytes or retention_free_percent free on the data folder's file system
+    # (0: off), the oldest done studies and outputs go first, whatever their age, until it
+    # is above. Checked every retention_interval_seconds; the rows stay, marked purged.
+    retention_spool_hours: float = Field(168.0, ge=0)
+    retention_outputs_hours: float = Field(168.0, ge=0)
+    retention_free_bytes: int = Field(0, ge=0)
+    retention_free_percent: float = Field(0.0, ge=0, lt=100)
+    retention_interval_seconds: float = Field(300.0, gt=0)
+
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:
         if (self.tls_certificate is None) != (self.tls_private_key is None):

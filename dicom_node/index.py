@@ -273,6 +273,8 @@ def _receive_into(session: Session, study: Study, record: InstanceStored) -> Non
     """A new instance for ``study``: it was received later, and reopens it if complete."""
     if as_utc(study.last_received_at) < record.received_at:
         study.last_received_at = record.received_at
+    if study.purged_at is not None:  # received again after retention deleted its files
+        study.purged_at = None
     if study.status == StudyStatus.COMPLETE:
         study.status = StudyStatus.RECEIVING
         study.completed_at = None
@@ -305,6 +307,7 @@ def _instance_row(series: Series, record: InstanceStored) -> dict[str, object]:
         "size_bytes": record.size_bytes,
         "received_at": record.received_at,
         "association_id": record.association_id,
+        "purged_at": None,
     }
 
 

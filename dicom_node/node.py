@@ -35,6 +35,7 @@ from dicom_node.metrics import NodeMetrics
 from dicom_node.nodes import Heartbeat
 from dicom_node.receiver import Receiver
 from dicom_node.receiver_pool import Listeners, ReceiverPool, open_listeners, start_receivers
+from dicom_node.retention import RetentionThread
 from dicom_node.routing import assembler_quiet_seconds
 from dicom_node.routing_store import sync_from_settings
 from dicom_node.storage import Spool
@@ -71,6 +72,7 @@ class Node:
         self.api: ApiServer | None = None
         self.heartbeat: Heartbeat | None = None
         self.metrics: NodeMetrics | None = None
+        self.retention: RetentionThread | None = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -111,6 +113,8 @@ class Node:
                 log.error("a receiver process did not start")
         self._start_processing()
         self._start_heartbeat()
+        self.retention = RetentionThread(self.sessions, settings)
+        self.retention.start()
         self.assembler.check()
         if settings.http_port:
             self._start_api()
@@ -227,6 +231,8 @@ class Node:
         self._stop_processing(grace)
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        if self.retention is not None:
+            self.retention.stop()
         if self.engine is not None:
             self.engine.dispose()
         self._stopped.set()

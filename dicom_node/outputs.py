@@ -29,6 +29,7 @@ REFRESHED_COLUMNS = (
     "processor_version",
     "params",
     "created_at",
+    "purged_at",
 )
 """What a reprocessed input's row takes from the new record (``job_id`` only if given)."""
 
@@ -54,6 +55,7 @@ def upsert_outputs(
             "params": json.loads(record.params),
             "created_at": dt.datetime.now(dt.UTC),
             "job_id": job_id,
+            "purged_at": None,
         }
         for record in records
     }

@@ -26,6 +26,7 @@ import structlog
 
 from dicom_node.ae.acceptor import Acceptor, Listener
 from dicom_node.config import Settings
+from dicom_node.disk_space import ReceiveWatermark
 from dicom_node.handlers.context import ReceiverContext
 from dicom_node.logging import configure_logging
 from dicom_node.receiver_pool import READY, Listeners, StopFlag
@@ -55,6 +56,7 @@ class Receiver:
             settings=settings,
             spool=Spool.for_settings(settings),
             index=self.index,
+            watermark=ReceiveWatermark.for_settings(settings),
         )
         listeners = []
         if self.listeners.plain is not None:

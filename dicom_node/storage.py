@@ -174,6 +174,14 @@ class Spool:
     def file_under(self, incoming: IncomingFile, key: InstanceKey) -> Path:
         """Give a complete, fsync'd incoming file ``key``'s path; fsync its directory."""
         final = self.path_for(key)
+        try:
+            self._file_under(incoming, final)
+        except FileNotFoundError:  # retention removed its (empty) folders since we made them
+            self._known_dirs.discard(final.parent)
+            self._file_under(incoming, final)
+        return final
+
+    def _file_under(self, incoming: IncomingFile, final: Path) -> None:
         self._ensure_dir(final.parent)
         directory = os.open(final.parent, os.O_RDONLY)
         try:
@@ -185,7 +193,6 @@ class Spool:
                 os.fsync(directory)
         finally:
             os.close(directory)
-        return final
 
     def exists(self, key: InstanceKey) -> bool:
         return self.path_for(key).exists()

@@ -25,6 +25,7 @@ from dicom_node.api.models_api import router as models_router
 from dicom_node.api.plugins_api import router as plugins_router
 from dicom_node.api.routing_api import router as routing_router
 from dicom_node.dashboard import routes as dashboard
+from dicom_node.disk_space import free_bytes
 from processors.errors import BadInputError
 
 API_PREFIX = "/api/v1"
@@ -39,7 +40,8 @@ def healthz() -> dict[str, str]:
 
 @health.get(
     "/readyz",
-    summary="The database answers, the spool is writable and the executor has workers",
+    summary="The database answers, the spool is writable (and its disk above the low-disk"
+    " watermark) and the executor has workers",
     responses={503: {"description": "Not ready: the checks that failed, by name"}},
 )
 def readyz(request: Request) -> JSONResponse:
@@ -48,6 +50,7 @@ def readyz(request: Request) -> JSONResponse:
         "database": _database_answers(context),
         "spool": _spool_writable(context),
         "executor": context.executor_slots is None or context.executor_slots() > 0,
+        "disk_space": _disk_space_left(context),
     }
     ready = all(checks.values())
     return JSONResponse(
@@ -72,6 +75,15 @@ def _spool_writable(context: ApiContext) -> bool:
     except OSError:
         return False
     return True
+
+
+def _disk_space_left(context: ApiContext) -> bool:
+    """The spool's disk is above the low-disk watermark (receivers store, not 0xA700)."""
+    settings = context.settings
+    try:
+        return free_bytes(settings.spool_dir) >= settings.receive_min_free_bytes
+    except OSError:
+        return False
 
 
 def _bad_input(_request: Request, exc: Exception) -> JSONResponse:

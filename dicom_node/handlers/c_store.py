@@ -1,9 +1,10 @@
 """C-STORE: the dataset streamed to a spool file as it arrives, checked, filed, queued for indexing.
 
 Statuses (PS3.4 B.2.3): 0x0000 success, 0xA700 out of resources (the file could not be
-written), 0xA900 data set does not match SOP class (the dataset's SOP class or instance
-UID differs from the request's), 0xC000 cannot understand (unparseable header, a missing
-or invalid UID, a duplicate refused by policy); the codes come from ``dicom_node.dimse_status``.
+written, or the spool's disk is below the low-disk watermark, ``dicom_node.disk_space``),
+0xA900 data set does not match SOP class (the dataset's SOP class or instance UID differs
+from the request's), 0xC000 cannot understand (unparseable header, a missing or invalid
+UID, a duplicate refused by policy); the codes come from ``dicom_node.dimse_status``.
 
 Memory stays bounded whatever the instance's size: fragments go to the temp file as they
 come, and only the first ``HEAD_BYTES`` are kept to read the header from.
@@ -48,6 +49,7 @@ Outcome = tuple[int, str | None]
 """A DIMSE status and its error comment."""
 
 SUCCESS: Outcome = (DimseStatus.SUCCESS, None)
+LOW_DISK: Outcome = (DimseStatus.OUT_OF_RESOURCES, "Disk space low: receiving paused")
 
 
 class _HeaderReader:
@@ -167,6 +169,10 @@ class IncomingInstance:
                 DimseStatus.CANNOT_UNDERSTAND, "Affected SOP Class/Instance UID invalid"
             )
             return
+        if context.watermark is not None and context.watermark.paused():
+            # Logged once when receiving paused, not for each instance refused.
+            self.refusal = LOW_DISK
+            return
         meta = encode_file_meta(
             request.affected_sop_class_uid,
             request.affected_sop_instance_uid,
@@ -246,6 +252,9 @@ class IncomingInstance:
             return reader.read(stream)
 
     def _finish(self) -> Outcome:
+        if self.refusal is LOW_DISK:
+            log.debug("C-STORE refused", reason=LOW_DISK[1])
+            return LOW_DISK
         if self.refusal is not None:
             log.warning("C-STORE refused", reason=self.refusal[1])
             return self.refusal

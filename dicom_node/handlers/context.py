@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dicom_node.config import Settings
+from dicom_node.disk_space import ReceiveWatermark
 from dicom_node.records import IndexRecord
 from dicom_node.storage import Spool
 
@@ -34,3 +35,5 @@ class ReceiverContext:
     spool: Spool
     index: Callable[[IndexRecord], None]
     """Takes the record of what was stored: the indexer's queue, or a pipe to it."""
+    watermark: ReceiveWatermark | None = None
+    """Says when the spool's disk is too full to receive (None: never)."""

@@ -81,7 +81,7 @@ class _Running:
 def _series_paths(session: Session, series_id: int) -> tuple[str, ...]:
     rows = session.scalars(
         select(Instance.path)
-        .where(Instance.series_id == series_id)
+        .where(Instance.series_id == series_id, Instance.purged_at.is_(None))
         .order_by(Instance.instance_number.is_(None), Instance.instance_number, Instance.id)
     )
     return tuple(rows)

@@ -41,6 +41,9 @@ class StudySummary(BaseModel):
     first_received_at: UtcDateTime
     last_received_at: UtcDateTime
     completed_at: UtcDateTime | None
+    purged_at: UtcDateTime | None = Field(
+        None, description="When retention deleted its files (the index keeps its rows)."
+    )
 
 
 class SeriesSummary(BaseModel):
@@ -67,6 +70,7 @@ class OutputView(BaseModel):
     processor_version: str
     job_id: int | None
     created_at: UtcDateTime
+    purged_at: UtcDateTime | None = None
 
 
 class StudyDetail(StudySummary):
@@ -87,6 +91,7 @@ class InstanceView(BaseModel):
     instance_number: int | None
     size_bytes: int = Field(ge=0)
     received_at: UtcDateTime
+    purged_at: UtcDateTime | None = None
 
 
 class SeriesDetail(SeriesSummary):
@@ -201,6 +206,7 @@ def _summaries(session: Session, rows: Sequence[Row[Study, int, int]]) -> list[S
             first_received_at=study.first_received_at,
             last_received_at=study.last_received_at,
             completed_at=study.completed_at,
+            purged_at=study.purged_at,
         )
         for study, num_series, num_instances in rows
     ]

@@ -93,7 +93,11 @@ def enqueue_sources(
         outside = [by_name[n] for n in job.destinations if n in by_name and by_name[n].deidentify]
         if not outside:
             continue
-        paths = session.scalars(select(Instance.path).where(Instance.series_id == job.series_id))
+        paths = session.scalars(
+            select(Instance.path).where(
+                Instance.series_id == job.series_id, Instance.purged_at.is_(None)
+            )
+        )
         files = [Path(path) for path in paths]
         for destination in outside:
             target = export_target(destination, settings.ae_title)

@@ -8,7 +8,6 @@ index database is elsewhere, as it is when the database is PostgreSQL.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from tests.dicom_node.ae.raw_peer import (
     RawPeer,
     dataset_after_file_meta,
 )
+from tests.dicom_node.small_fs import mounted_tmpfs
 
 CONTEXTS = [
     (CT_IMAGE_STORAGE, [EXPLICIT_VR_LITTLE_ENDIAN]),
@@ -39,20 +39,8 @@ SLICE_COUNT = 60  # 60 x 128 KiB: twice what the tmpfs holds
 
 @pytest.fixture
 def small_file_system(tmp_path: Path) -> Iterator[Path]:
-    mount_point = tmp_path / "small-fs"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    assert mounted.returncode == 0, (
-        f"this test mounts a small tmpfs and needs root: {mounted.stderr.strip()}"
-    )
-    try:
+    with mounted_tmpfs(tmp_path / "small-fs", TMPFS_BYTES) as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 @pytest.fixture
@@ -61,6 +49,7 @@ def full_settings(tmp_path: Path, small_file_system: Path) -> Settings:
         tmp_path,
         data_dir=small_file_system / "data",
         database_url=f"sqlite:///{tmp_path / 'index.db'}",
+        receive_min_free_bytes=0,  # no low-disk watermark: the writes themselves fail
     )
 
 

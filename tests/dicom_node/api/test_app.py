@@ -28,7 +28,12 @@ def test_readyz_checks_database_spool_and_executor(tmp_path: Path) -> None:
     with api_harness(settings) as api:
         ready = api.client.get("/readyz")
         assert ready.status_code == 200
-        assert ready.json()["checks"] == {"database": True, "spool": True, "executor": True}
+        assert ready.json()["checks"] == {
+            "database": True,
+            "spool": True,
+            "executor": True,
+            "disk_space": True,
+        }
         api.context.executor_slots = lambda: 0
         settings.spool_dir.chmod(0o500)
         try:
