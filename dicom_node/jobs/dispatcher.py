@@ -48,6 +48,7 @@ from dicom_node.jobs.state import (
     create_jobs,
     hold_running,
     requeue_interrupted,
+    run_again,
     timings_document,
     transition,
     utcnow,
@@ -346,7 +347,10 @@ class Dispatcher:
                 num_outputs=len(rows),
                 error="; ".join(notes) or None,
             )
+            again = run_again(session, job_id, expected=JobState.SUCCEEDED)
         self.metrics.job_ended(job, JobState.SUCCEEDED, result.timings)
+        if again:
+            log.info("job queued again: its study completed again while it ran", job_id=job_id)
         log.info("job succeeded", job_id=job_id, outputs=len(result.records))
         if self.exporter is not None:
             self.exporter.wake()
@@ -371,7 +375,10 @@ class Dispatcher:
             job = session.get(Job, job_id)
             if job is None:
                 return
-            if job.attempts < job.max_attempts:
+            again = run_again(session, job_id, expected=JobState.RUNNING, error=reason)
+            if again:
+                ended = True
+            elif job.attempts < job.max_attempts:
                 delay = RETRY_BASE_SECONDS * 2 ** (job.attempts - 1)
                 ended = transition(
                     session,
@@ -392,6 +399,6 @@ class Dispatcher:
                     finished_at=utcnow(),
                 )
         if ended:  # not if an operator cancelled it meanwhile
-            retrying = job.attempts < job.max_attempts
+            retrying = again or job.attempts < job.max_attempts
             self.metrics.job_ended(job, RETRYING if retrying else JobState.FAILED)
         log.warning("job failed", job_id=job_id, error=reason)
