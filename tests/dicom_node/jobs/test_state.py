@@ -321,7 +321,8 @@ def test_outputs_of_finished_steps_are_sent_even_when_a_later_step_fails(
     dispatch_once(sessions, settings, first_step_then_crash)
     [job] = jobs(sessions)
     assert (job.state, job.error) == ("failed", "RuntimeError: median broke after 6 outputs")
-    steps = written_steps(tmp_path / "data" / "outputs" / f"job-{job.id}", set())
+    [run_dir] = (tmp_path / "data" / "outputs" / f"job-{job.id}").iterdir()
+    steps = written_steps(run_dir, set())
     assert [(name, len(records)) for name, records in steps] == [("01.json", 6)]
     with sessions() as session:
         exported = session.scalars(select(Export.sop_instance_uid)).all()

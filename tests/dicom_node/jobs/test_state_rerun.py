@@ -6,13 +6,14 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Export, Job, JobState, Output, OutputKind
 from dicom_node.assembler import complete_quiet_studies
 from dicom_node.config import load_settings
-from dicom_node.jobs.dispatcher import Dispatcher
+from dicom_node.jobs.dispatcher import Dispatcher, job_output_dir
 from dicom_node.jobs.executors import InlineExecutor
 from dicom_node.jobs.state import cancel, claim_next
 from dicom_node.jobs.worker import JobResult, JobSpec, run_job
@@ -98,6 +99,10 @@ def test_a_study_completing_again_while_its_job_runs_runs_it_again_after_on_the_
     second = derived_uids(sessions) - first
     assert len(second) == 6  # the grown series' outputs are new objects, none reused
     with sessions() as session:
+        files = {o.sop_instance_uid: o.path for o in session.scalars(select(Output))}
+    for uid in first | second:  # each output's file is still its own (first run's kept)
+        assert str(pydicom.dcmread(files[uid], stop_before_pixels=True).SOPInstanceUID) == uid
+    with sessions() as session:
         exported = set(session.scalars(select(Export.sop_instance_uid)))
     assert exported == first | second  # the first run's outputs stay sent, not withdrawn
     assert dispatcher.fill() == 0  # and nothing runs a third time
@@ -147,3 +152,11 @@ def test_a_job_cancelled_while_a_rerun_was_asked_stays_cancelled(
     assert dispatcher.fill() == 0
     [job] = jobs(sessions)
     assert job.state is JobState.CANCELLED
+
+
+def test_the_run_on_a_grown_series_writes_beside_the_first_runs_files(tmp_path: Path) -> None:
+    """The first run's files may still wait for export when the second run writes."""
+    first = job_output_dir(tmp_path, 7, ["b.dcm", "a.dcm"])
+    assert first == job_output_dir(tmp_path, 7, ["a.dcm", "b.dcm"])  # a retry: the same
+    assert first.parent == tmp_path / "job-7"
+    assert job_output_dir(tmp_path, 7, ["a.dcm", "b.dcm", "c.dcm"]) != first
