@@ -213,12 +213,15 @@ def test_enhanced_multiframe_source(ct: SyntheticSeries, tmp_path: Path) -> None
     assert np.array_equal(pixels, result.labels)
 
 
-def test_a_series_that_grew_gets_a_new_seg(ct: SyntheticSeries) -> None:
+def test_a_series_that_grew_gets_a_new_seg() -> None:
+    series = generate_series(num_slices=4, rows=32, columns=32, uid_seed="grows")
+    provenance = Provenance("threshold_segment", "1.0.0", "segment", {"preset": "body"})
+
     def seg_uids(datasets: list[Dataset]) -> tuple[str, str]:
-        result = run_processor("kmeans", load_series(datasets), k=3)[0]
-        seg = encode_seg(result, datasets, KMEANS)  # type: ignore[arg-type]
+        result = run_processor("threshold_segment", load_series(datasets), preset="body")[0]
+        seg = encode_seg(result, datasets, provenance)  # type: ignore[arg-type]
         return seg.sop_instance_uid, seg.dataset.SeriesInstanceUID
 
-    fewer = seg_uids(ct.datasets[:-1])
-    assert fewer == seg_uids(ct.datasets[:-1])
-    assert not set(fewer) & set(seg_uids(ct.datasets))
+    fewer = seg_uids(series.datasets[:-1])
+    assert fewer == seg_uids(series.datasets[:-1])
+    assert not set(fewer) & set(seg_uids(series.datasets))
