@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -174,14 +174,15 @@ def running_node(data_dir: Path, **kwargs: object) -> Iterator[NodeProcess]:
 
 @contextlib.contextmanager
 def storescp_process(
-    output_dir: Path, port: int | None = None
+    output_dir: Path, port: int | None = None, extra_args: Sequence[str] = ()
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """DCMTK's reference SCP writing every received file under ``output_dir``: its port
-    and its process."""
+    and its process. ``extra_args`` go to storescp (``+uf``: a file per instance received,
+    so an instance received twice is two files)."""
     port = port or free_port()
     output_dir.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [require_tool("storescp"), "-od", str(output_dir), "--accept-all", str(port)],
+        [require_tool("storescp"), "-od", str(output_dir), "--accept-all", *extra_args, str(port)],
         env=dcmtk_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -194,9 +195,11 @@ def storescp_process(
 
 
 @contextlib.contextmanager
-def running_storescp(output_dir: Path, port: int | None = None) -> Iterator[int]:
+def running_storescp(
+    output_dir: Path, port: int | None = None, extra_args: Sequence[str] = ()
+) -> Iterator[int]:
     """DCMTK's reference SCP, writing every received file under ``output_dir``."""
-    with storescp_process(output_dir, port) as (listening_port, _):
+    with storescp_process(output_dir, port, extra_args) as (listening_port, _):
         yield listening_port
 
 

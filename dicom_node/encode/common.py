@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -133,6 +135,20 @@ def source_series_uid(geometry: Volume | None, sources: Sequence[Dataset]) -> st
     if not uid:
         raise EncodeError("no source Series Instance UID to derive output UIDs from")
     return uid
+
+
+def input_key(geometry: Volume | None, sources: Sequence[Dataset]) -> str:
+    """What output UIDs are derived from: the source series' UID and a digest of the set of
+    its instances that went in. A series that grew (a study completed again with more
+    slices) gives new UIDs for every output of it: a derived slice's stored values depend
+    on the whole volume (its rescale, any 3-D step), so no output is known unchanged, and
+    a PACS keeps the first object it got under a UID."""
+    if geometry is not None and geometry.sop_instance_uids:
+        instances = set(geometry.sop_instance_uids)
+    else:
+        instances = {str(ds.SOPInstanceUID) for ds in sources}
+    listed = json.dumps(sorted(instances), separators=(",", ":"))
+    return f"{source_series_uid(geometry, sources)}:{hashlib.sha256(listed.encode()).hexdigest()}"
 
 
 def output_identity(

@@ -33,9 +33,9 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from dicom_node.encode.common import (
     SERIES_NUMBER,
     EncodeError,
+    input_key,
     long_string,
     ordered_sources,
-    source_series_uid,
 )
 from dicom_node.encode.uids import MANUFACTURER, Provenance
 from processors.base import ImageResult
@@ -135,7 +135,7 @@ def derived_instances(
     if geometry.source_frame_numbers:
         raise EncodeError("derived series from multi-frame sources are not supported yet")
     ordered = ordered_sources(geometry, sources)
-    series_uid = source_series_uid(geometry, sources)
+    key = input_key(geometry, sources)
     values = np.asarray(result.volume.array)
     if values.dtype.kind not in "fiub":
         raise EncodeError(f"the derived image has values of type {values.dtype}")
@@ -162,7 +162,7 @@ def derived_instances(
     derivation = f"{description}: {provenance.summary()}"
     if not kept and not has_rescale:
         derivation += f"; values stored as (value - {intercept:.6g}) / {slope:.6g}"
-    new_series = provenance.series_uid(series_uid, "derived", index)
+    new_series = provenance.series_uid(key, "derived", index)
     when = now or dt.datetime.now(dt.UTC)
     equipment = hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
@@ -181,7 +181,7 @@ def derived_instances(
                     ds.add(copy.deepcopy(element))
             image_type = [str(v) for v in source.get("ImageType", [])]
             ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]]
-            ds.SOPInstanceUID = provenance.instance_uid(series_uid, "derived", index, z)
+            ds.SOPInstanceUID = provenance.instance_uid(key, "derived", index, z)
             ds.SeriesInstanceUID = new_series
             ds.SeriesNumber = SERIES_NUMBER["derived"] + index
             ds.SeriesDescription = long_string(description)

@@ -33,11 +33,11 @@ from dicom_node.encode.common import (
     EncodeError,
     coded,
     coding_schemes,
+    input_key,
     long_string,
     ordered_sources,
     output_identity,
     refused_by_highdicom,
-    source_series_uid,
 )
 from dicom_node.encode.uids import MANUFACTURER, Provenance
 from processors.base import LabelResult
@@ -122,7 +122,7 @@ def encode_seg(
         raise EncodeError("a segmentation without segments has nothing to encode")
     geometry = result.geometry
     ordered = ordered_sources(geometry, sources)
-    series_uid = source_series_uid(geometry, sources)
+    key = input_key(geometry, sources)
     labels = np.asarray(result.labels)
     if labels.dtype.kind == "f":
         if len(result.segments) != 1:
@@ -147,7 +147,7 @@ def encode_seg(
             segmented_property_type=coded(segment.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues(segment.algorithm_type.value),
             algorithm_identification=algorithm,
-            tracking_uid=provenance.instance_uid(series_uid, "seg-segment", index, segment.label),
+            tracking_uid=provenance.instance_uid(key, "seg-segment", index, segment.label),
             tracking_id=long_string(f"{provenance.processor} {segment.name}"),
         )
         for segment in sorted(result.segments, key=lambda s: s.label)
@@ -160,7 +160,7 @@ def encode_seg(
             pixel_array=array,
             segmentation_type=seg_type,
             segment_descriptions=descriptions,
-            **output_identity(provenance, "seg", series_uid, index),
+            **output_identity(provenance, "seg", key, index),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             omit_empty_frames=True,
             content_description=long_string(description),

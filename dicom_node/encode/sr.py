@@ -25,6 +25,7 @@ from dicom_node.encode.common import (
     EncodeError,
     coded,
     coding_schemes,
+    input_key,
     long_string,
     output_identity,
     refused_by_highdicom,
@@ -85,6 +86,7 @@ def encode_sr(
     if geometry is None and labels is not None:
         geometry = labels.geometry
     series_uid = source_series_uid(geometry, sources)
+    key = input_key(geometry, sources)
     algorithm = hd.sr.AlgorithmIdentification(
         name=long_string(provenance.processor),
         version=long_string(provenance.version),
@@ -118,7 +120,7 @@ def encode_sr(
         described = segments.get(label)
         name = described.name if described else f"segment {label}"
         tracking = hd.sr.TrackingIdentifier(
-            uid=provenance.instance_uid(series_uid, "sr-group", index, label),
+            uid=provenance.instance_uid(key, "sr-group", index, label),
             identifier=long_string(f"{provenance.processor} {name}"),
         )
         measurements = [_measurement(m, algorithm) for m in items]
@@ -156,7 +158,7 @@ def encode_sr(
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=provenance.instance_uid(series_uid, "sr-group", index, 0),
+                    uid=provenance.instance_uid(key, "sr-group", index, 0),
                     identifier=long_string(f"{provenance.processor} image"),
                 ),
                 algorithm_id=algorithm,
@@ -170,7 +172,7 @@ def encode_sr(
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=provenance.instance_uid(series_uid, "sr-class", index, number),
+                    uid=provenance.instance_uid(key, "sr-class", index, number),
                     identifier=long_string(f"{finding.concept.meaning}: {finding.label}"),
                 ),
                 finding_type=coded(finding.concept),
@@ -200,7 +202,7 @@ def encode_sr(
         return hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,
-            **output_identity(provenance, "sr", series_uid, index),
+            **output_identity(provenance, "sr", key, index),
             is_complete=True,
             series_description=long_string(f"SR {description}"),
             coding_schemes=coding_schemes(used) or None,

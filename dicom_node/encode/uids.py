@@ -2,11 +2,11 @@
 
 Reprocessing the same input with the same processor, version and parameters gives the
 same Series and SOP Instance UIDs, so a retried export is idempotent at the PACS. The UIDs
-are derived by hashing (source series UID, processor name, version, parameters digest,
-output kind, index) under a configurable UID root (default ``2.25``, the UUID-derived root
-that needs no registration). The parts are hashed as canonical JSON, so no two different
-tuples of parts hash the same bytes (joining them with ``""`` would make ``(1, 23)`` and
-``(12, 3)`` one UID).
+are derived by hashing (source series UID with a digest of its instances that went in,
+processor name, version, parameters digest, output kind, index) under a configurable UID
+root (default ``2.25``, the UUID-derived root that needs no registration). The parts are
+hashed as canonical JSON, so no two different tuples of parts hash the same bytes
+(joining them with ``""`` would make ``(1, 23)`` and ``(12, 3)`` one UID).
 """
 
 from __future__ import annotations

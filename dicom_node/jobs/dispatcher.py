@@ -21,14 +21,17 @@ fails later has sent the outputs of the steps that finished (each a complete obj
 A job's state changes only through ``dicom_node.jobs.state.transition``. On start, jobs this
 node left ``running`` are queued again; on stop, jobs still running are queued again
 too, so nothing is lost between restarts. Output UIDs are deterministic, so running a
-job twice produces the same instances, and the PACS keeps one copy.
+job twice on the same instances produces the same objects, and the PACS keeps one copy; a
+study that completes again while its job runs has it run again after (``run_again``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +51,7 @@ from dicom_node.jobs.state import (
     create_jobs,
     hold_running,
     requeue_interrupted,
+    run_again,
     timings_document,
     transition,
     utcnow,
@@ -85,6 +89,14 @@ def _series_paths(session: Session, series_id: int) -> tuple[str, ...]:
         .order_by(Instance.instance_number.is_(None), Instance.instance_number, Instance.id)
     )
     return tuple(rows)
+
+
+def job_output_dir(outputs_dir: Path, job_id: int, paths: Sequence[str]) -> Path:
+    """Where a run of the job writes: one folder per set of input instances. A retry of the
+    same input rewrites the same files (same UIDs); the run on a grown series writes new
+    ones, so the first run's files, still waiting for export, are not overwritten."""
+    digest = hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()[:16]
+    return outputs_dir / f"job-{job_id}" / digest
 
 
 class Dispatcher:
@@ -236,13 +248,14 @@ class Dispatcher:
         return submitted
 
     def _spec(self, session: Session, job: Job) -> JobSpec:
+        paths = _series_paths(session, job.series_id)
         return JobSpec(
             job_id=job.id,
             series_instance_uid=job.series_instance_uid,
-            paths=_series_paths(session, job.series_id),
+            paths=paths,
             pipeline=tuple(job.pipeline),
             params=job.params,
-            output_dir=str(Path(self.settings.outputs_dir) / f"job-{job.id}"),
+            output_dir=str(job_output_dir(Path(self.settings.outputs_dir), job.id, paths)),
             device=self.settings.processing_device,
             uid_root=self.settings.uid_root,
             plugin_choices=load_states(session),
@@ -346,7 +359,10 @@ class Dispatcher:
                 num_outputs=len(rows),
                 error="; ".join(notes) or None,
             )
+            again = run_again(session, job_id, expected=JobState.SUCCEEDED)
         self.metrics.job_ended(job, JobState.SUCCEEDED, result.timings)
+        if again:
+            log.info("job queued again: its study completed again while it ran", job_id=job_id)
         log.info("job succeeded", job_id=job_id, outputs=len(result.records))
         if self.exporter is not None:
             self.exporter.wake()
@@ -371,7 +387,10 @@ class Dispatcher:
             job = session.get(Job, job_id)
             if job is None:
                 return
-            if job.attempts < job.max_attempts:
+            again = run_again(session, job_id, expected=JobState.RUNNING, error=reason)
+            if again:
+                ended = True
+            elif job.attempts < job.max_attempts:
                 delay = RETRY_BASE_SECONDS * 2 ** (job.attempts - 1)
                 ended = transition(
                     session,
@@ -392,6 +411,6 @@ class Dispatcher:
                     finished_at=utcnow(),
                 )
         if ended:  # not if an operator cancelled it meanwhile
-            retrying = job.attempts < job.max_attempts
+            retrying = again or job.attempts < job.max_attempts
             self.metrics.job_ended(job, RETRYING if retrying else JobState.FAILED)
         log.warning("job failed", job_id=job_id, error=reason)

@@ -2,7 +2,8 @@
 
 A job is made for each (series, rule) that ``dicom_node.routing`` matches when a study
 completes. Its life is ``queued -> running -> succeeded | failed``; a failed or succeeded
-job can be queued again (``retry``, or a study that completes again), and a running one
+job can be queued again (``retry``, or a study that completes again: a running one then
+runs again once its run ends, ``run_again``), and a running one
 goes back to ``queued`` when its node died under it (``requeue_interrupted``) or its
 attempt failed with attempts left. An operator may ``cancel`` a queued or running job:
 it is ``cancelled`` at once, the dispatcher running it stops its run on its next round
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session
 from db.models import Export, ExportState, Job, JobState, Output, Study, StudyEvent, StudyEventKind
 from db.upsert import insert_for
 from dicom_node.config import Destination, Settings
+from dicom_node.index import as_utc
 from dicom_node.routing import RouteDecision, matched, route
 from dicom_node.security import audit
 from processors.errors import BadInputError
@@ -168,7 +170,8 @@ def create_jobs(
 ) -> list[Job]:
     """Route the study and queue one job per matched (series, rule), in the caller's
     transaction. A series and rule that already have a job get it queued again (the study
-    completed again, with more instances) unless it is running. Two nodes routing the same
+    completed again, with more instances); a running one is marked to run again when its
+    run ends, a cancelled one stays cancelled. Two nodes routing the same
     study at once make one job (``INSERT ... ON CONFLICT DO NOTHING``)."""
     now = now or utcnow()
     decisions = route(settings, session, study_id)
@@ -206,11 +209,16 @@ def create_jobs(
             .where(Job.series_id == decision.series_id, Job.rule_name == decision.rule_name)
             .execution_options(populate_existing=True)
         ).one()
+        if job.state == JobState.RUNNING and new_id is None:
+            if _request_rerun(session, job.id, values):
+                log.info(
+                    "study completed again while its job runs; it runs again after", job_id=job.id
+                )
+                jobs.append(job)
+                continue
+            session.refresh(job)  # its run ended meanwhile (another node)
         if new_id is not None:
             log.info("job queued", job_id=job.id, **decision.log_fields())
-        elif job.state == JobState.RUNNING:
-            log.warning("study completed again while its job runs", job_id=job.id)
-            continue
         elif job.state == JobState.CANCELLED:
             log.info("study completed again; its job stays cancelled", job_id=job.id)
             continue
@@ -223,6 +231,42 @@ def create_jobs(
             session.refresh(job)
         jobs.append(job)
     return jobs
+
+
+def _request_rerun(session: Session, job_id: int, values: dict[str, Any]) -> bool:
+    """Mark a running job to run again when its run ends (``run_again``), with the rule
+    as routed now; False when it is no longer running."""
+    changed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING)
+        .values(rerun_requested=True, **values)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    return bool(changed)
+
+
+def run_again(
+    session: Session, job_id: int, *, expected: JobState, error: str | None = None
+) -> bool:
+    """Queue the job again if its study completed again while it ran, in the caller's
+    transaction: the run that ended saw only the instances there when it was claimed.
+    A fresh attempt count, due when the routing said (the rule's quiet time); the next
+    claim reads the whole series. Called when a run ends (succeeded or failed); a job
+    cancelled meanwhile is left cancelled."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or not job.rerun_requested:
+        return False
+    return transition(
+        session,
+        job_id,
+        JobState.QUEUED,
+        expected=expected,
+        rerun_requested=False,
+        attempts=0,
+        claimed_by=None,
+        not_before=max(as_utc(job.not_before), utcnow()),
+        error=error,
+    )
 
 
 def consume_completed_studies(session: Session, limit: int = 100) -> list[int]:
@@ -270,6 +314,7 @@ def claim_next(session: Session, node: str, now: dt.datetime | None = None) -> J
             expected=JobState.QUEUED,
             attempts=job.attempts + 1,
             claimed_by=node,
+            rerun_requested=False,  # this run reads every instance there now
             started_at=now,
             finished_at=None,
             error=None,
@@ -429,6 +474,7 @@ def job_as_dict(job: Job) -> dict[str, Any]:
         "error": job.error,
         "worker": job.worker,
         "claimed_by": job.claimed_by,
+        "rerun_requested": job.rerun_requested,
         "outputs": job.num_outputs,
         "destinations": job.destinations,
         "step_timings": job.step_timings or [],

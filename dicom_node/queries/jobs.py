@@ -36,6 +36,9 @@ class JobView(BaseModel):
     error: str | None
     worker: str | None = Field(description="The executor's worker that ran it last.")
     claimed_by: str | None = Field(description="The node that runs (or ran) it.")
+    rerun_requested: bool = Field(
+        description="Its study completed again while it ran: it runs again when this run ends."
+    )
     outputs: int = Field(ge=0, description="How many DICOM objects its last run produced.")
     destinations: list[str]
     step_timings: list[StepTiming]

@@ -121,3 +121,22 @@ def test_refusals() -> None:
     bare = ImageResult(Volume(np.zeros(volume.shape)), "bare")
     with pytest.raises(EncodeError, match="no source instance UIDs"):
         encode_derived(bare, series.datasets, GAUSSIAN)
+
+
+def test_a_series_that_grew_gets_new_uids_for_every_derived_instance() -> None:
+    """A study completed again with more slices: the same source series, one more instance.
+    Each derived slice's stored values depend on the whole volume (its rescale, the 3-D
+    filter), so none keeps its UID; the same instances again give the same UIDs."""
+    series = generate_series(modality="CT", num_slices=5, rows=32, columns=32, uid_seed="g")
+
+    def derived_uids(datasets: list[Dataset]) -> tuple[str, list[str]]:
+        result = run_processor("gaussian", load_series(datasets), sigma_mm=1.0)[0]
+        assert isinstance(result, ImageResult)
+        outputs = encode_derived(result, datasets, GAUSSIAN)
+        return outputs[0].SeriesInstanceUID, [d.SOPInstanceUID for d in outputs]
+
+    first_series, first = derived_uids(series.datasets[:4])
+    grown_series, grown = derived_uids(series.datasets)
+    assert derived_uids(list(reversed(series.datasets[:4]))) == (first_series, first)
+    assert grown_series != first_series
+    assert len(grown) == 5 and not set(grown) & set(first)

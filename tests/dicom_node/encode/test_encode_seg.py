@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from encode_checks import problems, real_file, save
+from pydicom.dataset import Dataset
 
 from dicom_node.encode.common import EncodeError
 from dicom_node.encode.seg import encode_seg
@@ -210,3 +211,17 @@ def test_enhanced_multiframe_source(ct: SyntheticSeries, tmp_path: Path) -> None
         assert_missing_frames_are_empty=True,
     )
     assert np.array_equal(pixels, result.labels)
+
+
+def test_a_series_that_grew_gets_a_new_seg() -> None:
+    series = generate_series(num_slices=4, rows=32, columns=32, uid_seed="grows")
+    provenance = Provenance("threshold_segment", "1.0.0", "segment", {"preset": "body"})
+
+    def seg_uids(datasets: list[Dataset]) -> tuple[str, str]:
+        result = run_processor("threshold_segment", load_series(datasets), preset="body")[0]
+        seg = encode_seg(result, datasets, provenance)  # type: ignore[arg-type]
+        return seg.sop_instance_uid, seg.dataset.SeriesInstanceUID
+
+    fewer = seg_uids(series.datasets[:-1])
+    assert fewer == seg_uids(series.datasets[:-1])
+    assert not set(fewer) & set(seg_uids(series.datasets))

@@ -100,7 +100,8 @@ def test_a_job_per_matched_series_and_rule_with_a_copy_of_the_rule(
     assert ct.params == {"gaussian": {"sigma_mm": 2.0}}
     assert ct.destinations == ["pacs"]
     assert ct.step_timings is None
-    # The study completes again: finished jobs are queued again, running ones left alone.
+    # The study completes again: finished jobs are queued again, running ones marked to run
+    # again when their run ends (tests/dicom_node/jobs/test_state_rerun.py).
     with sessions.begin() as session:
         transition(session, ct.id, JobState.RUNNING, expected=JobState.QUEUED)
         transition(session, ct.id, JobState.SUCCEEDED, expected=JobState.RUNNING)
@@ -108,8 +109,10 @@ def test_a_job_per_matched_series_and_rule_with_a_copy_of_the_rule(
         transition(session, other.id, JobState.RUNNING, expected=JobState.QUEUED, attempts=1)
     again = make_jobs(sessions, settings)
     assert len(jobs(sessions)) == 3
-    assert ct.id in {j.id for j in again} and other.id not in {j.id for j in again}
-    assert {j.id: j.state for j in jobs(sessions)}[ct.id] is JobState.QUEUED
+    assert {ct.id, other.id} <= {j.id for j in again}
+    states = {j.id: (j.state, j.rerun_requested) for j in jobs(sessions)}
+    assert states[ct.id] == (JobState.QUEUED, False)
+    assert states[other.id] == (JobState.RUNNING, True)
 
 
 def test_another_node_making_the_same_job_meanwhile_is_not_an_error(
@@ -318,7 +321,8 @@ def test_outputs_of_finished_steps_are_sent_even_when_a_later_step_fails(
     dispatch_once(sessions, settings, first_step_then_crash)
     [job] = jobs(sessions)
     assert (job.state, job.error) == ("failed", "RuntimeError: median broke after 6 outputs")
-    steps = written_steps(tmp_path / "data" / "outputs" / f"job-{job.id}", set())
+    [run_dir] = (tmp_path / "data" / "outputs" / f"job-{job.id}").iterdir()
+    steps = written_steps(run_dir, set())
     assert [(name, len(records)) for name, records in steps] == [("01.json", 6)]
     with sessions() as session:
         exported = session.scalars(select(Export.sop_instance_uid)).all()
