@@ -23,9 +23,10 @@ def behave(job: JobSpec) -> JobResult:
         os._exit(3)
     elif what == "hog":
         hoard = []
-        for _ in range(400):  # 40 GB at most, 100 MB at a time: the nanny stops it first
-            hoard.append(bytearray(100 * 2**20))
-            time.sleep(0.02)
+        for _ in range(40):  # 100 MB (written) at a time: the nanny stops it well before 4 GB
+            hoard.append(b"\x01" * (100 * 2**20))
+            time.sleep(0.1)
+        raise MemoryError("the nanny did not stop a worker past its memory limit")
     else:
         time.sleep(float(args[0]))
     return JobResult(job.job_id, (), (("behave", 0.0),), worker_name())

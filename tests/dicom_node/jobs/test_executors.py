@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import JobState
 from dicom_node.assembler import complete_quiet_studies
 from dicom_node.config import load_settings
+from dicom_node.jobs import dispatcher as dispatcher_module
 from dicom_node.jobs.dispatcher import Dispatcher
 from dicom_node.jobs.executors import DaskExecutor, InlineExecutor
 from dicom_node.jobs.worker import JobError, JobResult, JobSpec, worker_name
@@ -258,16 +259,23 @@ def test_a_hung_job_times_out_and_others_run_while_its_worker_restarts(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["exit", "hog"])
-def test_a_job_that_kills_its_worker_fails_alone(
+def test_a_job_that_kills_its_worker_fails_alone_after_its_attempts(
     gpu_cluster: DaskExecutor,
     sessions: sessionmaker[Session],
     spool: Spool,
     tmp_path: Path,
     fault: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    dispatcher = dispatcher_for(gpu_cluster, sessions, spool, tmp_path, [fault, "sleep 4"])
+    monkeypatch.setattr(dispatcher_module, "RETRY_BASE_SECONDS", 0.1)
+    dispatcher = dispatcher_for(
+        gpu_cluster, sessions, spool, tmp_path, [fault, "sleep 4"], job_max_attempts=2
+    )
     dispatch_until_done(dispatcher, sessions)
     killer, neighbour = jobs(sessions)
-    assert killer.state is JobState.FAILED and killer.error is not None
+    # Each attempt failed at once (the scheduler gave it to no other worker), and the
+    # job ended after its two.
+    assert (killer.state, killer.attempts) == (JobState.FAILED, 2)
+    assert killer.error is not None
     assert killer.error.startswith("the worker process died while running the job")
     assert (neighbour.state, neighbour.attempts) == (JobState.SUCCEEDED, 1)
