@@ -9,9 +9,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
+from structlog.testing import capture_logs
 
 from db.models import JobState
 from dicom_node.assembler import complete_quiet_studies
@@ -92,6 +94,28 @@ def test_dask_runs_jobs_in_worker_processes_with_gpu_resources(
     result = gpu_cluster.submit(spec(1), gpu=True).result(timeout=60)
     assert result.worker.startswith("tcp://127.0.0.1:")
     assert str(os.getpid()) not in result.worker
+
+
+def set_allowed_failures(dask_scheduler: Any, value: int) -> None:
+    dask_scheduler.allowed_failures = value
+
+
+@pytest.mark.slow
+def test_a_scheduler_that_hands_dead_workers_jobs_on_is_warned_about(
+    gpu_cluster: DaskExecutor, tmp_path: Path
+) -> None:
+    address = gpu_cluster.client.scheduler.address
+    client = gpu_cluster.client
+    for allowed, warned in [(0, False), (3, True)]:
+        client.run_on_scheduler(set_allowed_failures, value=allowed)
+        settings = local_settings(tmp_path, executor="dask", scheduler_address=address)
+        try:
+            with capture_logs() as logs:
+                DaskExecutor(settings, echo).close()
+        finally:
+            client.run_on_scheduler(set_allowed_failures, value=0)
+        warnings = [e for e in logs if "ALLOWED_FAILURES=0" in e["event"]]
+        assert [e["allowed_failures"] for e in warnings] == ([allowed] if warned else [])
 
 
 DASK_SWITCHES = (
