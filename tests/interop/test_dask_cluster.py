@@ -52,7 +52,6 @@ pytestmark = [pytest.mark.interop, pytest.mark.slow]
 JOURNALED_PLUGIN = '''
 """A processor that sleeps and says so in a journal, for the cluster tests."""
 import os
-import socket
 from pathlib import Path
 from typing import ClassVar
 
@@ -265,12 +264,26 @@ destinations = ["pacs"]
     )
 
 
-def send_series(tmp_path: Path, node: NodeProcess, name: str, description: str) -> str:
-    series = generate_series(
-        num_slices=6, rows=64, columns=64, uid_seed=name, series_description=description
-    )
-    storescu(series.write(tmp_path / name), node.port, called_ae="DICOMNODE")
-    return series.series_instance_uid
+def node_with_two_runs_on(
+    cluster: DaskCluster, tmp_path: Path, orthanc: OrthancProcess, plugins: dict[str, str]
+) -> tuple[NodeProcess, Path]:
+    """A node on ``cluster`` (its config) once the cluster's two workers run its two jobs,
+    each in the first run of its series (which sleeps a minute)."""
+    cluster.ensure_workers(2)
+    config = cluster_node_config(tmp_path, orthanc, cluster, first_seconds=60.0)
+    node = start_node(tmp_path / "data", config=config, env=plugins, timeout=90)
+    try:
+        for name in ("one", "two"):
+            series = generate_series(
+                num_slices=6, rows=64, columns=64, uid_seed=name, series_description="journaled"
+            )
+            storescu(series.write(tmp_path / name), node.port, called_ae="DICOMNODE")
+        wait_until("both jobs running", lambda: len(cluster.running_jobs()) == 2)
+        wait_until("both runs started", lambda: len(journal_runs(tmp_path / "journal.txt")) == 2)
+    except BaseException:
+        node.stop()
+        raise
+    return node, config
 
 
 def wait_until(what: str, condition: Any, timeout: float = 90.0) -> Any:
@@ -293,15 +306,9 @@ def assert_each_output_once_in(orthanc: OrthancProcess, node: NodeProcess, jobs:
 def test_jobs_run_on_the_cluster_and_a_lost_worker_sends_its_job_to_another(
     tmp_path: Path, orthanc: OrthancProcess, cluster: DaskCluster, plugins: dict[str, str]
 ) -> None:
-    cluster.ensure_workers(2)
-    config = cluster_node_config(tmp_path, orthanc, cluster, first_seconds=60.0)
-    node = start_node(tmp_path / "data", config=config, env=plugins, timeout=90)
+    node, _ = node_with_two_runs_on(cluster, tmp_path, orthanc, plugins)
     try:
-        assert "embedded=False" in node.log() or '"embedded": false' in node.log()
-        for name in ("one", "two"):
-            send_series(tmp_path, node, name, "journaled")
-        wait_until("both jobs running", lambda: len(cluster.running_jobs()) == 2)
-        wait_until("both runs started", lambda: len(journal_runs(tmp_path / "journal.txt")) == 2)
+        assert '"embedded": false' in node.log()  # no cluster of its own
         by_process, by_nanny = sorted(cluster.running_jobs())
         cluster.kill_worker_process(by_process)
         cluster.kill_nanny(by_nanny)
@@ -314,7 +321,6 @@ def test_jobs_run_on_the_cluster_and_a_lost_worker_sends_its_job_to_another(
         runs = journal_runs(tmp_path / "journal.txt")
         assert [r.ended for r in runs] == [False, False, True, True]
         assert_each_output_once_in(orthanc, node, jobs)
-
     finally:
         node.stop()
 
@@ -322,13 +328,8 @@ def test_jobs_run_on_the_cluster_and_a_lost_worker_sends_its_job_to_another(
 def test_the_node_killed_while_the_cluster_runs_its_jobs_loses_and_repeats_nothing(
     tmp_path: Path, orthanc: OrthancProcess, cluster: DaskCluster, plugins: dict[str, str]
 ) -> None:
-    cluster.ensure_workers(2)
-    config = cluster_node_config(tmp_path, orthanc, cluster, first_seconds=60.0)
-    node = start_node(tmp_path / "data", config=config, env=plugins, timeout=90)
+    node, config = node_with_two_runs_on(cluster, tmp_path, orthanc, plugins)
     try:
-        for name in ("three", "four"):
-            send_series(tmp_path, node, name, "journaled")
-        wait_until("both runs started", lambda: len(journal_runs(tmp_path / "journal.txt")) == 2)
         node.kill()  # SIGKILL while both runs go on on the cluster
         node = start_node(
             tmp_path / "data", config=config, env=plugins, port=node.port, timeout=120
