@@ -117,7 +117,8 @@ def journal_runs(journal: Path) -> list[Run]:
         if what == "start":
             runs.append(Run(series, f"{worker} {pid}", ended=False))
         else:
-            [run] = [r for r in runs if (r.series, r.worker) == (series, f"{worker} {pid}")]
+            # A worker runs one job at a time: the run of this series it started last.
+            [*_, run] = [r for r in runs if (r.series, r.worker) == (series, f"{worker} {pid}")]
             run.ended = True
     return runs
 
