@@ -130,15 +130,18 @@ def _worker_environ(settings: Settings) -> dict[str, str]:
 
 def _workers_may_start_processes() -> Any:
     """A worker plugin: the embedded cluster's worker processes may start processes of
-    their own (a plugin's process pool). Dask's switch for this,
-    ``distributed.worker.daemon``, is read from the process-wide config by the nanny at
-    every (re)start of a worker, so no scope around the cluster's creation holds it;
-    each worker process clears its own daemon flag instead."""
+    their own (a plugin's process pool), and load the job code as they start. Dask's
+    switch for the first, ``distributed.worker.daemon``, is read from the process-wide
+    config by the nanny at every (re)start of a worker, so no scope around the cluster's
+    creation holds it; each worker process clears its own daemon flag instead."""
     from distributed.diagnostics.plugin import WorkerPlugin
 
     class WorkersMayStartProcesses(WorkerPlugin):
         def setup(self, worker: object) -> None:
             multiprocessing.current_process().daemon = False
+            # A (re)started worker loads the job code before it takes a job, so that a
+            # job's timeout does not count its worker's imports (seconds).
+            import dicom_node.jobs.worker  # noqa: F401
 
     return WorkersMayStartProcesses()
 
@@ -240,12 +243,14 @@ class DaskExecutor:
 
     @property
     def slots(self) -> int:
-        """The threads of the workers not being restarted; at least one while the
-        cluster has no workers at all (a job waits at the scheduler for one)."""
+        """The threads of the workers not being restarted; none while only workers
+        being restarted are left (a job would wait for them, its timeout running); one
+        while the cluster has no workers at all (a job waits at the scheduler for one)."""
         workers = self._workers()
         with self._lock:
+            restarting = bool(self._restarting)
             usable = [w for address, w in workers.items() if address not in self._restarting]
-        if workers and not usable:
+        if not usable and (workers or restarting):
             return 0
         return max(1, sum(int(w.get("nthreads", 1)) for w in usable))
 
