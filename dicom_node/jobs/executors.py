@@ -236,23 +236,27 @@ class DaskExecutor:
         return workers
 
     def _usable_workers(self) -> dict[str, Any]:
-        """The workers not being restarted."""
+        """The workers ready for a job: running (not starting, paused for memory or
+        closing; the scheduler would queue a job behind a busy worker's rather than
+        wait for them) and not being restarted by this node."""
         with self._lock:
             restarting = set(self._restarting)
-        return {address: w for address, w in self._workers().items() if address not in restarting}
+        return {
+            address: w
+            for address, w in self._workers().items()
+            if address not in restarting and w.get("status", "running") == "running"
+        }
 
     @property
     def slots(self) -> int:
-        """The threads of the workers not being restarted; none while only workers
-        being restarted are left (a job would wait for them, its timeout running); one
-        while the cluster has no workers at all (a job waits at the scheduler for one)."""
-        workers = self._workers()
-        with self._lock:
-            restarting = bool(self._restarting)
-            usable = [w for address, w in workers.items() if address not in self._restarting]
-        if not usable and (workers or restarting):
+        """The threads of the usable workers; none while the cluster has workers but
+        none usable (a job would wait behind another, its timeout running, or die with
+        a worker being restarted); one while it has no workers at all (a job waits at
+        the scheduler for one)."""
+        usable = self._usable_workers()
+        if not usable and (self.restarting() or self._workers()):
             return 0
-        return max(1, sum(int(w.get("nthreads", 1)) for w in usable))
+        return max(1, sum(int(w.get("nthreads", 1)) for w in usable.values()))
 
     def gpu_workers(self) -> int:
         """Workers advertising a ``GPU`` resource."""
