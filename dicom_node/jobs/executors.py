@@ -4,8 +4,17 @@ Both hand back futures with ``done()`` and ``result()``. The Dask executor start
 embedded ``distributed.LocalCluster`` (worker processes, one thread each) or connects to
 ``scheduler_address``. A worker process that dies under a job (a crash, ``os._exit``, the
 nanny's memory limit) fails that job at once (``allowed-failures`` 0, so the scheduler does
-not hand a poisonous job to the next worker), and ``kill`` restarts the worker that runs a
-job past its timeout. The node's own process never runs plugin code with this executor.
+not hand a poisonous job to the next worker; the dispatcher runs it again while the job
+has attempts left). ``kill`` restarts the worker that runs a job past its timeout in the
+background: until it is back, that worker counts for no slot and new jobs are steered to
+the other workers, so none lands on it and dies with it. The node's own process never runs
+plugin code with this executor.
+
+On an existing cluster (``scheduler_address``) each job's task key names the node
+(``job_key_prefix``). A node killed while the cluster ran its jobs leaves their runs going
+on the workers (Dask cannot stop a running task, only forget its result); when the node
+starts again it restarts the workers still running its keys, before the dispatcher
+queues those jobs again, so two runs of one job never write its outputs at once.
 
 GPU: workers that advertise a ``GPU`` resource (``dask_worker_gpus`` for the embedded
 cluster; ``dask-cuda-worker ... --resources GPU=1`` for a cluster) get the jobs whose
@@ -24,7 +33,10 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
-from collections.abc import Callable
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import structlog
@@ -36,6 +48,8 @@ log = structlog.get_logger(__name__)
 
 RESTART_TIMEOUT = 30.0
 """Seconds to wait for a restarted worker to come back before going on without it."""
+
+JOB_KEY_PREFIX = "dicom-node-job"
 
 
 class JobFuture(Protocol):
@@ -116,15 +130,18 @@ def _worker_environ(settings: Settings) -> dict[str, str]:
 
 def _workers_may_start_processes() -> Any:
     """A worker plugin: the embedded cluster's worker processes may start processes of
-    their own (a plugin's process pool). Dask's switch for this,
-    ``distributed.worker.daemon``, is read from the process-wide config by the nanny at
-    every (re)start of a worker, so no scope around the cluster's creation holds it;
-    each worker process clears its own daemon flag instead."""
+    their own (a plugin's process pool), and load the job code as they start. Dask's
+    switch for the first, ``distributed.worker.daemon``, is read from the process-wide
+    config by the nanny at every (re)start of a worker, so no scope around the cluster's
+    creation holds it; each worker process clears its own daemon flag instead."""
     from distributed.diagnostics.plugin import WorkerPlugin
 
     class WorkersMayStartProcesses(WorkerPlugin):
         def setup(self, worker: object) -> None:
             multiprocessing.current_process().daemon = False
+            # A (re)started worker loads the job code before it takes a job, so that a
+            # job's timeout does not count its worker's imports (seconds).
+            import dicom_node.jobs.worker  # noqa: F401
 
     return WorkersMayStartProcesses()
 
@@ -174,6 +191,13 @@ class DaskExecutor:
                 )
             self.client = Client(self._cluster)  # type: ignore[no-untyped-call]
             self.client.register_plugin(_workers_may_start_processes(), name="may-start-processes")
+        self._key_prefix = job_key_prefix(settings.effective_node_name)
+        self._lock = threading.Lock()
+        self._restarting: set[str] = set()
+        self._restarts: list[threading.Thread] = []
+        if self._cluster is None:
+            self._check_scheduler()
+            self.stop_orphaned_runs()
         workers = self.client.scheduler_info().get("workers", {})
         log.info(
             "dask executor ready",
@@ -182,43 +206,120 @@ class DaskExecutor:
             embedded=self._cluster is not None,
         )
 
+    def _check_scheduler(self) -> None:
+        allowed = self.client.run_on_scheduler(_scheduler_allowed_failures)
+        if allowed != 0:
+            log.warning(
+                "the dask scheduler hands a job whose worker died to another worker:"
+                " a job that kills its worker may kill several; start it with"
+                " DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0 (docs/operations.md)",
+                allowed_failures=allowed,
+            )
+
+    def stop_orphaned_runs(self) -> list[str]:
+        """Restart the workers still running jobs of an earlier run of this node (killed
+        while the cluster ran them); returns their addresses. Waits for the restart:
+        the dispatcher has not started yet."""
+        running = self.client.run(_executing_keys, on_error="ignore")
+        workers = [
+            address
+            for address, keys in running.items()
+            if any(key.startswith(self._key_prefix) for key in keys)
+        ]
+        if workers:
+            log.warning("stopping the runs this node left on the cluster", workers=workers)
+            self._restart(workers)
+        return workers
+
+    def _workers(self) -> dict[str, Any]:
+        workers: dict[str, Any] = self.client.scheduler_info(n_workers=-1).get("workers", {})
+        return workers
+
+    def _usable_workers(self) -> dict[str, Any]:
+        """The workers ready for a job: running (not starting, paused for memory or
+        closing; the scheduler would queue a job behind a busy worker's rather than
+        wait for them) and not being restarted by this node."""
+        with self._lock:
+            restarting = set(self._restarting)
+        return {
+            address: w
+            for address, w in self._workers().items()
+            if address not in restarting and w.get("status", "running") == "running"
+        }
+
     @property
     def slots(self) -> int:
-        workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
-        return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+        """The threads of the usable workers; none while the cluster has workers but
+        none usable (a job would wait behind another, its timeout running, or die with
+        a worker being restarted); one while it has no workers at all (a job waits at
+        the scheduler for one)."""
+        usable = self._usable_workers()
+        if not usable and (self.restarting() or self._workers()):
+            return 0
+        return max(1, sum(int(w.get("nthreads", 1)) for w in usable.values()))
 
     def gpu_workers(self) -> int:
         """Workers advertising a ``GPU`` resource."""
-        workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
-        return sum(1 for w in workers.values() if w.get("resources", {}).get("GPU"))
+        return sum(1 for w in self._workers().values() if w.get("resources", {}).get("GPU"))
+
+    def restarting(self) -> set[str]:
+        """Addresses of the workers being restarted now."""
+        with self._lock:
+            return set(self._restarting)
 
     def submit(self, spec: JobSpec, *, gpu: bool = False) -> JobFuture:
         # Without GPU workers the job would wait forever for one; it runs on a CPU
         # worker instead (a processor that needs CuPy then fails with its reason).
         wants_gpu = gpu and self.gpu_workers() > 0
+        usable: list[str] | None = None
+        if self.restarting():
+            # Loosely: should those go too, any worker will do rather than none.
+            usable = list(self._usable_workers()) or None
         return self.client.submit(  # type: ignore[no-any-return]
             self._run,
             spec,
-            key=f"job-{spec.job_id}-{id(spec):x}",
+            key=f"{self._key_prefix}{spec.job_id}:{uuid.uuid4().hex[:12]}",
             pure=False,
             resources={"GPU": 1} if wants_gpu else None,
+            workers=usable,
+            allow_other_workers=usable is not None,
         )
 
     def kill(self, future: JobFuture) -> None:
+        """Forget the job and restart its worker in the background: the caller (the
+        dispatcher's thread) goes on at once, and the worker takes no new job until it
+        is back."""
         key = getattr(future, "key", None)
         workers = [w for w, keys in self.client.processing().items() if key in keys]
         future.cancel()  # type: ignore[attr-defined]
-        if workers:
-            # Synchronous (a few seconds): a job submitted meanwhile could land on the
-            # worker being restarted and die with it.
-            self._restart(workers)
+        if not workers:
+            return
+        with self._lock:
+            self._restarting.update(workers)
+            self._restarts = [t for t in self._restarts if t.is_alive()]
+            restart = threading.Thread(
+                target=self._restart, args=(workers,), name="dask-worker-restart", daemon=True
+            )
+            self._restarts.append(restart)
+        restart.start()
 
-    def _restart(self, workers: list[str]) -> None:
+    def _restart(self, workers: Iterable[str]) -> None:
+        workers = list(workers)
+        started = time.monotonic()
         try:
-            self.client.restart_workers(workers, timeout=RESTART_TIMEOUT, raise_for_error=False)
-            log.info("restarted dask worker after a job timeout", workers=workers)
+            outcome = self.client.restart_workers(
+                workers, timeout=RESTART_TIMEOUT, raise_for_error=False
+            )
+            log.info(
+                "restarted dask workers",
+                workers=outcome,
+                seconds=round(time.monotonic() - started, 2),
+            )
         except Exception:
             log.exception("could not restart the dask worker", workers=workers)
+        finally:
+            with self._lock:
+                self._restarting.difference_update(workers)
 
     def describe_failure(self, exc: BaseException) -> str:
         if type(exc).__name__ == "KilledWorker":
@@ -232,11 +333,31 @@ class DaskExecutor:
         future.release()  # type: ignore[attr-defined]
 
     def close(self) -> None:
+        with self._lock:
+            restarts = list(self._restarts)
+        deadline = time.monotonic() + RESTART_TIMEOUT
+        for restart in restarts:  # so that a hung job's worker is not left running
+            restart.join(max(0.0, deadline - time.monotonic()))
         try:
             self.client.close(timeout=10)
         finally:
             if self._cluster is not None:
                 self._cluster.close(timeout=10)
+
+
+def job_key_prefix(node: str) -> str:
+    """The start of the task keys of the jobs that node ``node`` submits."""
+    return f"{JOB_KEY_PREFIX}:{node}:"
+
+
+def _executing_keys(dask_worker: Any) -> list[str]:
+    """On a worker: the keys of the tasks its threads run, forgotten ones included."""
+    state = dask_worker.state
+    return [str(task.key) for task in state.executing | state.long_running]
+
+
+def _scheduler_allowed_failures(dask_scheduler: Any) -> int:
+    return int(dask_scheduler.allowed_failures)
 
 
 def make_executor(settings: Settings) -> Executor:
