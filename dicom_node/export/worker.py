@@ -22,6 +22,7 @@ import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.export import cstore, stowrs
+from dicom_node.export.probe import ReachabilityProbe, due_now
 from dicom_node.export.queue import (
     Claimed,
     DeliveryReport,
@@ -180,8 +181,10 @@ class Exporter:
         node: str | None = None,
         keys: KeyRing | None = None,
         metrics: NodeMetrics | None = None,
+        probe: ReachabilityProbe | None = None,
     ) -> None:
         self.sessions = sessions
+        self.probe = probe or ReachabilityProbe()
         self.metrics = metrics or NodeMetrics()
         self.keys = keys
         self.node = node
@@ -224,6 +227,14 @@ class Exporter:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def _release_returned(self) -> None:
+        """Rows of a destination that is back after an outage are due now, not after
+        their backoff (``dicom_node.export.probe``)."""
+        for name in self.probe.back(self.targets):
+            log.info("destination reachable again", destination=name)
+            if due_now(self.sessions, name):
+                self._wake.set()
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -236,6 +247,8 @@ class Exporter:
                     keys=self.keys,
                 )
                 self.metrics.exports_recorded(report)
+                self.probe.observe(report)
+                self._release_returned()
             except Exception:  # a database hiccup must not end the exporter
                 log.exception("export round failed")
             self.rounds += 1
