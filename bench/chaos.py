@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -60,6 +61,8 @@ def main() -> int:
     parser.add_argument("--kill-instances", type=int, default=50)
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
+    # Stopped by a signal, still stop the node and Orthanc (the context managers' exits).
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     runs = args.only or ["load", "outage", "kills"]
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     failed = False

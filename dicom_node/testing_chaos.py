@@ -295,8 +295,8 @@ class ChaosNode:
             .group_by(Output.source_series_uid)
         )
         with self.engine.connect() as connection:
-            received = dict(connection.execute(instances).tuples())
-            made = dict(connection.execute(derived).tuples())
+            received = {uid: int(count) for uid, count in connection.execute(instances)}
+            made = {uid: int(count) for uid, count in connection.execute(derived)}
         return {
             uid: (count, made.get(uid, 0))
             for uid, count in received.items()

@@ -74,9 +74,9 @@ def load_run(
 def pacs_down_run(
     root: Path, outage_seconds: float, instances: int, log: Log = print, timeout: float = 900.0
 ) -> Census:
-    """Stop the PACS as the first output reaches it, keep it down ``outage_seconds``, start
-    it again on the same ports and storage; ``recover_seconds`` is from then until every
-    output is delivered."""
+    """Stop the PACS as the first output reaches it, keep it down ``outage_seconds`` (and
+    until the job is done), start it again on the same ports and storage;
+    ``recover_seconds`` is from then until every output is delivered."""
     with counting_pacs(root / "pacs") as pacs:
         node = ChaosNode(root, pacs, **NODE_SETTINGS)
         node.start()
@@ -93,6 +93,9 @@ def pacs_down_run(
             while time.monotonic() - down_at < outage_seconds:
                 node.alive()
                 time.sleep(min(1.0, outage_seconds))
+            # At least until the job is done: then every output waits for the PACS, and
+            # the time to recover is the exporter's alone.
+            wait_until(lambda: _jobs_finished(node), "the job", timeout, node=node)
             waiting = [e for e in node.exports() if e.state != ExportState.DELIVERED]
             pacs.start()
             back = dt.datetime.now(dt.UTC)
@@ -110,6 +113,11 @@ def pacs_down_run(
             return result
         finally:
             node.stop()
+
+
+def _jobs_finished(node: ChaosNode) -> bool:
+    jobs = node.jobs()
+    return bool(jobs) and all(job.state in (JobState.SUCCEEDED, JobState.FAILED) for job in jobs)
 
 
 def _aware(moment: dt.datetime) -> dt.datetime:
