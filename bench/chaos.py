@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -66,8 +67,9 @@ def main() -> int:
     runs = args.only or ["load", "outage", "kills"]
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     failed = False
-    with tempfile.TemporaryDirectory(prefix="dicom-node-chaos-") as folder:
-        root = Path(folder)
+    root = Path(tempfile.mkdtemp(prefix="dicom-node-chaos-"))
+    print(f"working in {root} (kept if a run fails)", flush=True)
+    try:
         if "load" in runs:
             started = time.monotonic()
             result = load_run(root / "load", args.senders, args.instances)
@@ -92,6 +94,12 @@ def main() -> int:
                 time.monotonic() - started,
             )
             failed |= bool(result.lost or result.duplicates)
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if not failed:
+            shutil.rmtree(root)
     return 1 if failed else 0
 
 

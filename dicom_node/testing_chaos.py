@@ -35,6 +35,7 @@ from db.models import (
     OutputKind,
     Series,
     Study,
+    StudyEvent,
 )
 from db.session import make_engine
 from dicom_node.synthetic import generate_series
@@ -223,10 +224,27 @@ class ChaosNode:
         self._engine: Engine | None = None
 
     def start(self, timeout: float = 180.0) -> NodeProcess:
-        self.process = start_node(
-            self.data_dir, port=self.port, config=self.config, timeout=timeout
-        )
+        try:
+            self.process = start_node(
+                self.data_dir, port=self.port, config=self.config, timeout=timeout
+            )
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\nholding port {self.port}: {self._holders()}") from exc
         return self.process
+
+    def _holders(self) -> str:
+        """The processes listening on the node's port, with their parents (a diagnosis)."""
+        listing = subprocess.run(
+            ["ss", "-ltnpH", f"sport = :{self.port}"], capture_output=True, text=True, check=False
+        ).stdout
+        found = []
+        for pid in sorted(set(re.findall(r"pid=(\d+)", listing))):
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{pid}/status").read_text()
+                command = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+                parent = re.search(r"PPid:\s+(\d+)", status)
+                found.append(f"{pid} (parent {parent.group(1) if parent else '?'}): {command}")
+        return "; ".join(found) or "none"
 
     def spawn(self) -> subprocess.Popen[bytes]:
         """``dicom-node serve`` started without waiting for it: to be killed in start-up."""
@@ -302,6 +320,22 @@ class ChaosNode:
             for uid, count in received.items()
             if made.get(uid, 0) < count
         }
+
+    def series_history(self, series_uid: str) -> str:
+        """What happened to a series's study: its completions and reopenings, its jobs."""
+        with self.engine.connect() as connection:
+            study_id = connection.scalar(
+                select(Series.study_id).where(Series.series_instance_uid == series_uid)
+            )
+            events = Counter(
+                connection.scalars(select(StudyEvent.event).where(StudyEvent.study_id == study_id))
+            )
+            jobs = connection.execute(
+                select(Job.id, Job.state, Job.attempts, Job.num_outputs).where(
+                    Job.study_id == study_id
+                )
+            ).all()
+        return f"events {dict(events)}, jobs (id, state, attempts, outputs) {jobs}"
 
     def exports(self) -> list[ExportRow]:
         query = select(
@@ -439,7 +473,16 @@ def census(node: ChaosNode, pacs: CountingPacs, acknowledged_uids: set[str]) -> 
         + sum(count - 1 for count in in_pacs.values())
         + len(set(in_pacs) - outputs)
     )
+    notes = [
+        f"series {uid}: {instances} instances, {derived} derived outputs; "
+        + node.series_history(uid)
+        for uid, (instances, derived) in node.series_not_covered().items()
+    ]
+    resent = {uid: count for uid, count in stores.items() if count > 1}
+    if resent:
+        notes.append(f"stored more than once: {dict(list(resent.items())[:5])} ({len(resent)})")
     return Census(
+        notes=notes,
         acknowledged=len(acknowledged_uids),
         in_spool=len(spool & acknowledged_uids),
         in_index=len(index & acknowledged_uids),

@@ -226,7 +226,6 @@ class _KillRun:
             f"start-up: {pause:.1f} s after start ({'running' if alive else 'had exited'})"
         )
         self.log(f"kill {len(self.kills)} (start-up): {pause:.1f} s after start")
-        self.restart()
 
 
 def kill_run(
