@@ -419,6 +419,9 @@ class Census:
     in_pacs: int
     lost_outputs: int
     duplicates: int
+    extra_outputs: int
+    """Outputs recorded beyond what the jobs' last runs made: a job run again on the same
+    series under new UIDs (a duplicate), or an earlier run on a series that grew since."""
     pacs_stores: int
     spool_total: int
     index_total: int
@@ -446,7 +449,8 @@ class Census:
             f"series processed short of their instances {len(self.series_not_covered)}",
             f"outputs {self.outputs}, exports delivered {self.delivered}, in PACS {self.in_pacs}, "
             f"lost {self.lost_outputs}",
-            f"duplicates {self.duplicates}, C-STOREs stored by the PACS {self.pacs_stores} "
+            f"duplicates {self.duplicates}, outputs beyond the jobs' last runs "
+            f"{self.extra_outputs}, C-STOREs stored by the PACS {self.pacs_stores} "
             f"(re-sends absorbed {self.resends})",
             f"time to recover (s): {recover}",
             *self.notes,
@@ -454,9 +458,9 @@ class Census:
 
 
 def census(node: ChaosNode, pacs: CountingPacs, acknowledged_uids: set[str]) -> Census:
-    """Count everything; ``duplicates`` is every way an output could exist twice: outputs
-    the node recorded beyond what its succeeded jobs made (a re-run with new UIDs), several
-    export rows or PACS instances for one UID, and PACS instances that are no output."""
+    """Count everything. ``duplicates``: several export rows or PACS instances for one
+    UID, and PACS instances that are no output of the node; ``extra_outputs``: outputs
+    beyond what the jobs' last runs made; ``resends``: C-STOREs the PACS absorbed."""
     spool, index = node.spool_uids(), node.indexed_uids()
     jobs = node.jobs()
     succeeded = [job for job in jobs if job.state == JobState.SUCCEEDED]
@@ -468,8 +472,7 @@ def census(node: ChaosNode, pacs: CountingPacs, acknowledged_uids: set[str]) -> 
     stores = pacs.settled_stores()
     made = sum(job.outputs or 0 for job in succeeded)
     duplicates = (
-        max(0, len(outputs) - made)
-        + sum(count - 1 for count in export_rows.values())
+        sum(count - 1 for count in export_rows.values())
         + sum(count - 1 for count in in_pacs.values())
         + len(set(in_pacs) - outputs)
     )
@@ -494,6 +497,7 @@ def census(node: ChaosNode, pacs: CountingPacs, acknowledged_uids: set[str]) -> 
         in_pacs=pacs.count(),
         lost_outputs=len(outputs - set(in_pacs)),
         duplicates=duplicates,
+        extra_outputs=max(0, len(outputs) - made),
         pacs_stores=sum(stores.values()),
         spool_total=len(spool),
         index_total=len(index),

@@ -29,9 +29,10 @@ from dicom_node.testing_chaos import (
 
 Log = Callable[[str], None]
 
-NODE_SETTINGS: dict[str, object] = {"study_quiet_seconds": 2.0, "dask_workers": 2}
+NODE_SETTINGS: dict[str, object] = {"study_quiet_seconds": 4.0, "dask_workers": 2}
 """The node of every run: ``ct_default_config`` (Dask executor, ct-default pipeline to the
-PACS), studies complete after 2 s of quiet, two Dask workers."""
+PACS), studies complete after 4 s of quiet (on a busy machine a sender can stall for 2 s
+between two instances, and the study would complete early), two Dask workers."""
 
 KILL_POINTS = ("association", "job", "export", "start-up")
 """Where a kill lands: while a sender's association is open, while the study's job runs,
