@@ -436,8 +436,9 @@ class Census:
 
     @property
     def resends(self) -> int:
-        """C-STOREs of an output the PACS already had (absorbed: it keeps one copy)."""
-        return self.pacs_stores - self.in_pacs
+        """C-STOREs of an output the PACS already had (absorbed: it keeps one copy); a
+        lower bound when the hook recorded fewer stores than the PACS holds (see notes)."""
+        return max(0, self.pacs_stores - self.in_pacs)
 
     def lines(self) -> list[str]:
         recover = ", ".join(f"{s:.1f}" for s in self.recover_seconds) or "-"
@@ -481,6 +482,12 @@ def census(node: ChaosNode, pacs: CountingPacs, acknowledged_uids: set[str]) -> 
         + node.series_history(uid)
         for uid, (instances, derived) in node.series_not_covered().items()
     ]
+    unrecorded = set(in_pacs) - set(stores)
+    if unrecorded:
+        notes.append(
+            f"the PACS's hook did not record {len(unrecorded)} of the instances it holds: "
+            "re-sends are a lower bound"
+        )
     resent = {uid: count for uid, count in stores.items() if count > 1}
     if resent:
         notes.append(f"stored more than once: {dict(list(resent.items())[:5])} ({len(resent)})")
