@@ -4,10 +4,12 @@ was acknowledged, a node that can be killed and started again on its data, and t
 census that says what was lost and what was sent twice.
 
 How a second send is seen: Orthanc keeps one instance per SOP Instance UID, so its
-instance count cannot show a re-send. Its Lua hook ``OnStoredInstance`` runs for every
-C-STORE it accepts, a duplicate included (Orthanc 1.10 answers a duplicate with success
-and calls the hook again), and appends the instance's UID to a file: lines minus distinct
-UIDs is the number of re-sends the PACS absorbed.
+instance count cannot show a re-send (it answers a duplicate with success and stores
+nothing). Its Lua filter ``ReceivedInstanceFilter`` runs for every C-STORE it receives, a
+duplicate included, before it answers, and appends the instance's UID to a file: lines
+minus the instances Orthanc holds is the number of re-sends it absorbed. (The
+``OnStoredInstance`` hook also sees duplicates, but it runs later on a queue that a stop
+of Orthanc drops: it missed the last stores before each outage.)
 """
 
 from __future__ import annotations
@@ -52,16 +54,17 @@ from dicom_node.testing import (
 )
 
 STORED_HOOK = """
-function OnStoredInstance(instanceId, tags, metadata, origin)
+function ReceivedInstanceFilter(dicom, origin, info)
   local log = io.open("{log}", "a")
-  log:write(tags["SOPInstanceUID"] .. "\\n")
+  log:write(dicom["SOPInstanceUID"] .. "\\n")
   log:close()
+  return true
 end
 """
 
 
 class CountingPacs:
-    """A real Orthanc that appends the UID of every instance it stores (each C-STORE, a
+    """A real Orthanc that appends the UID of every instance it receives (each C-STORE, a
     duplicate too) to ``stores_log``; ``stop`` and ``start`` give the same PACS back on the
     same ports and storage, as after an outage."""
 
@@ -109,7 +112,7 @@ class CountingPacs:
         return int(statistics["CountInstances"])
 
     def stores(self) -> Counter[str]:
-        """SOP Instance UID -> how many C-STOREs of it the PACS stored (re-sends included)."""
+        """SOP Instance UID -> how many C-STOREs of it the PACS received (re-sends included)."""
         if not self.stores_log.exists():
             return Counter()
         return Counter(self.stores_log.read_text().split())
@@ -451,7 +454,7 @@ class Census:
             f"outputs {self.outputs}, exports delivered {self.delivered}, in PACS {self.in_pacs}, "
             f"lost {self.lost_outputs}",
             f"duplicates {self.duplicates}, outputs beyond the jobs' last runs "
-            f"{self.extra_outputs}, C-STOREs stored by the PACS {self.pacs_stores} "
+            f"{self.extra_outputs}, C-STOREs received by the PACS {self.pacs_stores} "
             f"(re-sends absorbed {self.resends})",
             f"time to recover (s): {recover}",
             *self.notes,
