@@ -15,7 +15,9 @@ import pytest
 from dicom_node.testing_chaos import Census
 from dicom_node.testing_chaos_runs import kill_run, load_run, pacs_down_run
 
-pytestmark = [pytest.mark.interop, pytest.mark.slow]
+# A node, its Dask workers and Orthanc, started again after each kill: about a minute
+# each on an idle 2-core machine, five times that when the machine is shared.
+pytestmark = [pytest.mark.interop, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def assert_exactly_once(
