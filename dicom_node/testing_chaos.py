@@ -493,7 +493,12 @@ def census(node: ChaosNode, pacs: CountingPacs, acknowledged_uids: set[str]) -> 
         )
     resent = {uid: count for uid, count in stores.items() if count > 1}
     if resent:
-        notes.append(f"stored more than once: {dict(list(resent.items())[:5])} ({len(resent)})")
+        attempts = {e.sop_instance_uid: e.attempts for e in exports if e.sop_instance_uid in resent}
+        notes.append(
+            f"received more than once (UID: C-STOREs, export attempts): "
+            f"{ {uid: (resent[uid], attempts.get(uid)) for uid in list(resent)[:5]} } "
+            f"({len(resent)} UIDs)"
+        )
     return Census(
         notes=notes,
         acknowledged=len(acknowledged_uids),
