@@ -1,6 +1,6 @@
 """A receiver: the acceptor on the node's listening socket, and where its records go.
 
-With several receivers, each runs as ``python -m dicom_node.receiver``, started by the
+With several receivers, each runs as ``python -m dicom_node.receiver_process``, started by the
 node with the listening sockets (plain and TLS) and the write end of a pipe as inherited
 descriptors and its settings as JSON on stdin; it loads its TLS certificate itself. A
 receiver process imports no database code and starts nothing but the acceptor: it is
@@ -12,7 +12,6 @@ has stopped.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import socket
@@ -30,13 +29,12 @@ from dicom_node.disk_space import ReceiveWatermark
 from dicom_node.handlers.context import ReceiverContext
 from dicom_node.logging import configure_logging
 from dicom_node.receiver_pool import READY, Listeners, StopFlag
+from dicom_node.receiver_process import tie_to_parent
 from dicom_node.records import IndexRecord
 from dicom_node.security.tls import node_server_context
 from dicom_node.storage import Spool
 
 log = structlog.get_logger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 
 
 class Receiver:
@@ -73,14 +71,6 @@ class Receiver:
             self._acceptor = None
 
 
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        log.warning("cannot tie the receiver's life to the node's on this platform")
-
-
 def serve(settings: Settings, listeners: Listeners, records: Connection, parent: int) -> None:
     stop = StopFlag()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -108,8 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--records-fd", type=int, required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
-    _die_with_parent()
-    if os.getppid() != args.parent_pid:  # the node died before the death signal was armed
+    if not tie_to_parent(args.parent_pid):  # the node died before the death signal was armed
         return
     settings = Settings.model_validate_json(sys.stdin.read())
     configure_logging(settings.log_level, settings.log_format)

@@ -1,4 +1,5 @@
-"""The node's listening socket and its receiver processes (``python -m dicom_node.receiver``).
+"""The node's listening socket and its receiver processes
+(``python -m dicom_node.receiver_process``).
 
 Light on purpose (the standard library and the settings): ``dicom-node serve`` starts the
 receivers before it imports the database and processing code, so the node accepts
@@ -138,7 +139,7 @@ class ReceiverPool:
         if listeners.tls is not None:
             arguments += ["--tls-listener-fd", str(listeners.tls.fileno())]
         process = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.receiver", *arguments],
+            [sys.executable, "-m", "dicom_node.receiver_process", *arguments],
             stdin=subprocess.PIPE,
             pass_fds=(*(listener.fileno() for listener in listeners.sockets()), writer),
         )

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.ae.commitment import PendingTransactions
 from dicom_node.export import cstore, stowrs
 from dicom_node.export.commitment import request_due
+from dicom_node.export.probe import ReachabilityProbe, due_now
 from dicom_node.export.queue import (
     Claimed,
     DeliveryReport,
@@ -183,11 +184,13 @@ class Exporter:
         keys: KeyRing | None = None,
         metrics: NodeMetrics | None = None,
         commitments: PendingTransactions | None = None,
+        probe: ReachabilityProbe | None = None,
     ) -> None:
         """``commitments``: where the transactions asked of storage commitment destinations
         are marked for the receivers (``<data_dir>/commitment``); None: never asked."""
         self.sessions = sessions
         self.commitments = commitments
+        self.probe = probe or ReachabilityProbe()
         self.metrics = metrics or NodeMetrics()
         self.keys = keys
         self.node = node
@@ -230,6 +233,14 @@ class Exporter:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def _release_returned(self) -> None:
+        """Rows of a destination that is back after an outage are due now, not after
+        their backoff (``dicom_node.export.probe``)."""
+        for name in self.probe.back(self.targets):
+            log.info("destination reachable again", destination=name)
+            if due_now(self.sessions, name):
+                self._wake.set()
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -244,6 +255,8 @@ class Exporter:
                 self.metrics.exports_recorded(report)
                 if self.commitments is not None:
                     request_due(self.sessions, self.targets, self.commitments)
+                self.probe.observe(report)
+                self._release_returned()
             except Exception:  # a database hiccup must not end the exporter
                 log.exception("export round failed")
             self.rounds += 1
