@@ -77,19 +77,22 @@ def read_image_file(path: Path, keys: KeyRing | None = None, **options: Any) -> 
 
 def is_planar(datasets: Sequence[Dataset]) -> bool:
     """True when the instances are 2-D images rather than slices of one volume: colour,
-    or without the geometry that places a slice (or a frame) in the patient."""
+    multi-frame without functional groups, or not one of them with the geometry that
+    places a slice in the patient (a series where only some lack it is a broken volume,
+    and ``dicom_node.volume`` says which)."""
+    placed = False
     for ds in datasets:
         if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
             return True
         if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
             return True
         if "PerFrameFunctionalGroupsSequence" in ds:
+            placed = True
             continue
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             return True
-        if not all(k in ds for k in ("ImagePositionPatient", "ImageOrientationPatient")):
-            return True
-    return False
+        placed = placed or any(k in ds for k in ("ImagePositionPatient", "ImageOrientationPatient"))
+    return not placed
 
 
 def _spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str]:

@@ -306,7 +306,7 @@ class Accepts:
     def describe(self) -> str:
         kinds = [name for name, ok in (("3-D", self.volumes), ("2-D", self.planar)) if ok]
         tone = "grey+colour" if self.colour else "grey"
-        return f"{'/'.join(kinds) or 'nothing'} {tone}"
+        return f"{'/'.join(kinds) or 'nothing'}:{tone}"
 
     def as_dict(self) -> dict[str, bool]:
         return {"volumes": self.volumes, "planar": self.planar, "colour": self.colour}
