@@ -311,12 +311,12 @@ def masked_values(
     return xp.concatenate(parts) if parts else image.ravel()[:0]
 
 
-def feature_classes(
-    xp: ModuleType, volume: Volume, params: KMeansParams, inside: Array | None
-) -> tuple[Array, list[float]]:
-    """Labels 1..k (0 outside ``inside``) for k-means on intensity and position, ordered
-    by the intensity of the centres; and those intensities in the image's units."""
-    x, mean, std = build_features(xp, volume, params.spatial_weight, inside)
+def ranked_classes(
+    xp: ModuleType, x: Array, params: KMeansParams, inside: Array | None, shape: tuple[int, ...]
+) -> tuple[Array, np.ndarray]:
+    """K-means of the rows of ``x`` (the voxels ``inside``, all when None): labels 1..k
+    ordered by the centres' first feature (0 outside ``inside``), shaped ``shape``; and
+    that feature of the centres, sorted."""
     pick = sample_index(xp, x.shape[0], params)
     sample = None if pick is None else x[pick]
     options = dict(max_iter=params.max_iter, tol=params.tol, n_init=params.n_init, seed=params.seed)
@@ -324,17 +324,26 @@ def feature_classes(
         labels, centres = kmeans_xp(xp, x, params.k, sample=sample, **options)  # type: ignore[arg-type]
     else:
         labels, centres = kmeans_sklearn(x, params.k, sample=sample, **options)  # type: ignore[arg-type]
-    intensity = xp.asarray(centres)[:, 0]
+    first = xp.asarray(centres)[:, 0]
     rank = xp.empty(params.k, dtype=xp.int64)
-    rank[xp.argsort(intensity)] = xp.arange(1, params.k + 1, dtype=xp.int64)
+    rank[xp.argsort(first)] = xp.arange(1, params.k + 1, dtype=xp.int64)
     ranked = rank[xp.asarray(labels)].astype(xp.uint16)
     if inside is None:
         label_map = ranked
     else:
-        label_map = xp.zeros(volume.array.size, dtype=xp.uint16)
+        label_map = xp.zeros(int(np.prod(shape)), dtype=xp.uint16)
         label_map[inside.ravel()] = ranked
-    ordered = np.sort(np.asarray(to_host(intensity), dtype=np.float64)) * std + mean
-    return label_map.reshape(volume.shape), ordered.tolist()
+    return label_map.reshape(shape), np.sort(np.asarray(to_host(first), dtype=np.float64))
+
+
+def feature_classes(
+    xp: ModuleType, volume: Volume, params: KMeansParams, inside: Array | None
+) -> tuple[Array, list[float]]:
+    """Labels 1..k (0 outside ``inside``) for k-means on intensity and position, ordered
+    by the intensity of the centres; and those intensities in the image's units."""
+    x, mean, std = build_features(xp, volume, params.spatial_weight, inside)
+    label_map, ordered = ranked_classes(xp, x, params, inside, volume.shape)
+    return label_map, (ordered * std + mean).tolist()
 
 
 #: sRGB (D65) linear RGB -> CIE XYZ, and the D65 white point, as ``skimage.color``.
@@ -363,24 +372,8 @@ def colour_classes(
     are colour differences, CIE76), ordered by the centres' lightness; and those (L*)."""
     lab = rgb_to_lab(xp, volume.array).reshape(-1, 3)
     x = lab if inside is None else lab[inside.ravel()]
-    pick = sample_index(xp, x.shape[0], params)
-    sample = None if pick is None else x[pick]
-    options = dict(max_iter=params.max_iter, tol=params.tol, n_init=params.n_init, seed=params.seed)
-    if is_cupy(xp):
-        labels, centres = kmeans_xp(xp, x, params.k, sample=sample, **options)  # type: ignore[arg-type]
-    else:
-        labels, centres = kmeans_sklearn(x, params.k, sample=sample, **options)  # type: ignore[arg-type]
-    lightness = xp.asarray(centres)[:, 0]
-    rank = xp.empty(params.k, dtype=xp.int64)
-    rank[xp.argsort(lightness)] = xp.arange(1, params.k + 1, dtype=xp.int64)
-    ranked = rank[xp.asarray(labels)].astype(xp.uint16)
-    if inside is None:
-        label_map = ranked
-    else:
-        label_map = xp.zeros(lab.shape[0], dtype=xp.uint16)
-        label_map[inside.ravel()] = ranked
-    ordered = np.sort(np.asarray(to_host(lightness), dtype=np.float64))
-    return label_map.reshape(volume.shape), ordered.tolist()
+    label_map, lightness = ranked_classes(xp, x, params, inside, volume.shape)
+    return label_map, lightness.tolist()
 
 
 class KMeansCluster:

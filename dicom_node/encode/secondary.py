@@ -20,10 +20,10 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.encode.common import SERIES_NUMBER, EncodeError, long_string, source_series_uid
+from dicom_node.encode.derived import processing_equipment, source_item
 from dicom_node.encode.uids import MANUFACTURER, Provenance
 from processors.base import ImageResult
 
@@ -39,17 +39,6 @@ def _stored(values: npt.NDArray[Any], colour: bool) -> tuple[npt.NDArray[Any], s
     slope = (high - low) / 65535.0 if high > low else 1.0
     stored = np.clip(np.rint((values - low) / slope), 0, 65535).astype(np.uint16)
     return stored, f"values stored as (value - {low:.6g}) / {slope:.6g}"
-
-
-def _source_item(source: Dataset, frame: int | None) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = source.SOPClassUID
-    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    if frame is not None:
-        item.ReferencedFrameNumber = frame
-    purpose = hd.sr.CodedConcept.from_code(codes.cid7202.SourceImageForImageProcessingOperation)
-    item.PurposeOfReferenceCodeSequence = [purpose]
-    return item
 
 
 def secondary_capture_instances(
@@ -73,13 +62,7 @@ def secondary_capture_instances(
         f"{description}: {provenance.summary()}; {mapping}; written as {SECONDARY_CAPTURE} "
         "(the source's SOP class is not kept for 2-D images)"
     )
-    equipment = hd.ContributingEquipment(
-        manufacturer=MANUFACTURER,
-        purpose_of_reference=codes.cid7005.ProcessingEquipment,
-        manufacturer_model_name=long_string(provenance.processor),
-        software_versions=[provenance.software_versions, provenance.device_version],
-        contribution_description=long_string(f"{provenance.processor} {provenance.version}"),
-    )
+    equipment = processing_equipment(provenance)
     spacing = geometry.spacing[1:] if geometry.spacing_known else None
 
     def instances() -> Iterator[Dataset]:
@@ -113,7 +96,7 @@ def secondary_capture_instances(
             image.Laterality = source.get("Laterality", "")  # Type 2C: the source's, or empty
             image.ImageType = ["DERIVED", "SECONDARY"]
             image.DerivationDescription = derivation[:1024]
-            image.SourceImageSequence = [_source_item(source, frame)]
+            image.SourceImageSequence = [source_item(source, frame)]
             yield image
 
     return instances()
