@@ -210,6 +210,8 @@ def derived_instances(
                 for keyword in ("WindowCenter", "WindowWidth", "RescaleType", "VOILUTSequence"):
                     if keyword in ds:
                         delattr(ds, keyword)
+                if has_rescale and geometry.planar:
+                    ds.RescaleType = "US"  # unspecified (a CR's Modality LUT macro needs one)
             ds.PixelData = stored_slice(z)
             meta = FileMetaDataset()
             meta.MediaStorageSOPClassUID = ds.SOPClassUID

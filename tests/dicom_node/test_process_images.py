@@ -16,6 +16,7 @@ from tests.dicom_node.test_image import CR, data
 runner = CliRunner()
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 
 
 def errors(path: Path) -> set[str]:
@@ -41,6 +42,8 @@ def written(out: Path) -> dict[str, pydicom.Dataset]:
         "CR",  # MONOCHROME1, ImagerPixelSpacing
         "SC_rgb_dcmtk_+eb+cy+np.dcm",  # JPEG baseline YBR_FULL_422
         "US1_J2KR.dcm",  # JPEG 2000 YBR_RCT ultrasound
+        "OBXXXX1A_rle.dcm",  # RLE palette colour ultrasound
+        "JPGLosslessP14SV1_1s_1f_8b.dcm",  # JPEG lossless greyscale ultrasound
     ],
 )
 def test_a_2d_image_goes_through_to_seg_sr_and_secondary_capture(tmp_path: Path, name: str) -> None:
@@ -55,9 +58,12 @@ def test_a_2d_image_goes_through_to_seg_sr_and_secondary_capture(tmp_path: Path,
     src = pydicom.dcmread(source)
     for path, ds in files.items():
         if "/derived-" in path:
-            assert ds.SOPClassUID == SECONDARY_CAPTURE
-            assert "Secondary Capture" in ds.DerivationDescription
-            colour = int(src.SamplesPerPixel) == 3
+            if src.SOPClassUID == CR_IMAGE:  # the CR IOD takes a derived image
+                assert ds.SOPClassUID == CR_IMAGE and ds.ImageType[0] == "DERIVED"
+            else:
+                assert ds.SOPClassUID == SECONDARY_CAPTURE
+                assert "Secondary Capture" in ds.DerivationDescription
+            colour = src.PhotometricInterpretation not in ("MONOCHROME1", "MONOCHROME2")
             assert ds.PhotometricInterpretation == ("RGB" if colour else "MONOCHROME2")
             assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
         if "/seg-" in path:
