@@ -33,12 +33,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
-from pydicom.pixels.utils import pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.security.crypto import read_dicom
 from dicom_node.security.keys import KeyRing
-from dicom_node.volume import SeriesError, datasets_to_volume
+from dicom_node.volume import SeriesError, datasets_to_volume, decode_pixels
 from processors.base import Volume
 
 WHOLE_SLIDE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
@@ -161,17 +160,6 @@ def _colour(ds: Dataset, decoded: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
     return (np.asarray(rgb, dtype=np.float32) / np.float32(top)).astype(np.float32)
 
 
-def _decode(ds: Dataset, where: str) -> npt.NDArray[Any]:
-    if "PixelData" not in ds:
-        raise ImageError(f"{where}: no pixel data")
-    try:
-        array: npt.NDArray[Any] = pixel_array(ds)
-    except Exception as exc:  # missing decoder, corrupt stream
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise ImageError(f"{where}: cannot decode pixel data ({syntax}): {exc}") from exc
-    return array
-
-
 def datasets_to_image(datasets: Sequence[Dataset]) -> Volume:
     """The planar Volume of one series' 2-D images: the frames of a multi-frame instance,
     or single-frame instances of the same size in InstanceNumber order."""
@@ -214,7 +202,7 @@ def datasets_to_image(datasets: Sequence[Dataset]) -> Volume:
         )
         if this_colour != colour:
             raise ImageError("colour and greyscale images in one series")
-        decoded = _decode(ds, where)
+        decoded = decode_pixels(ds, where)
         count = int(ds.get("NumberOfFrames", 1) or 1)
         if count == 1:
             decoded = decoded[None]
