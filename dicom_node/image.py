@@ -8,7 +8,8 @@ greyscale or colour. The pixel semantics are pydicom's, not hand-made:
 - greyscale: ``apply_modality_lut`` (RescaleSlope/Intercept or a Modality LUT Sequence);
   MONOCHROME1 is inverted within the modality LUT's output range, so that bright means
   dense for every processor, and the header's first window (WindowCenter/Width) is kept,
-  inverted alike, for ``window``'s ``header`` preset;
+  inverted alike, for ``window``'s ``header`` preset (else its VOI LUT, as pydicom's
+  ``apply_voi_lut``, on MONOCHROME2);
 - colour: RGB as decoded (pydicom converts YBR_FULL/YBR_FULL_422 to RGB, the JPEG 2000
   decoders undo YBR_ICT/RCT), ``apply_color_lut`` for PALETTE COLOR, scaled to [0, 1];
 - pixel spacing: ``PixelSpacing``; else ``ImagerPixelSpacing``, which is at the detector:
@@ -38,7 +39,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from dicom_node.security.crypto import read_dicom
 from dicom_node.security.keys import KeyRing
 from dicom_node.volume import SeriesError, datasets_to_volume, decode_pixels
-from processors.base import Volume
+from processors.base import VoiLut, Volume
 
 WHOLE_SLIDE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
@@ -128,6 +129,19 @@ def _first(value: Any) -> float | None:
         return None if value is None or value == "" else float(value)
     except (TypeError, ValueError):
         return None
+
+
+def _voi_lut(ds: Dataset) -> VoiLut | None:
+    """The header's first VOI LUT (MONOCHROME2 only: its input is not inverted)."""
+    sequence = ds.get("VOILUTSequence")
+    if not sequence or str(ds.get("PhotometricInterpretation", "")) != "MONOCHROME2":
+        return None
+    item = sequence[0]
+    descriptor, data = item.get("LUTDescriptor"), item.get("LUTData")
+    if descriptor is None or data is None or len(descriptor) != 3:
+        return None
+    entries = tuple(int(v) for v in (data if isinstance(data, MultiValue | list) else [data]))
+    return VoiLut(first=int(descriptor[1]), entries=entries, bits=int(descriptor[2]))
 
 
 def _grey(ds: Dataset, stored: npt.NDArray[Any]) -> tuple[npt.NDArray[np.float32], Any]:
@@ -229,6 +243,7 @@ def datasets_to_image(datasets: Sequence[Dataset]) -> Volume:
         spacing_known=spacing is not None,
         spacing_note=note,
         window=window,
+        voi_lut=None if colour else _voi_lut(first),
     )
 
 

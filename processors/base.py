@@ -39,6 +39,22 @@ class ProcessorParams(BaseModel):
 
 
 @dataclass(frozen=True)
+class VoiLut:
+    """A VOI lookup table from the header: the input value of its first entry, its
+    entries, and their bits; values below or above the table take its ends."""
+
+    first: int
+    entries: tuple[int, ...]
+    bits: int
+
+    def apply(self, image: Array, xp: ModuleType) -> Array:
+        """``image`` through the table, scaled to [0, 1] (as pydicom's ``apply_voi_lut``)."""
+        table = xp.asarray(self.entries, dtype=xp.float32) / xp.float32(2**self.bits - 1)
+        index = xp.clip(xp.rint(image).astype(xp.int64) - self.first, 0, len(self.entries) - 1)
+        return table[index]
+
+
+@dataclass(frozen=True)
 class Volume:
     """A 3-D image in physical units, indexed ``[slice, row, column]``.
 
@@ -56,7 +72,7 @@ class Volume:
     pixel spacing (then ``spacing`` is 1 pixel and areas are in pixels), and
     ``spacing_note`` says what the spacing is, e.g. "at the detector" for a radiograph's
     ImagerPixelSpacing. ``window`` is the header's first VOI window (centre, width), for
-    display-like processors.
+    display-like processors, and ``voi_lut`` the header's VOI LUT when it has one instead.
     """
 
     array: Array
@@ -73,6 +89,7 @@ class Volume:
     spacing_known: bool = True
     spacing_note: str = ""
     window: tuple[float, float] | None = None
+    voi_lut: VoiLut | None = None
 
     def __post_init__(self) -> None:
         shape = getattr(self.array, "shape", None)

@@ -70,8 +70,8 @@ def _as_float(volume: Volume, xp: ModuleType) -> Array:
 class WindowParams(ProcessorParams):
     preset: Preset | None = Field(
         default=None,
-        description="named CT window, or 'header' for the image's own (WindowCenter/Width); "
-        "overrides level/width",
+        description="named CT window, or 'header' for the image's own (WindowCenter/Width, "
+        "else its VOI LUT); overrides level/width",
     )
     level: float = Field(default=40.0, description="window centre in image units")
     width: float = Field(default=400.0, gt=0, description="window width in image units")
@@ -99,6 +99,9 @@ class Window:
     accepts: ClassVar[Accepts] = EVERY_GREY_IMAGE
 
     def run(self, volume: Volume, params: WindowParams, xp: ModuleType) -> list[Result]:
+        if params.preset == "header" and volume.window is None and volume.voi_lut is not None:
+            out = volume.voi_lut.apply(_as_float(volume, xp), xp).astype(xp.float32)
+            return [ImageResult(volume.with_array(out), "VOI LUT from the header")]
         level, width = params.level_width(volume)
         low = level - width / 2.0
         image = _as_float(volume, xp)

@@ -137,3 +137,19 @@ def test_the_header_window_follows_a_monochrome1_inversion() -> None:
     image = datasets_to_image([ds])
     ends = apply_modality_lut(np.array([0, 2 ** int(ds.BitsStored) - 1]), ds)
     assert image.window == pytest.approx((float(ends.min() + ends.max()) - 1000, 500))
+
+
+def test_a_voi_lut_from_the_header_is_applied_as_pydicom_does() -> None:
+    from pydicom.pixels import apply_voi_lut
+
+    from processors.api import run_processor
+    from processors.base import ImageResult
+
+    path = data("vlut_04.dcm")
+    ds = pydicom.dcmread(path)
+    image = load(path)
+    assert image.window is None and image.voi_lut is not None
+    out = run_processor("window", image, preset="header")[0]
+    assert isinstance(out, ImageResult)
+    expected = apply_voi_lut(ds.pixel_array, ds) / 65535.0
+    assert np.allclose(out.volume.array[0], expected, atol=1e-6)
