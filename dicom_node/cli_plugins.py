@@ -52,18 +52,22 @@ def list_command(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON array of objects")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Every discovered plugin: version, family, availability (with reason), enabled."""
+    """Every discovered plugin: version, family, the images it takes, availability (with
+    reason), enabled."""
     with database_session(settings_from(config)) as session:
         plugins = _plugins(session)
     if printed_as_json_or_empty([p.as_dict() for p in plugins], as_json, "no plugins found"):
         return
-    table = new_table("NAME", "VERSION", "FAMILY", "AVAILABLE", "ENABLED", "PINNED", "REASON")
+    table = new_table(
+        "NAME", "VERSION", "FAMILY", "TAKES", "AVAILABLE", "ENABLED", "PINNED", "REASON"
+    )
     for p in plugins:
         add_row(
             table,
             p.name,
             p.version or "-",
             p.family or "-",
+            p.accepts.describe() if p.processor is not None else "-",
             "yes" if p.available else "no",
             "yes" if p.enabled else "no",
             p.pinned_version or "-",

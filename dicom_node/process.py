@@ -31,12 +31,14 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_node.encode.common import EncodeError, blank_unparseable_values
 from dicom_node.encode.derived import derived_instances
+from dicom_node.encode.secondary import keeps_source_sop_class, secondary_capture_instances
 from dicom_node.encode.seg import SegEncoding, encode_seg
 from dicom_node.encode.sr import encode_sr
 from dicom_node.encode.uids import Provenance, check_root
-from dicom_node.security.crypto import read_dicom, save_dataset
+from dicom_node.image import datasets_to_image_or_volume, read_image_file
+from dicom_node.security.crypto import save_dataset
 from dicom_node.security.keys import KeyRing
-from dicom_node.volume import SeriesError, datasets_to_volume
+from dicom_node.volume import SeriesError
 from processors.api import result_to_host, run_on_backend, volume_to
 from processors.backend import resolve
 from processors.base import (
@@ -46,6 +48,7 @@ from processors.base import (
     ProcessorError,
     Result,
     Volume,
+    accepts_of,
 )
 from processors.errors import BadInputError
 from processors.registry import (
@@ -120,7 +123,7 @@ def scan_series(
     skipped: list[tuple[str, str]] = []
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         try:
-            ds = read_dicom(path, None, stop_before_pixels=True)
+            ds = read_image_file(path, None, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError) as exc:
             skipped.append((str(path), f"not DICOM: {exc}"))
             continue
@@ -240,14 +243,22 @@ def encode_results(
     for result in results:
         if isinstance(result, LabelResult):
             n = counters["seg"]
-            encoding = encode_seg(result, sources, provenance, index=n)
+            try:
+                encoding = encode_seg(result, sources, provenance, index=n)
+            except EncodeError as exc:
+                if problems is None or not result.geometry.planar:
+                    raise
+                problems.append(f"{provenance.processor}: no SEG: {exc}")
+                continue
             segs.append((encoding, result))
             write("seg", encoding.dataset, folder / f"seg-{n}" / "0001.dcm")
             counters["seg"] += 1
         elif isinstance(result, ImageResult):
             n = counters["derived"]
+            planar = result.volume.planar and not keeps_source_sop_class(result, sources)
+            make = secondary_capture_instances if planar else derived_instances
             try:
-                derived = derived_instances(result, sources, provenance, index=n)
+                derived = make(result, sources, provenance, index=n)
             except EncodeError as exc:
                 if problems is None:
                     raise
@@ -303,6 +314,15 @@ def drop_pixel_data(datasets: Sequence[Dataset]) -> None:
                 delattr(ds, keyword)
 
 
+def check_accepted(steps: Sequence[Step], volume: Volume) -> None:
+    """Refuse, before any work, a pipeline with a step that cannot take this image
+    (``processors.base.Accepts``), naming the step and why."""
+    for step in steps:
+        refusal = accepts_of(step.processor).refusal(step.name, volume)
+        if refusal is not None:
+            raise ProcessorError(refusal)
+
+
 def process_series(
     paths: Iterable[Path],
     steps: Sequence[Step],
@@ -345,8 +365,9 @@ def process_series(
             on_step_written(number, written)
         return written
 
-    datasets = [read_dicom(path, keys) for path in paths]
-    loaded = datasets_to_volume(datasets)
+    datasets = [read_image_file(path, keys) for path in paths]
+    loaded = datasets_to_image_or_volume(datasets)
+    check_accepted(steps, loaded)
     drop_pixel_data(datasets)
     blanked = blank_unparseable_values(datasets)
     if blanked and problems is not None:

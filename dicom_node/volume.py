@@ -217,10 +217,15 @@ def _order(frames: Sequence[_Frame]) -> tuple[list[_Frame], float]:
 
 
 def _pixels(ds: Dataset, where: str) -> npt.NDArray[Any]:
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise SeriesError(f"{where}: no pixel data")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise SeriesError(f"{where}: colour images are not volumes (SamplesPerPixel > 1)")
+    return decode_pixels(ds, where)
+
+
+def decode_pixels(ds: Dataset, where: str) -> npt.NDArray[Any]:
+    """The instance's decoded pixel data (all frames); ``SeriesError`` saying why not."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise SeriesError(f"{where}: no pixel data")
     try:
         # Not ``ds.pixel_array``: that keeps the decoded array on the dataset as long as
         # the dataset lives (a second copy of the series beside the volume).

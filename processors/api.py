@@ -12,8 +12,11 @@ from processors.base import (
     LabelResult,
     MeasurementResult,
     Processor,
+    ProcessorError,
     Result,
     Volume,
+    accepts_of,
+    luminance,
     stamp,
 )
 from processors.registry import PluginInfo, discover, get_processor
@@ -40,8 +43,16 @@ def run_on_backend(
     processor: Processor, volume: Volume, params: Any, backend: Backend
 ) -> list[Result]:
     """Run with ``volume`` already on the backend's device, that device current for the
-    run only; results stay there."""
+    run only; results stay there. A processor is given only what it declares it takes
+    (``processors.base.Accepts``): refused with the reason otherwise, and a greyscale
+    one gets a colour image's luminance."""
+    accepts = accepts_of(processor)
+    refusal = accepts.refusal(processor.name, volume)
+    if refusal is not None:
+        raise ProcessorError(refusal)
     with backend.on_device():
+        if not accepts.colour:
+            volume = luminance(volume, backend.xp)
         results = processor.run(volume, params, backend.xp)
     return stamp(results, processor.name, processor.version)
 

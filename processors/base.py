@@ -39,6 +39,22 @@ class ProcessorParams(BaseModel):
 
 
 @dataclass(frozen=True)
+class VoiLut:
+    """A VOI lookup table from the header: the input value of its first entry, its
+    entries, and their bits; values below or above the table take its ends."""
+
+    first: int
+    entries: tuple[int, ...]
+    bits: int
+
+    def apply(self, image: Array, xp: ModuleType) -> Array:
+        """``image`` through the table, scaled to [0, 1] (as pydicom's ``apply_voi_lut``)."""
+        table = xp.asarray(self.entries, dtype=xp.float32) / xp.float32(2**self.bits - 1)
+        index = xp.clip(xp.rint(image).astype(xp.int64) - self.first, 0, len(self.entries) - 1)
+        return table[index]
+
+
+@dataclass(frozen=True)
 class Volume:
     """A 3-D image in physical units, indexed ``[slice, row, column]``.
 
@@ -48,6 +64,15 @@ class Volume:
     source instances in slice order (empty for arrays that did not come from DICOM), and
     ``source_frame_numbers`` the 1-based frame of each slice when the source is multi-frame
     (then the same instance UID repeats).
+
+    ``planar``: the slices are independent 2-D images (a radiograph, a photo, the frames
+    of a cine loop), not a volume: no geometry joins them, filters act within each frame,
+    and ``spacing[0]`` means nothing. A colour image is a 4-D array ``[frame, row, column,
+    channel]`` in RGB (``colour``). ``spacing_known`` is false when the header gave no
+    pixel spacing (then ``spacing`` is 1 pixel and areas are in pixels), and
+    ``spacing_note`` says what the spacing is, e.g. "at the detector" for a radiograph's
+    ImagerPixelSpacing. ``window`` is the header's first VOI window (centre, width), for
+    display-like processors, and ``voi_lut`` the header's VOI LUT when it has one instead.
     """
 
     array: Array
@@ -60,11 +85,19 @@ class Volume:
     series_instance_uid: str | None = None
     study_instance_uid: str | None = None
     frame_of_reference_uid: str | None = None
+    planar: bool = False
+    spacing_known: bool = True
+    spacing_note: str = ""
+    window: tuple[float, float] | None = None
+    voi_lut: VoiLut | None = None
 
     def __post_init__(self) -> None:
         shape = getattr(self.array, "shape", None)
-        if shape is None or len(shape) != 3:
-            raise ProcessorError(f"a Volume holds a 3-D array, not one of shape {shape}")
+        colour = shape is not None and len(shape) == 4 and shape[3] == 3 and self.planar
+        if shape is None or (len(shape) != 3 and not colour):
+            raise ProcessorError(
+                f"a Volume holds a 3-D array (or, planar, a 4-D RGB one), not one of shape {shape}"
+            )
         if len(self.spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in self.spacing):
             raise ProcessorError(f"spacing must be three positive numbers, not {self.spacing}")
         if len(self.orientation) != 6 or len(self.origin) != 3:
@@ -78,8 +111,31 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        z, y, x = self.array.shape
+        z, y, x = self.array.shape[:3]
         return (int(z), int(y), int(x))
+
+    @property
+    def colour(self) -> bool:
+        return len(self.array.shape) == 4
+
+    @property
+    def pixel_area_mm2(self) -> float:
+        return self.spacing[1] * self.spacing[2]
+
+    def region_size(self) -> tuple[Code, Code, float]:
+        """How a region's size is told on this image: (concept, unit, size of one voxel):
+        a volume in mm3, a 2-D region's area in mm2, or in pixels when the image has no
+        pixel spacing."""
+        if not self.planar:
+            return Codes.VOLUME, Units.MM3, self.voxel_volume_mm3
+        if self.spacing_known:
+            return Codes.AREA, Units.MM2, self.pixel_area_mm2
+        return Codes.AREA, Units.PIXELS, 1.0
+
+    def in_plane(self, values: tuple[float, ...], none: float = 0.0) -> tuple[float, ...]:
+        """Per-axis sizes (slice, row, column) with the slice axis set to ``none`` when the
+        slices are independent images, so that a 3-D filter acts within each frame."""
+        return (none, *values[1:]) if self.planar else values
 
     @property
     def voxel_volume_mm3(self) -> float:
@@ -122,6 +178,7 @@ class Codes:
     MAXIMUM = Code("56851009", "SCT", "Maximum")
     MEDIAN = Code("373099004", "SCT", "Median")
     VOLUME = Code("118565006", "SCT", "Volume")
+    AREA = Code("42798000", "SCT", "Area")
     FINDING = Code("404684003", "SCT", "Finding")
     PRESENT = Code("52101004", "SCT", "Present")
     ABSENT = Code("272519000", "SCT", "Absent")
@@ -137,6 +194,8 @@ class Codes:
 class Units:
     HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
     MM3 = Code("mm3", "UCUM", "cubic millimeter")
+    MM2 = Code("mm2", "UCUM", "square millimeter")
+    PIXELS = Code("{pixels}", "UCUM", "pixels")
     ML = Code("ml", "UCUM", "milliliter")
     MM = Code("mm", "UCUM", "millimeter")
     NO_UNITS = Code("1", "UCUM", "no units")
@@ -188,10 +247,10 @@ class LabelResult:
     processor_version: str = ""
 
     def __post_init__(self) -> None:
-        if tuple(self.labels.shape) != tuple(self.geometry.array.shape):
+        if tuple(self.labels.shape) != self.geometry.shape:
             raise ProcessorError(
                 f"label map shape {self.labels.shape} differs from the volume's "
-                f"{self.geometry.array.shape}"
+                f"{self.geometry.shape}"
             )
         values = [s.label for s in self.segments]
         if len(set(values)) != len(values):
@@ -245,6 +304,59 @@ class MeasurementResult:
 
 
 Result = ImageResult | LabelResult | MeasurementResult
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """The images a processor takes, declared as ``accepts`` on its class.
+
+    ``volumes``: 3-D greyscale volumes; ``planar``: 2-D images and stacks of them (one
+    image, a cine loop), processed frame by frame; ``colour``: RGB images as they are
+    (4-D arrays). A processor that does not take colour is given the luminance of a colour
+    image (``luminance``). A plugin that declares nothing takes volumes only.
+    """
+
+    volumes: bool = True
+    planar: bool = False
+    colour: bool = False
+
+    def describe(self) -> str:
+        kinds = [name for name, ok in (("3-D", self.volumes), ("2-D", self.planar)) if ok]
+        tone = "grey+colour" if self.colour else "grey"
+        return f"{'/'.join(kinds) or 'nothing'}:{tone}"
+
+    def as_dict(self) -> dict[str, bool]:
+        return {"volumes": self.volumes, "planar": self.planar, "colour": self.colour}
+
+    def refusal(self, name: str, volume: Volume) -> str | None:
+        """Why processor ``name`` cannot take ``volume``, or ``None`` when it can."""
+        if volume.planar and not self.planar:
+            return f"{name} takes 3-D volumes only, and this is a 2-D image ({self.describe()})"
+        if not volume.planar and not self.volumes:
+            return f"{name} takes 2-D images only, and this is a 3-D volume ({self.describe()})"
+        return None
+
+
+VOLUMES_ONLY = Accepts()
+EVERY_GREY_IMAGE = Accepts(volumes=True, planar=True)
+EVERY_IMAGE = Accepts(volumes=True, planar=True, colour=True)
+
+#: ITU-R BT.709 luma weights, as ``skimage.color.rgb2gray``.
+LUMA_WEIGHTS = (0.2125, 0.7154, 0.0721)
+
+
+def accepts_of(processor: object) -> Accepts:
+    declared = getattr(processor, "accepts", None)
+    return declared if isinstance(declared, Accepts) else VOLUMES_ONLY
+
+
+def luminance(volume: Volume, xp: ModuleType) -> Volume:
+    """A colour image's luminance (``skimage.color.rgb2gray``'s weights), a grey one as is."""
+    if not volume.colour:
+        return volume
+    weights = xp.asarray(LUMA_WEIGHTS, dtype=xp.float32)
+    grey = volume.array.astype(xp.float32) @ weights
+    return replace(volume, array=grey)
 
 
 @runtime_checkable

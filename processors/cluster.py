@@ -22,6 +22,8 @@ from pydantic import Field
 
 from processors.backend import is_cupy, slabs, to_host
 from processors.base import (
+    EVERY_IMAGE,
+    Accepts,
     Array,
     Code,
     Codes,
@@ -31,6 +33,7 @@ from processors.base import (
     Result,
     SegmentDescription,
     Volume,
+    luminance,
 )
 from processors.segment import (
     BodyMaskParams,
@@ -86,7 +89,10 @@ def class_segments(
             segments.append(SegmentDescription(label, name, tissue.category, tissue.type))
             continue
         rank = "low" if label == 1 else "high" if label == k else "intermediate"
-        name = f"Tissue class {label} of {k} ({rank} intensity)"
+        if volume.colour:
+            name = f"Colour class {label} of {k} ({rank} lightness)"
+        else:
+            name = f"Tissue class {label} of {k} ({rank} intensity)"
         segments.append(SegmentDescription(label, name, Codes.TISSUE, Codes.TISSUE))
     return segments
 
@@ -128,6 +134,8 @@ def build_features(
     columns = [(values - mean) / std]
     if spatial_weight > 0:
         for axis, (n, spacing) in enumerate(zip(volume.shape, volume.spacing, strict=True)):
+            if axis == 0 and volume.planar:
+                continue  # the frames of a 2-D stack are not a position
             extent = max(n * spacing, 1e-6)
             coord = (xp.arange(n, dtype=xp.float32) - (n - 1) / 2.0) * (spacing / extent)
             shape = [1, 1, 1]
@@ -303,12 +311,12 @@ def masked_values(
     return xp.concatenate(parts) if parts else image.ravel()[:0]
 
 
-def feature_classes(
-    xp: ModuleType, volume: Volume, params: KMeansParams, inside: Array | None
-) -> tuple[Array, list[float]]:
-    """Labels 1..k (0 outside ``inside``) for k-means on intensity and position, ordered
-    by the intensity of the centres; and those intensities in the image's units."""
-    x, mean, std = build_features(xp, volume, params.spatial_weight, inside)
+def ranked_classes(
+    xp: ModuleType, x: Array, params: KMeansParams, inside: Array | None, shape: tuple[int, ...]
+) -> tuple[Array, np.ndarray]:
+    """K-means of the rows of ``x`` (the voxels ``inside``, all when None): labels 1..k
+    ordered by the centres' first feature (0 outside ``inside``), shaped ``shape``; and
+    that feature of the centres, sorted."""
     pick = sample_index(xp, x.shape[0], params)
     sample = None if pick is None else x[pick]
     options = dict(max_iter=params.max_iter, tol=params.tol, n_init=params.n_init, seed=params.seed)
@@ -316,41 +324,92 @@ def feature_classes(
         labels, centres = kmeans_xp(xp, x, params.k, sample=sample, **options)  # type: ignore[arg-type]
     else:
         labels, centres = kmeans_sklearn(x, params.k, sample=sample, **options)  # type: ignore[arg-type]
-    intensity = xp.asarray(centres)[:, 0]
+    first = xp.asarray(centres)[:, 0]
     rank = xp.empty(params.k, dtype=xp.int64)
-    rank[xp.argsort(intensity)] = xp.arange(1, params.k + 1, dtype=xp.int64)
+    rank[xp.argsort(first)] = xp.arange(1, params.k + 1, dtype=xp.int64)
     ranked = rank[xp.asarray(labels)].astype(xp.uint16)
     if inside is None:
         label_map = ranked
     else:
-        label_map = xp.zeros(volume.array.size, dtype=xp.uint16)
+        label_map = xp.zeros(int(np.prod(shape)), dtype=xp.uint16)
         label_map[inside.ravel()] = ranked
-    ordered = np.sort(np.asarray(to_host(intensity), dtype=np.float64)) * std + mean
-    return label_map.reshape(volume.shape), ordered.tolist()
+    return label_map.reshape(shape), np.sort(np.asarray(to_host(first), dtype=np.float64))
+
+
+def feature_classes(
+    xp: ModuleType, volume: Volume, params: KMeansParams, inside: Array | None
+) -> tuple[Array, list[float]]:
+    """Labels 1..k (0 outside ``inside``) for k-means on intensity and position, ordered
+    by the intensity of the centres; and those intensities in the image's units."""
+    x, mean, std = build_features(xp, volume, params.spatial_weight, inside)
+    label_map, ordered = ranked_classes(xp, x, params, inside, volume.shape)
+    return label_map, (ordered * std + mean).tolist()
+
+
+#: sRGB (D65) linear RGB -> CIE XYZ, and the D65 white point, as ``skimage.color``.
+_RGB_TO_XYZ = np.array(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
+)
+_D65_WHITE = np.array([0.95047, 1.0, 1.08883])
+
+
+def rgb_to_lab(xp: ModuleType, rgb: Array) -> Array:
+    """RGB in [0, 1] (last axis) -> CIELAB (L in 0..100), as ``skimage.color.rgb2lab``."""
+    rgb = xp.clip(rgb.astype(xp.float32), 0.0, 1.0)
+    linear = xp.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    xyz = linear @ xp.asarray((_RGB_TO_XYZ / _D65_WHITE[:, None]).T, dtype=xp.float32)
+    f = xp.where(xyz > 0.008856, xp.cbrt(xyz), 7.787 * xyz + 16.0 / 116.0)
+    lightness = 116.0 * f[..., 1] - 16.0
+    a = 500.0 * (f[..., 0] - f[..., 1])
+    b = 200.0 * (f[..., 1] - f[..., 2])
+    return xp.stack([lightness, a, b], axis=-1)
+
+
+def colour_classes(
+    xp: ModuleType, volume: Volume, params: KMeansParams, inside: Array | None
+) -> tuple[Array, list[float]]:
+    """Labels 1..k (0 outside ``inside``) for k-means of an RGB image in CIELAB (distances
+    are colour differences, CIE76), ordered by the centres' lightness; and those (L*)."""
+    lab = rgb_to_lab(xp, volume.array).reshape(-1, 3)
+    x = lab if inside is None else lab[inside.ravel()]
+    label_map, lightness = ranked_classes(xp, x, params, inside, volume.shape)
+    return label_map, lightness.tolist()
 
 
 class KMeansCluster:
     """K tissue classes inside the body; reference ``sklearn.cluster.KMeans`` (adjusted
-    Rand >= 0.99)."""
+    Rand >= 0.99). A colour image is clustered in CIELAB (``colour_classes``), its body
+    mask and statistics taken on its luminance; on a 2-D stack the frame is no feature."""
 
     name: ClassVar[str] = "kmeans"
     version: ClassVar[str] = "2.0.0"
     family: ClassVar[str] = "cluster"
     Params: ClassVar[type[KMeansParams]] = KMeansParams
+    accepts: ClassVar[Accepts] = EVERY_IMAGE
 
     def run(self, volume: Volume, params: KMeansParams, xp: ModuleType) -> list[Result]:
-        inside = body_mask(xp, volume, params) if params.inside_body else None
+        grey = luminance(volume, xp)
+        inside = body_mask(xp, grey, params) if params.inside_body else None
         if inside is not None and int(inside.sum()) < params.k:
             raise ProcessorError(
                 f"the body mask holds fewer voxels than k={params.k}: nothing to cluster "
                 "(inside_body=false clusters the whole volume)"
             )
-        classify = intensity_classes if params.spatial_weight == 0 else feature_classes
+        if volume.colour:
+            classify = colour_classes
+        else:
+            classify = intensity_classes if params.spatial_weight == 0 else feature_classes
         label_map, centres = classify(xp, volume, params, inside)
         sizes = label_counts(xp, label_map, params.k)
         present = [label for label in range(1, params.k + 1) if int(sizes[label]) > 0]
         stats = segment_statistics(
-            xp, volume.array, label_map, params.k, volume.voxel_volume_mm3, intensity_unit(volume)
+            xp,
+            grey.array,
+            label_map,
+            params.k,
+            volume.voxel_volume_mm3,
+            intensity_unit(volume),
+            volume.region_size(),
         )
         where = " inside the body" if inside is not None else ""
         return [

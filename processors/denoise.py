@@ -2,6 +2,9 @@
 
 Sizes and sigmas given in mm are converted to voxels with the volume's spacing, so a
 filter means the same physical thing on any grid. Each processor returns one ImageResult.
+On a 2-D image or a stack of them (``Volume.planar``) each filter acts within each frame:
+the same filter with no extent across frames; mean, median and Gaussian filter an RGB
+image channel by channel.
 """
 
 from __future__ import annotations
@@ -15,7 +18,16 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from processors.backend import elementwise_kernel, is_cupy, ndimage_for, raw_kernel
-from processors.base import Array, ImageResult, ProcessorParams, Result, Volume
+from processors.base import (
+    EVERY_GREY_IMAGE,
+    EVERY_IMAGE,
+    Accepts,
+    Array,
+    ImageResult,
+    ProcessorParams,
+    Result,
+    Volume,
+)
 
 Mode = Literal["reflect", "nearest", "mirror", "constant", "wrap"]
 
@@ -29,6 +41,13 @@ def _float(volume: Volume, xp: ModuleType) -> Array:
 
 def _image(volume: Volume, array: Array, description: str) -> list[Result]:
     return [ImageResult(volume.with_array(array), description)]
+
+
+def extents(volume: Volume, values: tuple[float, ...], none: float) -> tuple[float, ...]:
+    """Per-axis filter extents for ``volume``'s array: ``none`` across the frames of a
+    planar image and across a colour image's channels."""
+    planar = volume.in_plane(values, none)
+    return (*planar, none) if volume.colour else planar
 
 
 def _odd(value: int) -> int:
@@ -51,11 +70,13 @@ class Mean:
     version: ClassVar[str] = "1.0.0"
     family: ClassVar[str] = "denoise"
     Params: ClassVar[type[MeanParams]] = MeanParams
+    accepts: ClassVar[Accepts] = EVERY_IMAGE
 
     def run(self, volume: Volume, params: MeanParams, xp: ModuleType) -> list[Result]:
         ndi = ndimage_for(xp)
-        out = ndi.uniform_filter(_float(volume, xp), size=params.size, mode=params.mode)
-        return _image(volume, out, f"Mean filter {params.size}^3")
+        size = tuple(int(v) for v in extents(volume, (params.size,) * 3, 1))
+        out = ndi.uniform_filter(_float(volume, xp), size=size, mode=params.mode)
+        return _image(volume, out, f"Mean filter {params.size}^{2 if volume.planar else 3}")
 
 
 class MedianParams(ProcessorParams):
@@ -72,11 +93,13 @@ class Median:
     version: ClassVar[str] = "1.0.0"
     family: ClassVar[str] = "denoise"
     Params: ClassVar[type[MedianParams]] = MedianParams
+    accepts: ClassVar[Accepts] = EVERY_IMAGE
 
     def run(self, volume: Volume, params: MedianParams, xp: ModuleType) -> list[Result]:
         ndi = ndimage_for(xp)
-        out = ndi.median_filter(_float(volume, xp), size=params.size, mode=params.mode)
-        return _image(volume, out, f"Median filter {params.size}^3")
+        size = tuple(int(v) for v in extents(volume, (params.size,) * 3, 1))
+        out = ndi.median_filter(_float(volume, xp), size=size, mode=params.mode)
+        return _image(volume, out, f"Median filter {params.size}^{2 if volume.planar else 3}")
 
 
 class GaussianParams(ProcessorParams):
@@ -96,10 +119,11 @@ class Gaussian:
     version: ClassVar[str] = "1.0.0"
     family: ClassVar[str] = "denoise"
     Params: ClassVar[type[GaussianParams]] = GaussianParams
+    accepts: ClassVar[Accepts] = EVERY_IMAGE
 
     def run(self, volume: Volume, params: GaussianParams, xp: ModuleType) -> list[Result]:
         ndi = ndimage_for(xp)
-        sigma = sigma_voxels(params.sigma_mm, volume.spacing)
+        sigma = extents(volume, sigma_voxels(params.sigma_mm, volume.spacing), 0.0)
         out = ndi.gaussian_filter(
             _float(volume, xp), sigma=sigma, mode=params.mode, truncate=params.truncate
         )
@@ -243,6 +267,7 @@ class NonLocalMeans:
     version: ClassVar[str] = "1.0.0"
     family: ClassVar[str] = "denoise"
     Params: ClassVar[type[NLMParams]] = NLMParams
+    accepts: ClassVar[Accepts] = EVERY_GREY_IMAGE
 
     def run(self, volume: Volume, params: NLMParams, xp: ModuleType) -> list[Result]:
         image = _float(volume, xp)
@@ -250,20 +275,27 @@ class NonLocalMeans:
         if sigma is None:
             sigma = estimate_noise_sigma(image, xp)
         h = params.h if params.h is not None else max(0.8 * sigma, 1e-6)
-        if is_cupy(xp):
-            out = nl_means(xp, image, params.patch_size, params.patch_distance, h, sigma)
-        else:
+
+        def denoise(block: Array) -> Array:
+            if is_cupy(xp):
+                # On one frame (a 1-slice block) the 3-D patches are the 2-D ones repeated.
+                return nl_means(xp, block, params.patch_size, params.patch_distance, h, sigma)
             from skimage.restoration import denoise_nl_means
 
-            out = denoise_nl_means(
-                image,
+            return denoise_nl_means(
+                block[0] if volume.planar else block,
                 patch_size=params.patch_size,
                 patch_distance=params.patch_distance,
                 h=h,
                 sigma=sigma,
                 fast_mode=True,
                 channel_axis=None,
-            )
+            ).reshape(block.shape)
+
+        if volume.planar:
+            out = xp.stack([denoise(image[z : z + 1])[0] for z in range(len(image))])
+        else:
+            out = denoise(image)
         return _image(
             volume,
             out.astype(image.dtype, copy=False),
@@ -451,9 +483,12 @@ class Bilateral:
     version: ClassVar[str] = "1.0.0"
     family: ClassVar[str] = "denoise"
     Params: ClassVar[type[BilateralParams]] = BilateralParams
+    accepts: ClassVar[Accepts] = EVERY_GREY_IMAGE
 
     def run(self, volume: Volume, params: BilateralParams, xp: ModuleType) -> list[Result]:
         image = _float(volume, xp)
+        if volume.planar:
+            params = params.model_copy(update={"in_plane": True})
         radii = _radii(params, volume.spacing)
         sigmas = sigma_voxels(params.sigma_spatial_mm, volume.spacing)
         if params.in_plane:

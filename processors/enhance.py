@@ -1,6 +1,8 @@
 """Contrast enhancement: window (level/width), histogram equalisation, CLAHE.
 
-Each returns an ImageResult with values in [0, 1] (float32).
+Each returns an ImageResult with values in [0, 1] (float32). On a 2-D image or a stack
+of them (``Volume.planar``) histogram equalisation and CLAHE work frame by frame, and
+``window`` can take the image's own window from its header (``preset="header"``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,16 @@ import numpy as np
 from pydantic import Field
 
 from processors.backend import is_cupy, to_host
-from processors.base import Array, ImageResult, ProcessorParams, Result, Volume
+from processors.base import (
+    EVERY_GREY_IMAGE,
+    Accepts,
+    Array,
+    ImageResult,
+    ProcessorError,
+    ProcessorParams,
+    Result,
+    Volume,
+)
 
 #: (level, width) in HU, the usual CT presets.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -29,8 +40,24 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 }
 
 Preset = Literal[
-    "brain", "subdural", "stroke", "lung", "mediastinum", "abdomen", "soft_tissue", "liver", "bone"
+    "brain",
+    "subdural",
+    "stroke",
+    "lung",
+    "mediastinum",
+    "abdomen",
+    "soft_tissue",
+    "liver",
+    "bone",
+    "header",
 ]
+
+
+def frame_by_frame(volume: Volume, xp: ModuleType, image: Array, apply: Any) -> Array:
+    """``apply`` to the whole volume, or to each frame (2-D) of a planar image."""
+    if not volume.planar:
+        return apply(image)
+    return xp.stack([apply(image[z]) for z in range(len(image))])
 
 
 def _as_float(volume: Volume, xp: ModuleType) -> Array:
@@ -42,12 +69,18 @@ def _as_float(volume: Volume, xp: ModuleType) -> Array:
 
 class WindowParams(ProcessorParams):
     preset: Preset | None = Field(
-        default=None, description="named CT window; overrides level/width"
+        default=None,
+        description="named CT window, or 'header' for the image's own (WindowCenter/Width, "
+        "else its VOI LUT); overrides level/width",
     )
     level: float = Field(default=40.0, description="window centre in image units")
     width: float = Field(default=400.0, gt=0, description="window width in image units")
 
-    def level_width(self) -> tuple[float, float]:
+    def level_width(self, volume: Volume | None = None) -> tuple[float, float]:
+        if self.preset == "header":
+            if volume is None or volume.window is None:
+                raise ProcessorError("window preset 'header': the image has no window")
+            return volume.window
         if self.preset is not None:
             return WINDOW_PRESETS[self.preset]
         return self.level, self.width
@@ -63,13 +96,17 @@ class Window:
     version: ClassVar[str] = "1.0.0"
     family: ClassVar[str] = "enhance"
     Params: ClassVar[type[WindowParams]] = WindowParams
+    accepts: ClassVar[Accepts] = EVERY_GREY_IMAGE
 
     def run(self, volume: Volume, params: WindowParams, xp: ModuleType) -> list[Result]:
-        level, width = params.level_width()
+        if params.preset == "header" and volume.window is None and volume.voi_lut is not None:
+            out = volume.voi_lut.apply(_as_float(volume, xp), xp).astype(xp.float32)
+            return [ImageResult(volume.with_array(out), "VOI LUT from the header")]
+        level, width = params.level_width(volume)
         low = level - width / 2.0
         image = _as_float(volume, xp)
         out = xp.clip((image - low) / width, 0.0, 1.0).astype(xp.float32)
-        label = params.preset or f"L {level:g} W {width:g}"
+        label = f"L {level:g} W {width:g}" if params.preset in (None, "header") else params.preset
         return [ImageResult(volume.with_array(out), f"Window {label}")]
 
 
@@ -95,9 +132,13 @@ class HistEq:
     version: ClassVar[str] = "1.0.0"
     family: ClassVar[str] = "enhance"
     Params: ClassVar[type[HistEqParams]] = HistEqParams
+    accepts: ClassVar[Accepts] = EVERY_GREY_IMAGE
 
     def run(self, volume: Volume, params: HistEqParams, xp: ModuleType) -> list[Result]:
-        out = equalize_hist(xp, _as_float(volume, xp), params.nbins).astype(xp.float32)
+        image = _as_float(volume, xp)
+        out = frame_by_frame(
+            volume, xp, image, lambda part: equalize_hist(xp, part, params.nbins)
+        ).astype(xp.float32)
         return [ImageResult(volume.with_array(out), "Histogram equalisation")]
 
 
@@ -238,9 +279,10 @@ def clahe(
 
 
 class Clahe:
-    """Contrast-limited adaptive histogram equalisation in 3-D.
+    """Contrast-limited adaptive histogram equalisation in 3-D (in 2-D, frame by frame, on
+    a planar image).
 
-    The volume is first scaled to [0, 1] by its min and max. Reference:
+    The volume (each frame) is first scaled to [0, 1] by its min and max. Reference:
     ``skimage.exposure.equalize_adapthist``; the CPU path calls it, the GPU path runs the
     same algorithm on CuPy.
     """
@@ -249,18 +291,21 @@ class Clahe:
     version: ClassVar[str] = "1.0.0"
     family: ClassVar[str] = "enhance"
     Params: ClassVar[type[ClaheParams]] = ClaheParams
+    accepts: ClassVar[Accepts] = EVERY_GREY_IMAGE
 
     def run(self, volume: Volume, params: ClaheParams, xp: ModuleType) -> list[Result]:
         image = _as_float(volume, xp).astype(xp.float32)
-        unit = _rescale(xp, image, 1.0).astype(xp.float32)
-        kernel = None if params.kernel_size is None else (params.kernel_size,) * 3
-        if is_cupy(xp):
-            out = clahe(xp, unit, kernel, params.clip_limit, params.nbins)
-        else:
+
+        def equalise(part: Array) -> Array:
+            unit = _rescale(xp, part, 1.0).astype(xp.float32)
+            kernel = None if params.kernel_size is None else (params.kernel_size,) * part.ndim
+            if is_cupy(xp):
+                return clahe(xp, unit, kernel, params.clip_limit, params.nbins)
             from skimage.exposure import equalize_adapthist
 
-            out = equalize_adapthist(
+            return equalize_adapthist(
                 unit, kernel_size=kernel, clip_limit=params.clip_limit, nbins=params.nbins
             )
-        out = out.astype(xp.float32)
+
+        out = frame_by_frame(volume, xp, image, equalise).astype(xp.float32)
         return [ImageResult(volume.with_array(out), "CLAHE")]

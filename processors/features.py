@@ -24,6 +24,8 @@ from pydantic import Field, model_validator
 
 from processors.backend import slabs, to_host
 from processors.base import (
+    EVERY_GREY_IMAGE,
+    Accepts,
     Array,
     Code,
     Codes,
@@ -257,7 +259,10 @@ def compute_features(volume: Volume, params: FeaturesParams, xp: ModuleType) -> 
         mask = image > params.region_threshold
     features: dict[str, float] = {}
     features.update(first_order(xp, image, mask, params.histogram_bins))
-    features["Region volume"] = float(int(mask.sum())) * volume.voxel_volume_mm3
+    if volume.planar:
+        features["Region area"] = float(int(mask.sum())) * volume.region_size()[2]
+    else:
+        features["Region volume"] = float(int(mask.sum())) * volume.voxel_volume_mm3
 
     slices = representative_slices(xp, mask, params.n_slices)
     if params.glcm_range is not None:
@@ -297,12 +302,15 @@ _STANDARD = {
     "Skewness": Codes.SKEWNESS,
     "Kurtosis": Codes.KURTOSIS,
     "Region volume": Codes.VOLUME,
+    "Region area": Codes.AREA,
 }
 
 
-def _unit(name: str, intensity: Code) -> Code:
+def _unit(name: str, intensity: Code, volume: Volume) -> Code:
     if name == "Region volume":
         return Units.MM3
+    if name == "Region area":
+        return volume.region_size()[1]
     if name in ("Mean", "Standard Deviation", "Minimum", "Maximum", "Median") or name.startswith(
         "Percentile"
     ):
@@ -313,12 +321,14 @@ def _unit(name: str, intensity: Code) -> Code:
 
 
 class Features:
-    """First-order, GLCM, SIFT and Haar features of a region -> MeasurementResult."""
+    """First-order, GLCM, SIFT and Haar features of a region -> MeasurementResult (on a 2-D
+    image: the region's area, in mm2 where the image has a pixel spacing)."""
 
     name: ClassVar[str] = "features"
     version: ClassVar[str] = "1.0.0"
     family: ClassVar[str] = "features"
     Params: ClassVar[type[FeaturesParams]] = FeaturesParams
+    accepts: ClassVar[Accepts] = EVERY_GREY_IMAGE
 
     def run(self, volume: Volume, params: FeaturesParams, xp: ModuleType) -> list[Result]:
         values = compute_features(volume, params, xp)
@@ -327,7 +337,7 @@ class Features:
             Measurement(
                 _STANDARD.get(name, local(name)),
                 value,
-                _unit(name, intensity),
+                _unit(name, intensity, volume),
                 derivation="region" if name in _STANDARD or name.startswith("Perc") else "",
             )
             for name, value in values.items()

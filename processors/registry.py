@@ -17,7 +17,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from processors.backend import cupy_status
-from processors.base import Processor, check_processor_class
+from processors.base import Accepts, Processor, accepts_of, check_processor_class
 from processors.errors import BadInputError
 
 ENTRY_POINT_GROUP = "dicom_node.processors"
@@ -63,6 +63,11 @@ class PluginInfo:
     def usable(self) -> bool:
         return self.available and self.enabled
 
+    @property
+    def accepts(self) -> Accepts:
+        """What images the processor takes (``processors.base.Accepts``)."""
+        return accepts_of(self.processor)
+
     def params_schema(self) -> dict[str, Any] | None:
         if self.processor is None:
             return None
@@ -81,6 +86,7 @@ class PluginInfo:
             "builtin": self.builtin,
             "entry_point": self.entry_point,
             "requires": list(self.requires),
+            "accepts": self.accepts.describe(),
         }
 
 

@@ -1,9 +1,10 @@
 """Threshold segmentation: HU presets or Otsu, morphology, connected components.
 
 Returns a LabelResult (one segment, or one per kept component) and a MeasurementResult
-with each segment's volume and intensity statistics. The ``body`` preset is a body mask
-(``body_mask``): the patient without the table, cushions and blankets, with both arms and
-with the lungs and bowel gas inside; ``kmeans`` clusters inside it.
+with each segment's volume (area on a 2-D image) and intensity statistics; on a 2-D image
+or a stack of them, morphology and components stay within each frame. The ``body`` preset
+is a body mask (``body_mask``): the patient without the table, cushions and blankets,
+with both arms and with the lungs and bowel gas inside; ``kmeans`` clusters inside it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pydantic import Field, model_validator
 
 from processors.backend import ndimage_for, slabs, to_host
 from processors.base import (
+    EVERY_GREY_IMAGE,
+    Accepts,
     Array,
     Code,
     Codes,
@@ -167,6 +170,13 @@ def in_plane_structure(xp: ModuleType) -> Array:
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
     return xp.asarray(structure)
+
+
+def plane_of(xp: ModuleType, structure: Array) -> Array:
+    """A 3x3x3 structuring element cut to its middle plane: no reach across frames."""
+    flat = xp.zeros_like(structure)
+    flat[1] = structure[1]
+    return flat
 
 
 def in_plane_disk(xp: ModuleType, radius_mm: float, pixel_mm: tuple[float, float]) -> Array:
@@ -331,8 +341,10 @@ def keep_components(
     keep_largest: int | None,
     min_size: int,
     separate: bool,
+    planar: bool = False,
 ) -> tuple[Array, int]:
-    """Label the mask's components and keep the k largest at least ``min_size`` big.
+    """Label the mask's components and keep the k largest at least ``min_size`` big
+    (``planar``: components within each frame, none joined across frames).
 
     Returns (labels, count): labels 1..count by decreasing size when ``separate``, else a
     0/1 map. Ties in size keep the lower component index (scipy's labelling order).
@@ -344,6 +356,8 @@ def keep_components(
         return mask.astype(bool, copy=False).view(xp.uint8), 1
     ndi = ndimage_for(xp)
     structure = ndi.generate_binary_structure(3, connectivity)
+    if planar:
+        structure = plane_of(xp, structure)
     labels, count = ndi.label(mask, structure=structure)
     count = int(count)
     if count == 0:
@@ -397,6 +411,8 @@ def segment_mask(xp: ModuleType, volume: Volume, params: ThresholdParams) -> Arr
         else:
             mask = xp.ones(image.shape, dtype=bool)
     structure = ndi.generate_binary_structure(3, 1)
+    if volume.planar:
+        structure = plane_of(xp, structure)
     if params.opening_iterations:
         mask = ndi.binary_opening(mask, structure=structure, iterations=params.opening_iterations)
     if params.closing_iterations:
@@ -475,18 +491,26 @@ def _labelled_values(
 
 
 def segment_statistics(
-    xp: ModuleType, image: Array, labels: Array, count: int, voxel_mm3: float, unit: Code
+    xp: ModuleType,
+    image: Array,
+    labels: Array,
+    count: int,
+    voxel_mm3: float,
+    unit: Code,
+    size: tuple[Code, Code, float] | None = None,
 ) -> list[Measurement]:
-    """Volume, mean, standard deviation, min and max of ``image`` inside each segment."""
+    """Volume, mean, standard deviation, min and max of ``image`` inside each segment;
+    ``size`` (``Volume.region_size``) replaces the volume in mm3 (a 2-D region's area)."""
     if count == 0:
         return []
+    concept, size_unit, per_voxel = size or (Codes.VOLUME, Units.MM3, voxel_mm3)
     rows = label_moments(xp, image, labels, count)
     out: list[Measurement] = []
     for segment, (voxels, mean, std, low, high) in enumerate(rows, start=1):
         if voxels == 0:
             continue
         out += [
-            Measurement(Codes.VOLUME, voxels * voxel_mm3, Units.MM3, segment),
+            Measurement(concept, voxels * per_voxel, size_unit, segment),
             Measurement(Codes.MEAN, mean, unit, segment),
             Measurement(Codes.STANDARD_DEVIATION, std, unit, segment),
             Measurement(Codes.MINIMUM, low, unit, segment),
@@ -511,6 +535,7 @@ class ThresholdSegment:
     version: ClassVar[str] = "2.0.0"
     family: ClassVar[str] = "segment"
     Params: ClassVar[type[ThresholdParams]] = ThresholdParams
+    accepts: ClassVar[Accepts] = EVERY_GREY_IMAGE
 
     def run(self, volume: Volume, params: ThresholdParams, xp: ModuleType) -> list[Result]:
         image = volume.array
@@ -522,6 +547,7 @@ class ThresholdSegment:
             params.keep_largest,
             params.min_size_voxels,
             params.separate_components,
+            planar=volume.planar,
         )
         preset = HU_PRESETS.get(params.preset)
         category = preset.category if preset else Codes.TISSUE
@@ -537,7 +563,13 @@ class ThresholdSegment:
             for label in range(1, count + 1)
         )
         stats = segment_statistics(
-            xp, image, labels, count, volume.voxel_volume_mm3, intensity_unit(volume)
+            xp,
+            image,
+            labels,
+            count,
+            volume.voxel_volume_mm3,
+            intensity_unit(volume),
+            volume.region_size(),
         )
         return [
             LabelResult(labels, segments, volume, f"Threshold segmentation ({params.preset})"),

@@ -97,7 +97,18 @@ def _pixel_plan(values: npt.NDArray[Any], source: Dataset) -> tuple[float, float
     return new_slope, lo - low * new_slope, low, high, False
 
 
-def _source_item(source: Dataset, frame: int | None = None) -> Dataset:
+def processing_equipment(provenance: Provenance) -> hd.ContributingEquipment:
+    """The node and processor as the derived image's contributing equipment."""
+    return hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.cid7005.ProcessingEquipment,
+        manufacturer_model_name=long_string(provenance.processor),
+        software_versions=[provenance.software_versions, provenance.device_version],
+        contribution_description=long_string(f"{provenance.processor} {provenance.version}"),
+    )
+
+
+def source_item(source: Dataset, frame: int | None = None) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
@@ -164,13 +175,7 @@ def derived_instances(
         derivation += f"; values stored as (value - {intercept:.6g}) / {slope:.6g}"
     new_series = provenance.series_uid(key, "derived", index)
     when = now or dt.datetime.now(dt.UTC)
-    equipment = hd.ContributingEquipment(
-        manufacturer=MANUFACTURER,
-        purpose_of_reference=codes.cid7005.ProcessingEquipment,
-        manufacturer_model_name=long_string(provenance.processor),
-        software_versions=[provenance.software_versions, provenance.device_version],
-        contribution_description=long_string(f"{provenance.processor} {provenance.version}"),
-    )
+    equipment = processing_equipment(provenance)
     code = hd.sr.CodedConcept.from_code(DERIVATION_CODES.get(provenance.family, DEFAULT_DERIVATION))
 
     def instances() -> Iterator[Dataset]:
@@ -190,7 +195,7 @@ def derived_instances(
             ds.SeriesTime = ds.ContentTime = when.strftime("%H%M%S")
             ds.DerivationDescription = derivation[:1024]
             ds.DerivationCodeSequence = [code]
-            ds.SourceImageSequence = [_source_item(source)]
+            ds.SourceImageSequence = [source_item(source)]
             ds.ContributingEquipmentSequence = [equipment]
             ds.BitsAllocated = 16
             ds.BitsStored = bits
@@ -205,6 +210,8 @@ def derived_instances(
                 for keyword in ("WindowCenter", "WindowWidth", "RescaleType", "VOILUTSequence"):
                     if keyword in ds:
                         delattr(ds, keyword)
+                if has_rescale and geometry.planar:
+                    ds.RescaleType = "US"  # unspecified (a CR's Modality LUT macro needs one)
             ds.PixelData = stored_slice(z)
             meta = FileMetaDataset()
             meta.MediaStorageSOPClassUID = ds.SOPClassUID

@@ -121,6 +121,11 @@ def encode_seg(
     if not result.segments:
         raise EncodeError("a segmentation without segments has nothing to encode")
     geometry = result.geometry
+    if geometry.planar and geometry.shape[0] > 1 and not geometry.frame_of_reference_uid:
+        raise EncodeError(
+            f"a SEG over {geometry.shape[0]} frames without a frame of reference: highdicom "
+            "segments one frame of such an image (a cine loop's SEG is not written yet)"
+        )
     ordered = ordered_sources(geometry, sources)
     key = input_key(geometry, sources)
     labels = np.asarray(result.labels)
@@ -169,6 +174,11 @@ def encode_seg(
             coding_schemes=coding_schemes(used) or None,
             workers=workers,
         )
-    except (ValueError, TypeError) as exc:
+    # AttributeError: highdicom reads a Type 2 element the source lacks (PatientID).
+    except (ValueError, TypeError, AttributeError) as exc:
         raise refused_by_highdicom("the segmentation", exc) from exc
+    if geometry.planar and "ImagePositionPatient" not in ordered[0]:
+        # General Image's Patient Orientation (Type 2C) where no plane position places
+        # the frame: the source's, or empty.
+        seg.PatientOrientation = ordered[0].get("PatientOrientation", "")
     return SegEncoding(seg, numbers)

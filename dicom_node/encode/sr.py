@@ -207,5 +207,6 @@ def encode_sr(
             series_description=long_string(f"SR {description}"),
             coding_schemes=coding_schemes(used) or None,
         )
-    except (ValueError, TypeError) as exc:
+    # AttributeError: highdicom reads a Type 2 element the source lacks (PatientID).
+    except (ValueError, TypeError, AttributeError) as exc:
         raise refused_by_highdicom("the measurement report", exc) from exc

@@ -47,9 +47,10 @@ def test_list_table(config):
     result = invoke("list", "--config", str(config))
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
-    assert rows["NAME"][:5] == ["NAME", "VERSION", "FAMILY", "AVAILABLE", "ENABLED"]
-    assert rows["threshold_segment"][2:5] == ["segment", "yes", "yes"]
-    assert rows["nlm"][2:5] == ["denoise", "yes", "no"]
+    assert rows["NAME"][:6] == ["NAME", "VERSION", "FAMILY", "TAKES", "AVAILABLE", "ENABLED"]
+    assert rows["threshold_segment"][2:6] == ["segment", "3-D/2-D:grey", "yes", "yes"]
+    assert rows["nlm"][2:6] == ["denoise", "3-D/2-D:grey", "yes", "no"]
+    assert rows["kmeans"][3] == "3-D/2-D:grey+colour" and rows["unet"][3] == "3-D:grey"
 
 
 def test_disable_enable_persist(config):

@@ -17,6 +17,7 @@ BAD_INPUT = [
     "dicom_node.process.ProcessError",
     "dicom_node.process.NoUsableSeriesError",
     "dicom_node.volume.SeriesError",
+    "dicom_node.image.ImageError",
     "dicom_node.encode.uids.UIDRootError",
     "dicom_node.storage.InvalidUIDError",
     "dicom_node.jobs.state.InvalidTransitionError",

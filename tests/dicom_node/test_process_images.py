@@ -1,0 +1,117 @@
+"""`dicom-node process` on 2-D and colour images: SEG, SR with areas, Secondary Capture."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+from typer.testing import CliRunner
+
+from dicom_node.cli import app
+from tests.dicom_node.encode.encode_checks import dciodvfy
+from tests.dicom_node.test_image import CR, data
+
+runner = CliRunner()
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+
+
+def errors(path: Path) -> set[str]:
+    return {line for line in dciodvfy(path) if line.startswith("Error")}
+
+
+def run(tmp_path: Path, source: Path, pipeline: str, *extra: str) -> tuple[int, str, Path]:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(source, folder / source.name)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["process", str(folder), "-p", pipeline, "-o", str(out), *extra])
+    return result.exit_code, result.output, out
+
+
+def written(out: Path) -> dict[str, pydicom.Dataset]:
+    return {str(p.relative_to(out)): pydicom.dcmread(p) for p in sorted(out.rglob("*.dcm"))}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CR",  # MONOCHROME1, ImagerPixelSpacing
+        "SC_rgb_dcmtk_+eb+cy+np.dcm",  # JPEG baseline YBR_FULL_422
+        "US1_J2KR.dcm",  # JPEG 2000 YBR_RCT ultrasound
+        "OBXXXX1A_rle.dcm",  # RLE palette colour ultrasound
+        "JPGLosslessP14SV1_1s_1f_8b.dcm",  # JPEG lossless greyscale ultrasound
+    ],
+)
+def test_a_2d_image_goes_through_to_seg_sr_and_secondary_capture(tmp_path: Path, name: str) -> None:
+    source = CR if name == "CR" else data(name)
+    code, output, out = run(
+        tmp_path, source, "median,kmeans", "--param", "kmeans.inside_body=false"
+    )
+    assert code == 0, output
+    files = written(out)
+    kinds = {path.split("/")[-2].rsplit("-", 1)[0] for path in files}
+    assert kinds == {"derived", "seg", "sr"}, files
+    src = pydicom.dcmread(source)
+    for path, ds in files.items():
+        if "/derived-" in path:
+            if src.SOPClassUID == CR_IMAGE:  # the CR IOD takes a derived image
+                assert ds.SOPClassUID == CR_IMAGE and ds.ImageType[0] == "DERIVED"
+            else:
+                assert ds.SOPClassUID == SECONDARY_CAPTURE
+                assert "Secondary Capture" in ds.DerivationDescription
+            colour = src.PhotometricInterpretation not in ("MONOCHROME1", "MONOCHROME2")
+            assert ds.PhotometricInterpretation == ("RGB" if colour else "MONOCHROME2")
+            assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        if "/seg-" in path:
+            reference = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+            assert reference.ReferencedSOPInstanceUID == src.SOPInstanceUID
+        new = errors(out / path) - errors(source)
+        assert not new, (path, new)
+
+
+def test_the_sr_of_a_radiograph_reports_areas_in_mm2(tmp_path: Path) -> None:
+    code, output, out = run(
+        tmp_path, CR, "threshold_segment", "--param", 'threshold_segment.preset="otsu"'
+    )
+    assert code == 0, output
+    report = next(ds for path, ds in written(out).items() if "/sr-" in path)
+    units = {
+        item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue
+        for item in content_items(report)
+        if item.get("ValueType") == "NUM" and item.ConceptNameCodeSequence[0].CodeMeaning == "Area"
+    }
+    assert units == {"mm2"}
+
+
+def content_items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
+    items = []
+    for item in ds.get("ContentSequence", []):
+        items += [item, *content_items(item)]
+    return items
+
+
+def test_a_cine_loop_gets_derived_frames_and_an_sr_and_says_why_no_seg(tmp_path: Path) -> None:
+    code, output, out = run(
+        tmp_path,
+        data("OBXXXX1A_rle_2frame.dcm"),
+        "gaussian,kmeans",
+        "--param",
+        "kmeans.inside_body=false",
+    )
+    assert code == 0, output
+    assert "no SEG" in output and "frame of reference" in output
+    files = written(out)
+    derived = [ds for path, ds in files.items() if "/derived-" in path]
+    assert [d.SourceImageSequence[0].ReferencedFrameNumber for d in derived] == [1, 2]
+    assert any("/sr-" in path for path in files)
+
+
+def test_a_volume_only_processor_is_refused_before_any_work(tmp_path: Path) -> None:
+    code, output, out = run(tmp_path, CR, "gaussian,unet")
+    assert code == 2
+    assert "unet takes 3-D volumes only" in output
+    assert not list(out.rglob("*.dcm"))
