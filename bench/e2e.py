@@ -28,8 +28,12 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import create_engine, func, select  # noqa: E402
 
-from db.models import Export, Instance, Job  # noqa: E402
-from dicom_node.index import as_utc  # noqa: E402
+from db.models import (  # noqa: E402
+    Export,
+    Instance,
+    Job,
+    as_utc,
+)
 from dicom_node.synthetic import generate_series  # noqa: E402
 from dicom_node.testing import (  # noqa: E402
     CT_DEFAULT_PIPELINE,

@@ -24,7 +24,7 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node.encode.common import SERIES_NUMBER, EncodeError, long_string, source_series_uid
+from dicom_node.encode.common import SERIES_NUMBER, EncodeError, input_key, long_string
 from dicom_node.encode.derived import processing_equipment, source_item
 from dicom_node.encode.uids import MANUFACTURER, Provenance
 from processors.base import ImageResult
@@ -70,7 +70,7 @@ def secondary_capture_instances(
     missing = [uid for uid in geometry.sop_instance_uids if uid not in by_uid]
     if not geometry.sop_instance_uids or missing:
         raise EncodeError("the derived image's source instances are not among the datasets")
-    series_uid = source_series_uid(geometry, sources)
+    key = input_key(geometry, sources)
     stored, mapping = _stored(values, geometry.colour)
     description = result.description or f"{provenance.processor} output"
     derivation = (
@@ -92,9 +92,9 @@ def secondary_capture_instances(
                     photometric_interpretation="RGB" if geometry.colour else "MONOCHROME2",
                     bits_allocated=8 if geometry.colour else 16,
                     coordinate_system="PATIENT",
-                    series_instance_uid=provenance.series_uid(series_uid, "derived", index),
+                    series_instance_uid=provenance.series_uid(key, "derived", index),
                     series_number=SERIES_NUMBER["derived"] + index,
-                    sop_instance_uid=provenance.instance_uid(series_uid, "derived", index, z),
+                    sop_instance_uid=provenance.instance_uid(key, "derived", index, z),
                     instance_number=z + 1,
                     manufacturer=MANUFACTURER,
                     pixel_spacing=spacing,  # type: ignore[arg-type]  # floats, in fact

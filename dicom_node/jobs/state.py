@@ -22,10 +22,19 @@ import structlog
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.models import Export, ExportState, Job, JobState, Output, Study, StudyEvent, StudyEventKind
+from db.models import (
+    Export,
+    ExportState,
+    Job,
+    JobState,
+    Output,
+    Study,
+    StudyEvent,
+    StudyEventKind,
+    as_utc,
+)
 from db.upsert import insert_for
 from dicom_node.config import Destination, Settings
-from dicom_node.index import as_utc
 from dicom_node.routing import RouteDecision, matched, route
 from dicom_node.security import audit
 from processors.errors import BadInputError

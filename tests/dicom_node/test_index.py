@@ -15,10 +15,11 @@ from db.models import (
     Study,
     StudyEvent,
     StudyStatus,
+    as_utc,
 )
 from db.session import make_engine, make_sessionmaker, upgrade
 from db.testing import writer_gets_in_first
-from dicom_node.index import Indexer, as_utc, reconcile, stored_record_from_file, write_batch
+from dicom_node.index import Indexer, reconcile, stored_record_from_file, write_batch
 from dicom_node.records import AssociationClosed, AssociationOpened, InstanceStored
 from dicom_node.storage import InstanceKey, Spool
 

@@ -20,11 +20,11 @@ from db.models import (
     JobState,
     Output,
     StudyEvent,
+    as_utc,
 )
 from db.testing import writer_gets_in_first
 from dicom_node.assembler import complete_quiet_studies
 from dicom_node.config import Settings, load_settings
-from dicom_node.index import as_utc
 from dicom_node.jobs.dispatcher import Dispatcher
 from dicom_node.jobs.executors import InlineExecutor, JobFuture
 from dicom_node.jobs.state import (
