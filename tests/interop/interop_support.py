@@ -66,7 +66,7 @@ def wait_for_cli_json(
     Raises AssertionError with the last answer after ``timeout`` seconds, or as soon as
     the node exits if ``node_runs``."""
     deadline = time.monotonic() + timeout
-    last_asked = float("-inf")
+    last_asked = time.monotonic()
     answer: Any = None
     while True:
         now = time.monotonic()
