@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,3 +103,39 @@ def running_postgres() -> Iterator[str]:
         server.terminate()
         server.wait(30)
         shutil.rmtree(root, ignore_errors=True)
+
+
+_shared_lock = threading.Lock()
+_shared_server: list[str] = []  # the URL of this process's shared server, once started
+
+
+def shared_postgres_server() -> str:
+    """The URL of this process's one shared server (its first database), started on first
+    use and stopped when the process exits: tests take a fresh database on it
+    (``new_database``) instead of an ``initdb`` each."""
+    with _shared_lock:
+        if not _shared_server:
+            stack = contextlib.ExitStack()
+            _shared_server.append(stack.enter_context(running_postgres()))
+            atexit.register(stack.close)
+        return _shared_server[0]
+
+
+def new_database(server_url: str) -> str:
+    """A new, empty database on the server of ``server_url``; returns its URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        engine.dispose()
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def fresh_postgres_database() -> str:
+    """The URL of a new, empty database on the shared server (``shared_postgres_server``)."""
+    return new_database(shared_postgres_server())

@@ -1,33 +1,24 @@
-"""One private PostgreSQL server for the database tests, and empty databases on it."""
+"""One PostgreSQL server for the whole run (shared by every conftest that asks), and empty
+databases on it."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
-from dicom_node.testing_postgres import running_postgres
+from dicom_node.testing_postgres import new_database, shared_postgres_server
 
 
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
-    """The URL of the server's first database (``running_postgres``)."""
-    with running_postgres() as url:
-        yield url
+def postgres_server() -> str:
+    """The URL of the shared server's first database (``shared_postgres_server``)."""
+    return shared_postgres_server()
 
 
 def new_postgres_database(server_url: str) -> str:
     """A new, empty database on the server; returns its URL."""
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    return new_database(server_url)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

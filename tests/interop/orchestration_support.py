@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
-from interop_support import cli_json
+from interop_support import cli_json as cli_json  # the tests' import
+from interop_support import database_rows, wait_for_cli_json
+from sqlalchemy import select
 
+from db.models import Export, Job
 from dicom_node.testing import NodeProcess, OrthancProcess, require_tool
 
 FAULTY_PLUGINS = '''
@@ -140,28 +142,47 @@ def wait_for_jobs(
     node: NodeProcess, count: int, states: tuple[str, ...], timeout: float = 120.0
 ) -> list[dict[str, Any]]:
     """The jobs once there are ``count`` of them, all in one of ``states``."""
-    deadline = time.monotonic() + timeout
-    jobs: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        jobs = cli_json(node, "jobs")
-        if len(jobs) == count and all(job["state"] in states for job in jobs):
-            return jobs
-        if node.process.poll() is not None:
-            raise AssertionError(f"the node exited:\n{node.log()[-5000:]}")
-        time.sleep(0.3)
-    raise AssertionError(f"jobs did not reach {states}: {jobs}\n{node.log()[-5000:]}")
+
+    def done(jobs: list[dict[str, Any]]) -> bool:
+        return len(jobs) == count and all(job["state"] in states for job in jobs)
+
+    def likely_done() -> bool:
+        found = database_rows(node, select(Job.state))
+        return found is not None and len(found) == count and all(s in states for (s,) in found)
+
+    try:
+        return wait_for_cli_json(  # type: ignore[no-any-return]
+            node, ("jobs",), done, likely_done=likely_done, timeout=timeout, interval=0.3
+        )
+    except AssertionError as error:
+        raise AssertionError(
+            f"jobs did not reach {states}: {error}\n{node.log()[-5000:]}"
+        ) from None
 
 
 def wait_for_exports(node: NodeProcess, timeout: float = 60.0) -> list[dict[str, Any]]:
     """The exports once every one is delivered (or failed)."""
-    deadline = time.monotonic() + timeout
-    exports: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        exports = cli_json(node, "exports")
-        if exports and all(e["state"] in ("delivered", "failed") for e in exports):
-            return exports
-        time.sleep(0.3)
-    raise AssertionError(f"exports not delivered: {exports[:3]}\n{node.log()[-5000:]}")
+    finished = ("delivered", "failed")
+
+    def done(exports: list[dict[str, Any]]) -> bool:
+        return bool(exports) and all(e["state"] in finished for e in exports)
+
+    def likely_done() -> bool:
+        found = database_rows(node, select(Export.state))
+        return bool(found) and all(s in finished for (s,) in found or ())
+
+    try:
+        return wait_for_cli_json(  # type: ignore[no-any-return]
+            node,
+            ("exports",),
+            done,
+            likely_done=likely_done,
+            timeout=timeout,
+            interval=0.3,
+            node_runs=False,
+        )
+    except AssertionError as error:
+        raise AssertionError(f"exports not delivered: {error}\n{node.log()[-5000:]}") from None
 
 
 def orthanc_instances(orthanc: OrthancProcess) -> dict[str, dict[str, Any]]:

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from interop_support import wait_for_study, with_new_uids
+from interop_support import RECEIVE_ONLY, wait_for_study, with_new_uids
 from pydicom import config, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataelem import DataElement
@@ -125,7 +125,10 @@ def test_jpeg2000_and_deflated_real_files(node_process: NodeProcess) -> None:
 def test_rejected_calling_ae(tmp_path: Path) -> None:
     node = start_node(
         tmp_path / "data",
-        env={"DICOM_NODE_ALLOWED_PEERS": '[{"ae_title": "CT_SCANNER", "host": "127.0.0.0/8"}]'},
+        env={
+            **RECEIVE_ONLY,
+            "DICOM_NODE_ALLOWED_PEERS": '[{"ae_title": "CT_SCANNER", "host": "127.0.0.0/8"}]',
+        },
     )
     try:
         assert echoscu(node.port, calling_ae="CT_SCANNER").returncode == 0
@@ -181,7 +184,9 @@ def test_unknown_sop_class_accepted_when_configured(
     siemens_csa_non_image = "1.3.12.2.1107.5.9.1"
     dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = siemens_csa_non_image
     private = with_new_uids(dataset, tmp_path / "csa.dcm")
-    node = start_node(tmp_path / "data", env={"DICOM_NODE_ACCEPT_UNKNOWN_SOP_CLASSES": "true"})
+    node = start_node(
+        tmp_path / "data", env={**RECEIVE_ONLY, "DICOM_NODE_ACCEPT_UNKNOWN_SOP_CLASSES": "true"}
+    )
     try:
         # storescu proposes SOP classes it does not know only from a negotiation profile
         profile = tmp_path / "private.cfg"

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from interop_support import RECEIVE_ONLY
 from pydicom import dcmread
 from sqlalchemy import create_engine, select
 
@@ -73,7 +74,7 @@ def test_kill_9_while_receiving_loses_nothing_acknowledged(
 ) -> None:
     _, files = long_series
     data_dir = tmp_path / "data"
-    node = start_node(data_dir, env={"DICOM_NODE_RECEIVER_PROCESSES": "2"})
+    node = start_node(data_dir, env={**RECEIVE_ONLY, "DICOM_NODE_RECEIVER_PROCESSES": "2"})
     sender = storescu_watching(node.port, files)
     assert sender.stdout is not None
     acked = acknowledged(iter(sender.stdout.readline, ""), 15, node.kill)
@@ -81,7 +82,9 @@ def test_kill_9_while_receiving_loses_nothing_acknowledged(
     assert sender.returncode != 0, "the sender must have seen the node die"
     assert 15 <= len(acked) < len(files)
 
-    restarted = start_node(data_dir, port=node.port)  # binds: no orphaned receiver holds the port
+    restarted = start_node(
+        data_dir, port=node.port, env=RECEIVE_ONLY
+    )  # binds: no orphaned receiver holds the port
     try:
         uids = indexed_sop_uids(restarted)
         for path in acked:
@@ -104,7 +107,7 @@ def test_sigterm_finishes_the_open_association_then_exits(
     tmp_path: Path, long_series: tuple[SyntheticSeries, list[Path]]
 ) -> None:
     _, files = long_series
-    node = start_node(tmp_path / "data", env={"DICOM_NODE_RECEIVER_PROCESSES": "2"})
+    node = start_node(tmp_path / "data", env={**RECEIVE_ONLY, "DICOM_NODE_RECEIVER_PROCESSES": "2"})
     sender = storescu_watching(node.port, files)
     assert sender.stdout is not None
     acked = acknowledged(

@@ -160,9 +160,9 @@ def shared_sessions(
     """The database several exporters share: SQLite, and PostgreSQL (SKIP LOCKED claims)."""
     with contextlib.ExitStack() as stack:
         if request.param == "postgres":
-            from dicom_node.testing_postgres import running_postgres
+            from dicom_node.testing_postgres import fresh_postgres_database
 
-            url = stack.enter_context(running_postgres())
+            url = fresh_postgres_database()
         else:
             url = f"sqlite:///{tmp_path / 'shared.db'}"
         yield stack.enter_context(migrated_sessions(url))
