@@ -30,6 +30,7 @@ from pynetdicom.dsutils import decode
 
 from dicom_node.dimse_status import DimseStatus
 from dicom_node.records import CommitmentReported, CommittedInstance, FailedInstance
+from processors.errors import BadInputError
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +60,7 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 Outcome = tuple[int, str | None]
 
 
-class MalformedReportError(ValueError):
+class MalformedReportError(BadInputError):
     """The N-EVENT-REPORT's dataset is not a storage commitment result."""
 
 

@@ -76,6 +76,9 @@ EVENTS: dict[AuditAction, tuple[Code, str, Code | None]] = {
     AuditAction.ACCESS_DENIED: (("110114", "User Authentication"), "E", ("110122", "Login")),
     AuditAction.CANCEL_REQUESTED: (INSTANCES_ACCESSED, "U", None),
     AuditAction.MODEL_CHANGED: (SECURITY_ALERT, "E", SOFTWARE_CONFIGURATION),
+    # The PACS's storage commitment answer about instances the node sent it.
+    AuditAction.STORAGE_COMMITMENT: (INSTANCES_TRANSFERRED, "R", None),
+    AuditAction.DATA_PURGED: (INSTANCES_ACCESSED, "D", None),  # retention deleted the files
 }
 OUTCOME_INDICATORS = {
     AuditOutcome.SUCCESS: "0",

@@ -27,6 +27,7 @@ BAD_INPUT = [
     "db.upsert.UnsupportedDatabaseError",
     "dicom_node.ae.wire.ProtocolError",
     "dicom_node.ae.wire.PeerGoneError",
+    "dicom_node.ae.commitment.MalformedReportError",
     "dicom_node.security.deid.DeidentificationError",
     "dicom_node.security.deid.BurnedInAnnotationError",
     "dicom_node.security.keys.KeyFileError",

@@ -1,4 +1,4 @@
-"""A job that does what its test asks (``<output_dir>.do``), for the executor fault tests.
+"""A job that does what its test asks (``outputs/job-N.do``), for the executor fault tests.
 
 Its own small module: a worker that runs it imports this and the worker module only, not
 the test modules (seconds on a loaded machine, which a job's timeout would count).
@@ -16,7 +16,8 @@ from dicom_node.jobs.worker import JobResult, JobSpec, worker_name
 def behave(job: JobSpec) -> JobResult:
     """``hang``, ``exit``, ``hog`` (memory until the nanny stops the worker) or
     ``sleep SECONDS``."""
-    what, *args = Path(job.output_dir + ".do").read_text().split()
+    job_folder = Path(job.output_dir).parent  # outputs/job-N/<digest of its input>
+    what, *args = job_folder.with_name(job_folder.name + ".do").read_text().split()
     if what == "hang":
         time.sleep(600)
     elif what == "exit":
