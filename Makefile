@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 ORTHANC_DICOMWEB := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools postgresql chromium chromium-driver
 STAMP := $(VENV)/.installed
+# Two pytest-xdist workers, one test module each at a time: much of the suite waits on
+# nodes, Orthanc and DCMTK processes, so two share 2 cores well (19 -> 9.5 min here).
+# PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo demo-ui test deps venv lint typecheck bench-ingest clean
 
@@ -17,7 +21,7 @@ demo-ui: deps $(STAMP)
 	$(VENV)/bin/python scripts/demo_ui.py
 
 test: deps $(STAMP)
-	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not gpu" -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 deps:
 	@missing=""; \
