@@ -17,6 +17,7 @@ import ctypes
 import dataclasses
 import functools
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -190,8 +191,16 @@ def build_steps(
 
 
 def _write(ds: Dataset, path: Path, keys: KeyRing | None) -> Path:
+    """Write ``ds`` beside ``path`` and rename it there: a run of the job again (after a
+    restart, on the same input) replaces a file the exporter may be sending whole, never
+    with a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_dataset(ds, path, keys)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        save_dataset(ds, partial, keys)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

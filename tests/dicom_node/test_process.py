@@ -238,3 +238,27 @@ print((rss() - before - (64 << 20)) >> 20)
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     )
     assert int(result.stdout.strip()) <= 4, result.stdout
+
+
+def test_an_output_written_again_is_replaced_whole_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job run again writes its outputs over the first run's, which the exporter may be
+    sending: a write that fails half-way leaves the earlier file as it was, and nothing
+    partial behind."""
+    import dicom_node.process as process
+
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    path = tmp_path / "out" / "seg-1.dcm"
+    process._write(dataset, path, None)
+    first = path.read_bytes()
+
+    def half_written(ds: pydicom.Dataset, target: Path, keys: object) -> None:
+        target.write_bytes(first[: len(first) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(process, "save_dataset", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        process._write(dataset, path, None)
+    assert path.read_bytes() == first
+    assert sorted(p.name for p in path.parent.iterdir()) == ["seg-1.dcm"]
