@@ -294,7 +294,7 @@ class Clahe:
     accepts: ClassVar[Accepts] = EVERY_GREY_IMAGE
 
     def run(self, volume: Volume, params: ClaheParams, xp: ModuleType) -> list[Result]:
-        image = _as_float(volume, xp).astype(xp.float32)
+        image = _as_float(volume, xp).astype(xp.float32, copy=False)
 
         def equalise(part: Array) -> Array:
             unit = _rescale(xp, part, 1.0).astype(xp.float32)
@@ -307,5 +307,5 @@ class Clahe:
                 unit, kernel_size=kernel, clip_limit=params.clip_limit, nbins=params.nbins
             )
 
-        out = frame_by_frame(volume, xp, image, equalise).astype(xp.float32)
+        out = frame_by_frame(volume, xp, image, equalise).astype(xp.float32, copy=False)
         return [ImageResult(volume.with_array(out), "CLAHE")]
