@@ -23,9 +23,14 @@ MIN_FILES_PER_ASSOCIATION = 8
 """A batch is split over parallel associations only in parts of at least this many."""
 
 
+def stored(status: int | None) -> bool:
+    """The peer has the instance: success, a warning, or the duplicate status."""
+    return status is not None and (status in STORED or status == DimseStatus.DUPLICATE_SOP_INSTANCE)
+
+
 def outcome(status: int | None, failure: str | None, sent: bool, error: str) -> Outcome:
     """Delivered on success, a warning, or a duplicate answer (by status or comment)."""
-    if status is not None and (status in STORED or status == DimseStatus.DUPLICATE_SOP_INSTANCE):
+    if stored(status):
         return Outcome(True)
     if failure is not None:
         return Outcome("duplicate" in failure.lower(), failure)

@@ -3,10 +3,13 @@
 Each round claims the due rows of the configured destinations (``queue.claim``), sends
 each destination's batch with the transport of its kind (``TRANSPORTS``: C-STORE or
 STOW-RS), and records what became of every row (``queue.record``: delivered, retried
-after a backoff, or failed for good). A failure status for one instance costs only that
-instance an attempt; a destination that cannot be reached costs every instance of the
-batch one. On start the ``Exporter`` puts rows left ``sending`` by a crash back to
-``pending``, so a restart resumes what was under way (at-least-once delivery).
+after a backoff, or failed for good). The rows the peer acknowledged are recorded
+delivered while the batch is still being sent (``DeliveredCheckpoint``), so a node killed
+mid-batch sends again only the instances it had not yet recorded. A failure status for
+one instance costs only that instance an attempt; a destination that cannot be reached
+costs every instance of the batch one. On start the ``Exporter`` puts rows left
+``sending`` by a crash back to ``pending``, so a restart resumes what was under way
+(at-least-once delivery).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import datetime as dt
 import random
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -44,6 +48,45 @@ log = structlog.get_logger(__name__)
 
 TRANSPORTS: dict[TransportKind, Transport] = {"c-store": cstore, "stow-rs": stowrs}
 """How each kind of destination is sent to: one module per transport."""
+
+CHECKPOINT_EVERY = 50
+CHECKPOINT_SECONDS = 1.0
+"""A batch's acknowledged rows are recorded delivered every this many, or this often."""
+
+
+class DeliveredCheckpoint:
+    """Records rows delivered as the peer acknowledges their instances, while the batch is
+    still being sent: ``acknowledged`` is the transport's ``on_sent`` (called from its
+    sending threads). Without it a batch's outcomes were written once it had all gone, and
+    a node killed mid-batch sent the whole batch again (docs/benchmarks.md, Chaos).
+    ``recorded`` holds the ids written; a write that fails leaves its ids to the batch's
+    final record."""
+
+    def __init__(self, write: Callable[[list[int]], None]) -> None:
+        self._write = write
+        self._lock = threading.Lock()
+        self._waiting: list[int] = []
+        self._last = time.monotonic()
+        self.recorded: set[int] = set()
+
+    def acknowledged(self, export_id: int, status: int | None) -> None:
+        if not cstore.stored(status):
+            return
+        with self._lock:
+            self._waiting.append(export_id)
+            due = time.monotonic() - self._last >= CHECKPOINT_SECONDS
+            if len(self._waiting) >= CHECKPOINT_EVERY or due:
+                self._flush()
+
+    def _flush(self) -> None:
+        ids, self._waiting = self._waiting, []
+        self._last = time.monotonic()
+        try:
+            self._write(ids)
+        except Exception:  # the batch's final record writes them instead
+            log.warning("export checkpoint not written", exc_info=True, exports=len(ids))
+            return
+        self.recorded.update(ids)
 
 
 def _send_batch(
@@ -118,6 +161,36 @@ def _send_deidentified(
     return outcomes
 
 
+def _send_checkpointed(
+    sessions: sessionmaker[Session],
+    target: ExportTarget,
+    batch: list[Claimed],
+    on_sent: Callable[[int, int | None], None] | None,
+    keys: KeyRing | None,
+    policy: RetryPolicy,
+    rng: random.Random | None,
+    report: DeliveryReport,
+) -> dict[int, Outcome]:
+    """``_send_batch``, recording the delivered rows as they are acknowledged, then the rest."""
+    by_id = {claimed.id: claimed for claimed in batch}
+
+    def write(ids: list[int]) -> None:
+        delivered = dict.fromkeys(ids, Outcome(True))
+        record(sessions, target, [by_id[i] for i in ids], delivered, policy, rng, report)
+
+    checkpoint = DeliveredCheckpoint(write)
+
+    def sent(export_id: int, status: int | None) -> None:
+        checkpoint.acknowledged(export_id, status)
+        if on_sent is not None:
+            on_sent(export_id, status)
+
+    outcomes = _send_batch(target, batch, sent, keys)
+    rest = [claimed for claimed in batch if claimed.id not in checkpoint.recorded]
+    record(sessions, target, rest, outcomes, policy, rng, report)
+    return outcomes
+
+
 def deliver_due(
     sessions: sessionmaker[Session],
     targets: Iterable[ExportTarget],
@@ -156,10 +229,14 @@ def deliver_due(
     for name, batch in batches.items():
         target = by_name[name]
         if target.deidentify is not None:
+            # Recorded after the batch: a delivered row's pseudonymised study must be
+            # recorded as sent in the same round (``deidentified_copies_sent``).
             outcomes = _send_deidentified(sessions, keys, target, batch, on_sent)
+            record(sessions, target, batch, outcomes, policy, rng, report)
         else:
-            outcomes = _send_batch(target, batch, on_sent, keys)
-        record(sessions, target, batch, outcomes, policy, rng, report)
+            outcomes = _send_checkpointed(
+                sessions, target, batch, on_sent, keys, policy, rng, report
+            )
         log.info(
             "export batch sent",
             destination=name,

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Export, ExportState
+from db.models import AuditAction, AuditEvent, Export, ExportState
 from dicom_node.config import Settings
 from dicom_node.export.queue import DeliveryReport, enqueue, retry
 from dicom_node.export.target import ExportTarget, TransportKind
@@ -269,3 +269,81 @@ def test_a_transport_that_raises_or_says_nothing_costs_an_attempt(
     assert len(report.retrying) == 2
     assert all(e.startswith(error) for e in report.errors.values())
     assert all(r.state == ExportState.PENDING and r.attempts == 1 for r in rows(sessions))
+
+
+class AcknowledgingTransport:
+    """Acknowledges its files one by one (status 0, as C-STORE does), and looks at the
+    database after ``look_after`` of them, as a node killed at that moment would leave it."""
+
+    def __init__(self, sessions: sessionmaker[Session], look_after: int) -> None:
+        self.sessions = sessions
+        self.look_after = look_after
+        self.seen: dict[ExportState, int] = {}
+
+    def send(
+        self, target: ExportTarget, files: Sequence[SendFile], on_sent: OnSent | None
+    ) -> dict[Path, Outcome]:
+        assert on_sent is not None
+        for count, item in enumerate(files, start=1):
+            on_sent(item, 0x0000)
+            if count == self.look_after:
+                for row in rows(self.sessions):
+                    self.seen[row.state] = self.seen.get(row.state, 0) + 1
+        return {item.path: Outcome(True) for item in files}
+
+
+def test_acknowledged_rows_are_recorded_while_the_batch_is_still_sent(
+    sessions: sessionmaker[Session],
+    series_files: list[Path],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dicom_node.export import worker
+
+    monkeypatch.setattr(worker, "CHECKPOINT_EVERY", 2)
+    fake = AcknowledgingTransport(sessions, look_after=3)
+    monkeypatch.setitem(TRANSPORTS, "c-store", fake)
+    target = target_for(settings)
+    with sessions() as session, session.begin():
+        enqueue(session, target, series_files, now=T0)
+    seen: list[int | None] = []
+    report = deliver_due(sessions, [target], T0, on_sent=lambda _id, status: seen.append(status))
+    # Killed after the third acknowledgement, the node would send only the last three again.
+    assert fake.seen == {ExportState.DELIVERED: 2, ExportState.SENDING: 3}
+    assert seen == [0] * 5  # the caller's on_sent still sees every one
+    assert sorted(report.delivered) == sorted(r.id for r in rows(sessions))  # each once
+    assert all(r.state == ExportState.DELIVERED and r.attempts == 1 for r in rows(sessions))
+    with sessions() as session:
+        audited = session.scalars(
+            select(AuditEvent.object_id).where(AuditEvent.action == AuditAction.OUTPUT_EXPORTED)
+        ).all()
+    assert sorted(audited) == sorted(str(r.id) for r in rows(sessions))
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_its_rows_to_the_batch(
+    sessions: sessionmaker[Session],
+    series_files: list[Path],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dicom_node.export import worker
+
+    monkeypatch.setattr(worker, "CHECKPOINT_EVERY", 1)
+    monkeypatch.setitem(TRANSPORTS, "c-store", AcknowledgingTransport(sessions, look_after=0))
+    real_record = worker.record
+    calls: list[int] = []
+
+    def failing_checkpoint(*args: object, **kwargs: object) -> None:
+        calls.append(len(args[2]))  # type: ignore[arg-type]
+        if len(calls) <= 2:
+            raise OSError("database is locked")
+        real_record(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker, "record", failing_checkpoint)
+    target = target_for(settings)
+    with sessions() as session, session.begin():
+        enqueue(session, target, series_files, now=T0)
+    report = deliver_due(sessions, [target], T0)
+    assert calls == [1, 1, 1, 1, 1, 2]  # two checkpoints failed, the batch recorded them
+    assert len(report.delivered) == 5
+    assert all(r.state == ExportState.DELIVERED and r.attempts == 1 for r in rows(sessions))
