@@ -323,13 +323,17 @@ def drop_pixel_data(datasets: Sequence[Dataset]) -> None:
                 delattr(ds, keyword)
 
 
+class ImageNotAcceptedError(ProcessorError):
+    """A step of the pipeline cannot take these images: running it again cannot help."""
+
+
 def check_accepted(steps: Sequence[Step], volume: Volume) -> None:
     """Refuse, before any work, a pipeline with a step that cannot take this image
     (``processors.base.Accepts``), naming the step and why."""
     for step in steps:
         refusal = accepts_of(step.processor).refusal(step.name, volume)
         if refusal is not None:
-            raise ProcessorError(refusal)
+            raise ImageNotAcceptedError(refusal)
 
 
 def process_series(
