@@ -88,7 +88,8 @@ def main(
 
 def check_rule_pipelines(settings: Settings) -> None:
     """Refuse to start when a routing rule names a processor that is not installed and
-    available, or gives it parameters it does not take (``ConfigError`` naming the rule)."""
+    available, gives it parameters it does not take, or names one that takes no 2-D image
+    while matching only 2-D modalities (``ConfigError`` naming the rule)."""
     if not settings.rules:
         return
     from dicom_node import model_registry
@@ -102,6 +103,7 @@ def check_rule_pipelines(settings: Settings) -> None:
         settings,
         [info.name for info in usable],
         {info.name: info.processor.Params for info in usable if info.processor},
+        {info.name: info.accepts for info in usable},
     )
 
 

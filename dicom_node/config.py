@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -27,8 +27,12 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from dicom_node.modalities import PLANAR_MODALITIES, planar_only_modalities
 from dicom_node.security.deid_options import DeidOption, check_options
 from processors.errors import BadInputError
+
+if TYPE_CHECKING:
+    from processors.base import Accepts
 
 ENV_PREFIX = "DICOM_NODE_"
 DEFAULT_CONFIG_PATH = Path("config/node.toml")
@@ -667,19 +671,40 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(f"invalid configuration: {where}{_describe(exc, values)}") from exc
 
 
+def planar_refusal(rule: Rule, step: str, accepts: Accepts) -> str | None:
+    """Why ``step`` cannot run on any series ``rule`` routes (the rule admits only 2-D
+    modalities and the processor takes no 2-D image), or None (``dicom_node.modalities``)."""
+    if accepts.planar:
+        return None
+    modalities = planar_only_modalities(rule.match)
+    if modalities is None:
+        return None
+    kinds = ", ".join(f"{m} ({PLANAR_MODALITIES[m]})" for m in modalities)
+    return (
+        f"processor {step!r} takes no 2-D images (it takes {accepts.describe()}), and the"
+        f" rule matches only 2-D modalities: {kinds}"
+    )
+
+
 def rule_plugin_problems(
     rule: Rule,
     plugin_names: Iterable[str],
     params_models: Mapping[str, type[BaseModel]] | None = None,
+    accepts: Mapping[str, Accepts] | None = None,
 ) -> list[tuple[tuple[str | int, ...], str]]:
     """What is wrong with ``rule``'s processors: (the field at fault, a message naming it),
     e.g. ``(("pipeline", 1), "unknown processor 'x'")`` or ``(("params", "gaussian"), ...)``.
-    ``params_models`` as for ``check_rules_against_plugins``."""
+    ``params_models`` and ``accepts`` as for ``check_rules_against_plugins``."""
     known = set(plugin_names)
     problems: list[tuple[tuple[str | int, ...], str]] = []
     for index, step in enumerate(rule.pipeline):
         if step not in known:
             problems.append((("pipeline", index), f"unknown processor {step!r}"))
+            continue
+        takes = (accepts or {}).get(step)
+        refusal = planar_refusal(rule, step, takes) if takes is not None else None
+        if refusal is not None:
+            problems.append((("pipeline", index), refusal))
     for step, values in rule.params.items():
         model = (params_models or {}).get(step)
         if model is None:
@@ -695,20 +720,25 @@ def check_rules_against_plugins(
     settings: Settings,
     plugin_names: Iterable[str],
     params_models: Mapping[str, type[BaseModel]] | None = None,
+    accepts: Mapping[str, Accepts] | None = None,
 ) -> None:
     """Refuse rules whose pipeline names a processor that is not installed.
 
     Kept apart from ``load_settings`` so that loading the configuration imports no
     processor. With ``params_models`` (processor name -> its ``Params`` class) each rule's
-    ``params`` are validated too. Disabled rules are checked as well: an admin may enable
+    ``params`` are validated too; with ``accepts`` (processor name -> the images it takes),
+    a rule that matches only 2-D modalities may not name a processor that takes no 2-D
+    image (``planar_refusal``). Disabled rules are checked as well: an admin may enable
     them at any time. Raises ``ConfigError`` naming each rule and processor at fault.
     """
     known = set(plugin_names)
     problems = [
         f"rule {rule.name!r}: {message}"
         for rule in settings.rules
-        for _field, message in rule_plugin_problems(rule, known, params_models)
+        for _field, message in rule_plugin_problems(rule, known, params_models, accepts)
     ]
     if problems:
-        installed = ", ".join(sorted(known)) or "none"
-        raise ConfigError("; ".join(problems) + f" (installed processors: {installed})")
+        message = "; ".join(problems)
+        if "unknown processor" in message:
+            message += f" (installed processors: {', '.join(sorted(known)) or 'none'})"
+        raise ConfigError(message)

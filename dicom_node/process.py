@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.encode.common import EncodeError, blank_unparseable_values
+from dicom_node.encode.common import EncodeError, add_absent_type_2, blank_unparseable_values
 from dicom_node.encode.derived import derived_instances
 from dicom_node.encode.secondary import keeps_source_sop_class, secondary_capture_instances
 from dicom_node.encode.seg import SegEncoding, encode_seg
@@ -323,13 +323,17 @@ def drop_pixel_data(datasets: Sequence[Dataset]) -> None:
                 delattr(ds, keyword)
 
 
+class ImageNotAcceptedError(ProcessorError):
+    """A step of the pipeline cannot take these images: running it again cannot help."""
+
+
 def check_accepted(steps: Sequence[Step], volume: Volume) -> None:
     """Refuse, before any work, a pipeline with a step that cannot take this image
     (``processors.base.Accepts``), naming the step and why."""
     for step in steps:
         refusal = accepts_of(step.processor).refusal(step.name, volume)
         if refusal is not None:
-            raise ProcessorError(refusal)
+            raise ImageNotAcceptedError(refusal)
 
 
 def process_series(
@@ -381,6 +385,9 @@ def process_series(
     blanked = blank_unparseable_values(datasets)
     if blanked and problems is not None:
         problems.append(f"left empty in the outputs, not a valid value: {', '.join(blanked)}")
+    absent = add_absent_type_2(datasets)
+    if absent and problems is not None:
+        problems.append(f"absent from the source, empty in the outputs: {', '.join(absent)}")
     backend = resolve(device)
     current = volume_to(loaded, backend)
     volume = geometry_of(loaded)

@@ -191,7 +191,8 @@ def stored_rule(session: Session, name: str) -> Rule:
 
 def check_rule(session: Session, rule: Rule, plugins: Sequence[PluginInfo]) -> None:
     """Refuse (``InvalidEntryError``) a rule naming an undefined destination, or an unknown,
-    disabled or unavailable processor, or giving a processor parameters it does not take."""
+    disabled or unavailable processor, giving a processor parameters it does not take, or
+    naming one that takes no 2-D image while matching only 2-D modalities."""
     known = {row.name for row in _entries(session, RoutingEntryKind.DESTINATION)}
     for index, name in enumerate(rule.destinations):
         if name not in known:
@@ -210,7 +211,8 @@ def check_rule(session: Session, rule: Rule, plugins: Sequence[PluginInfo]) -> N
         for info in plugins
         if info.usable and info.processor is not None
     }
-    for loc, message in rule_plugin_problems(rule, by_name, params):
+    accepts = {info.name: info.accepts for info in plugins if info.processor is not None}
+    for loc, message in rule_plugin_problems(rule, by_name, params, accepts):
         if loc[0] == "pipeline":
             installed = ", ".join(sorted(by_name)) or "none"
             message = f"{message} (installed processors: {installed})"

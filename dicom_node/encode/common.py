@@ -57,6 +57,34 @@ def _parses(vr: str, value: object) -> bool:
     return True
 
 
+#: Type 2 attributes of the Patient and General Study modules that highdicom reads from
+#: the source of every SEG and SR it builds (an absent one makes it refuse the output).
+COPIED_TYPE_2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def add_absent_type_2(datasets: Sequence[Dataset]) -> list[str]:
+    """Give ``datasets`` an empty value for each of ``COPIED_TYPE_2`` they lack, in place
+    (the job's copies): a capture without PatientID (pydicom's ``OT-PAL-8-face.dcm``) gets
+    its SEG and SR with an empty one, as the IODs allow. Returns the keywords added."""
+    added: dict[str, None] = {}
+    for dataset in datasets:
+        for keyword in COPIED_TYPE_2:
+            if keyword not in dataset:
+                setattr(dataset, keyword, "")
+                added[keyword] = None
+    return list(added)
+
+
 def blank_unparseable_values(datasets: Sequence[Dataset]) -> list[str]:
     """Empty the top-level date and time values of ``datasets`` that do not parse, in place
     (the datasets are the job's copies, not the spool's files), so that the outputs keep

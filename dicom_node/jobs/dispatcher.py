@@ -56,7 +56,7 @@ from dicom_node.jobs.state import (
     transition,
     utcnow,
 )
-from dicom_node.jobs.worker import JobResult, JobSpec, written_steps
+from dicom_node.jobs.worker import JobRefusedError, JobResult, JobSpec, written_steps
 from dicom_node.metrics import RETRYING, NodeMetrics
 from dicom_node.model_registry import model_refs
 from dicom_node.outputs import upsert_outputs
@@ -299,7 +299,8 @@ class Dispatcher:
             try:
                 result = running.future.result()
             except Exception as exc:
-                self._failed(running.job_id, self.executor.describe_failure(exc))
+                reason = self.executor.describe_failure(exc)
+                self._failed(running.job_id, reason, final=isinstance(exc, JobRefusedError))
             else:
                 self._succeeded(running.job_id, result)
             finally:
@@ -382,15 +383,18 @@ class Dispatcher:
             )
         log.error("job not submitted; queued again", job_id=job_id, error=reason)
 
-    def _failed(self, job_id: int, reason: str) -> None:
+    def _failed(self, job_id: int, reason: str, *, final: bool = False) -> None:
+        """Retry the job after a backoff while it has attempts left, unless ``final`` (its
+        pipeline cannot take its images: ``JobRefusedError``); else it failed."""
         with self.sessions.begin() as session:
             job = session.get(Job, job_id)
             if job is None:
                 return
+            retries = not final and job.attempts < job.max_attempts
             again = run_again(session, job_id, expected=JobState.RUNNING, error=reason)
             if again:
                 ended = True
-            elif job.attempts < job.max_attempts:
+            elif retries:
                 delay = RETRY_BASE_SECONDS * 2 ** (job.attempts - 1)
                 ended = transition(
                     session,
@@ -411,6 +415,6 @@ class Dispatcher:
                     finished_at=utcnow(),
                 )
         if ended:  # not if an operator cancelled it meanwhile
-            retrying = again or job.attempts < job.max_attempts
+            retrying = again or retries
             self.metrics.job_ended(job, RETRYING if retrying else JobState.FAILED)
         log.warning("job failed", job_id=job_id, error=reason)

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import structlog
 
 from dicom_node.config import Settings
-from dicom_node.jobs.worker import JobResult, JobSpec, run_job
+from dicom_node.jobs.worker import JobError, JobResult, JobSpec, run_job
 
 log = structlog.get_logger(__name__)
 
@@ -81,7 +81,8 @@ class Executor(Protocol):
 
 
 def _plain_failure(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if type(exc).__name__ != "JobError" else str(exc)
+    """A ``JobError``'s reason as it is; any other exception named by its class."""
+    return str(exc) if isinstance(exc, JobError) else f"{type(exc).__name__}: {exc}"
 
 
 class InlineExecutor:

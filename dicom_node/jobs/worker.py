@@ -20,7 +20,13 @@ from typing import Any
 
 from dicom_node.encode.common import EncodeError
 from dicom_node.logging import keep_patient_values_out_of_logs
-from dicom_node.process import OutputRecord, ProcessError, build_steps, process_series
+from dicom_node.process import (
+    ImageNotAcceptedError,
+    OutputRecord,
+    ProcessError,
+    build_steps,
+    process_series,
+)
 from dicom_node.security.crypto import load_keys
 from dicom_node.security.keys import DecryptionError, KeyFileError
 from dicom_node.volume import SeriesError
@@ -67,6 +73,11 @@ def written_steps(output_dir: Path, seen: set[str]) -> list[tuple[str, list[Outp
 
 class JobError(OperationFailedError):
     """The job cannot succeed as it stands; the message says why."""
+
+
+class JobRefusedError(JobError):
+    """The job's pipeline cannot take its images (``process.check_accepted``): it fails
+    before any step runs, and at once, since another attempt would be refused alike."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +150,8 @@ def run_job(spec: JobSpec) -> JobResult:
             on_step_written=lambda number, written: _write_step(steps_dir, number, written),
             keys=keys,
         )
+    except ImageNotAcceptedError as exc:
+        raise JobRefusedError(str(exc)) from None
     except (
         ProcessError,
         SeriesError,

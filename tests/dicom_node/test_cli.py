@@ -111,6 +111,21 @@ def test_serve_refuses_a_rule_with_an_unknown_processor(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists(), "refused before anything started"
 
 
+def test_serve_refuses_a_2d_rule_naming_a_volume_only_processor_in_one_line(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n'
+        '[[rules]]\nname = "mg-model"\nmatch = { Modality = "MG" }\n'
+        'pipeline = ["clahe", "unet"]\n'
+    )
+    result = runner.invoke(app, ["serve", "--config", str(config)])
+    assert_refused(result, 2, "mg-model", "'unet' takes no 2-D images", "MG")
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+    assert not (tmp_path / "data").exists(), "refused before anything started"
+
+
 # -- every command's bad-argument path: one line on stderr, exit 2 (bad input) or 1 -----------
 
 

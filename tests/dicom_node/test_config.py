@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from dicom_node.config import ConfigError, DuplicatePolicy, Rule, Settings, load_settings
+
+if TYPE_CHECKING:
+    from processors.base import Accepts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -323,6 +327,12 @@ def test_check_rules_against_plugins() -> None:
         check_rules_against_plugins(good, params, params)
 
 
+def builtin_accepts() -> dict[str, Accepts]:
+    from processors.registry import discover
+
+    return {info.name: info.accepts for info in discover(autoload=False) if info.processor}
+
+
 def test_shipped_rules_example_is_valid_with_builtin_processors() -> None:
     from dicom_node.config import check_rules_against_plugins
 
@@ -331,7 +341,66 @@ def test_shipped_rules_example_is_valid_with_builtin_processors() -> None:
     assert {"ct-chest", "mr-brain", "research-scanner"} <= names
     assert any(rule.calling_ae_titles for rule in settings.rules)
     params = builtin_processors()
-    check_rules_against_plugins(settings, params, params)
+    check_rules_against_plugins(settings, params, params, builtin_accepts())
+
+
+def test_the_rules_example_has_a_rule_per_2d_modality_through_every_family() -> None:
+    """Issue 19: CR, DX, MG, US, XA, SM and OT/SC each have an enabled rule whose pipeline
+    enhances or denoises, segments, clusters and measures, with processors taking 2-D."""
+    from dicom_node.modalities import planar_only_modalities
+    from processors.registry import discover
+
+    families = {info.name: info.family for info in discover(autoload=False)}
+    accepts = builtin_accepts()
+    settings = load_settings(REPO / "config" / "rules.example.toml")
+    covered: set[str] = set()
+    for rule in settings.rules:
+        modalities = planar_only_modalities(rule.match)
+        if modalities is None:
+            continue
+        assert rule.enabled and rule.min_instances == 1, rule.name  # one image is a study
+        steps = {families[step] for step in rule.pipeline}
+        assert {"segment", "cluster", "features"} <= steps, rule.name
+        assert steps & {"enhance", "denoise"}, rule.name
+        assert all(accepts[step].planar for step in rule.pipeline), rule.name
+        covered.update(modalities)
+    assert {"CR", "DX", "MG", "US", "XA", "SM", "OT", "SC"} <= covered
+
+
+@pytest.mark.parametrize(
+    ("match", "refused"),
+    [
+        ({"Modality": "MG"}, True),
+        ({"Modality": ["CR", "DX"]}, True),
+        ({"Modality": "MG", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.13.1.3"}, False),
+        ({"Modality": "CT"}, False),
+        ({"Modality": ["US", "CT"]}, False),
+        ({}, False),
+    ],
+)
+def test_a_rule_matching_only_2d_modalities_may_not_name_a_volume_only_processor(
+    match: dict[str, Any], refused: bool
+) -> None:
+    from dicom_node.config import check_rules_against_plugins
+
+    settings = load_settings(
+        None,
+        rules=[
+            {"name": "model", "match": match, "pipeline": ["gaussian", "unet"]},
+            {"name": "fine", "match": match, "pipeline": ["gaussian", "kmeans"]},
+        ],
+    )
+    params = builtin_processors()
+    if not refused:
+        check_rules_against_plugins(settings, params, params, builtin_accepts())
+        return
+    with pytest.raises(ConfigError) as caught:
+        check_rules_against_plugins(settings, params, params, builtin_accepts())
+    message = str(caught.value)
+    assert message.startswith("rule 'model': processor 'unet' takes no 2-D images")
+    assert "3-D:grey" in message and "2-D modalities" in message and "\n" not in message
+    assert "'fine'" not in message and "installed processors" not in message
+    check_rules_against_plugins(settings, params, params)  # without accepts: not checked
 
 
 def test_commented_routing_examples_in_node_toml_are_valid(tmp_path: Path) -> None:

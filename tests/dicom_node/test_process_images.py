@@ -115,3 +115,19 @@ def test_a_volume_only_processor_is_refused_before_any_work(tmp_path: Path) -> N
     assert code == 2
     assert "unet takes 3-D volumes only" in output
     assert not list(out.rglob("*.dcm"))
+
+
+def test_a_capture_without_patient_id_gets_its_seg_and_sr_with_an_empty_one(
+    tmp_path: Path,
+) -> None:
+    """pydicom's OT-PAL-8-face.dcm has no PatientID, PatientSex, StudyID...: type 2
+    attributes highdicom copies into every SEG and SR. They are written empty."""
+    source = data("OT-PAL-8-face.dcm")
+    assert "PatientID" not in pydicom.dcmread(source, force=True)
+    code, output, out = run(tmp_path, source, "kmeans", "--param", "kmeans.inside_body=false")
+    assert code == 0, output
+    assert "absent from the source, empty in the outputs: PatientID" in output
+    files = written(out)
+    outputs = [ds for path, ds in files.items() if "/seg-" in path or "/sr-" in path]
+    assert {ds.Modality for ds in outputs} == {"SEG", "SR"}
+    assert all(ds.PatientID == "" and ds.StudyID == "" for ds in outputs)

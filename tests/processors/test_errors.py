@@ -52,6 +52,8 @@ FAILED = [
     "dicom_node.scu.AssociationFailedError",
     "dicom_node.encode.common.EncodeError",
     "dicom_node.jobs.worker.JobError",
+    "dicom_node.jobs.worker.JobRefusedError",
+    "dicom_node.process.ImageNotAcceptedError",
     "dicom_node.testing.ToolMissingError",
     "processors.base.ProcessorError",
     "processors.model_manifest.ModelError",

@@ -124,6 +124,22 @@ def test_a_rule_naming_a_disabled_processor_is_refused(api: ApiHarness) -> None:
     assert "disabled" in response.json()["detail"][0]["msg"]
 
 
+def test_a_2d_rule_naming_a_volume_only_processor_is_a_422_with_the_reason(
+    api: ApiHarness,
+) -> None:
+    mammograms = {"name": "mg", "match": {"Modality": "MG"}, "pipeline": ["clahe", "unet"]}
+    response = send(api, "POST", "/rules", json=mammograms)
+    assert error_locs(response) == [["body", "pipeline", 1]]
+    message = response.json()["detail"][0]["msg"]
+    assert "'unet' takes no 2-D images" in message and "MG (mammography)" in message
+    # Tomosynthesis is MG too but a volume: a rule naming its SOP class may take unet.
+    tomosynthesis = {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.13.1.3"}
+    volumes = {**mammograms, "match": {"Modality": "MG", **tomosynthesis}}
+    created(api, "/rules", volumes)
+    response = send(api, "PUT", "/rules/mg", json=mammograms)  # nor by a change
+    assert error_locs(response) == [["body", "pipeline", 1]]
+
+
 def test_bad_destinations_are_422_naming_the_field(api: ApiHarness) -> None:
     no_address = {"name": "pacs", "ae_title": "PACS"}
     assert "host and port" in send(api, "POST", "/destinations", json=no_address).text
