@@ -18,7 +18,6 @@ import datetime as dt
 import random
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -49,44 +48,53 @@ log = structlog.get_logger(__name__)
 TRANSPORTS: dict[TransportKind, Transport] = {"c-store": cstore, "stow-rs": stowrs}
 """How each kind of destination is sent to: one module per transport."""
 
-CHECKPOINT_EVERY = 50
-CHECKPOINT_SECONDS = 1.0
-"""A batch's acknowledged rows are recorded delivered every this many, or this often."""
+CHECKPOINT_SECONDS = 0.25
+"""While a batch is sent, the rows the peer acknowledged are recorded delivered this often."""
 
 
 class DeliveredCheckpoint:
     """Records rows delivered as the peer acknowledges their instances, while the batch is
     still being sent: ``acknowledged`` is the transport's ``on_sent`` (called from its
-    sending threads). Without it a batch's outcomes were written once it had all gone, and
-    a node killed mid-batch sent the whole batch again (docs/benchmarks.md, Chaos).
-    ``recorded`` holds the ids written; a write that fails leaves its ids to the batch's
-    final record."""
+    sending threads), and a thread of its own writes what was acknowledged every
+    ``CHECKPOINT_SECONDS``, so the sending never waits on the database. Without it a
+    batch's outcomes were written once it had all gone, and a node killed mid-batch sent
+    the whole batch again (docs/benchmarks.md, Chaos). ``recorded`` holds the ids written;
+    a write that fails, and what is acknowledged after the last write, are left to the
+    batch's final record."""
 
     def __init__(self, write: Callable[[list[int]], None]) -> None:
         self._write = write
         self._lock = threading.Lock()
         self._waiting: list[int] = []
-        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="export-checkpoint", daemon=True)
         self.recorded: set[int] = set()
 
-    def acknowledged(self, export_id: int, status: int | None) -> None:
-        if not cstore.stored(status):
-            return
-        with self._lock:
-            self._waiting.append(export_id)
-            due = time.monotonic() - self._last >= CHECKPOINT_SECONDS
-            if len(self._waiting) >= CHECKPOINT_EVERY or due:
-                self._flush()
+    def __enter__(self) -> DeliveredCheckpoint:
+        self._thread.start()
+        return self
 
-    def _flush(self) -> None:
-        ids, self._waiting = self._waiting, []
-        self._last = time.monotonic()
-        try:
-            self._write(ids)
-        except Exception:  # the batch's final record writes them instead
-            log.warning("export checkpoint not written", exc_info=True, exports=len(ids))
-            return
-        self.recorded.update(ids)
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def acknowledged(self, export_id: int, status: int | None) -> None:
+        if cstore.stored(status):
+            with self._lock:
+                self._waiting.append(export_id)
+
+    def _run(self) -> None:
+        while not self._stop.wait(CHECKPOINT_SECONDS):
+            with self._lock:
+                ids, self._waiting = self._waiting, []
+            if not ids:
+                continue
+            try:
+                self._write(ids)
+            except Exception:  # the batch's final record writes them instead
+                log.warning("export checkpoint not written", exc_info=True, exports=len(ids))
+                continue
+            self.recorded.update(ids)
 
 
 def _send_batch(
@@ -178,14 +186,14 @@ def _send_checkpointed(
         delivered = dict.fromkeys(ids, Outcome(True))
         record(sessions, target, [by_id[i] for i in ids], delivered, policy, rng, report)
 
-    checkpoint = DeliveredCheckpoint(write)
+    with DeliveredCheckpoint(write) as checkpoint:
 
-    def sent(export_id: int, status: int | None) -> None:
-        checkpoint.acknowledged(export_id, status)
-        if on_sent is not None:
-            on_sent(export_id, status)
+        def sent(export_id: int, status: int | None) -> None:
+            checkpoint.acknowledged(export_id, status)
+            if on_sent is not None:
+                on_sent(export_id, status)
 
-    outcomes = _send_batch(target, batch, sent, keys)
+        outcomes = _send_batch(target, batch, sent, keys)
     rest = [claimed for claimed in batch if claimed.id not in checkpoint.recorded]
     record(sessions, target, rest, outcomes, policy, rng, report)
     return outcomes

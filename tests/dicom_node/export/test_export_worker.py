@@ -7,7 +7,7 @@ import datetime as dt
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import get_args
 
@@ -271,14 +271,20 @@ def test_a_transport_that_raises_or_says_nothing_costs_an_attempt(
     assert all(r.state == ExportState.PENDING and r.attempts == 1 for r in rows(sessions))
 
 
-class AcknowledgingTransport:
-    """Acknowledges its files one by one (status 0, as C-STORE does), and looks at the
-    database after ``look_after`` of them, as a node killed at that moment would leave it."""
+def wait_until(condition: Callable[[], bool], seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.01)
 
-    def __init__(self, sessions: sessionmaker[Session], look_after: int) -> None:
-        self.sessions = sessions
-        self.look_after = look_after
-        self.seen: dict[ExportState, int] = {}
+
+class AcknowledgingTransport:
+    """Acknowledges its files one by one (status 0, as C-STORE does); after ``pause_after``
+    of them it waits for ``until`` before going on."""
+
+    def __init__(self, pause_after: int, until: Callable[[], bool]) -> None:
+        self.pause_after = pause_after
+        self.until = until
 
     def send(
         self, target: ExportTarget, files: Sequence[SendFile], on_sent: OnSent | None
@@ -286,9 +292,8 @@ class AcknowledgingTransport:
         assert on_sent is not None
         for count, item in enumerate(files, start=1):
             on_sent(item, 0x0000)
-            if count == self.look_after:
-                for row in rows(self.sessions):
-                    self.seen[row.state] = self.seen.get(row.state, 0) + 1
+            if count == self.pause_after:
+                wait_until(self.until)
         return {item.path: Outcome(True) for item in files}
 
 
@@ -300,16 +305,18 @@ def test_acknowledged_rows_are_recorded_while_the_batch_is_still_sent(
 ) -> None:
     from dicom_node.export import worker
 
-    monkeypatch.setattr(worker, "CHECKPOINT_EVERY", 2)
-    fake = AcknowledgingTransport(sessions, look_after=3)
-    monkeypatch.setitem(TRANSPORTS, "c-store", fake)
+    monkeypatch.setattr(worker, "CHECKPOINT_SECONDS", 0.01)
+
+    def delivered() -> int:
+        return sum(1 for row in rows(sessions) if row.state == ExportState.DELIVERED)
+
+    # A node killed here, three acknowledged, would send only the last two again.
+    monkeypatch.setitem(TRANSPORTS, "c-store", AcknowledgingTransport(3, lambda: delivered() == 3))
     target = target_for(settings)
     with sessions() as session, session.begin():
         enqueue(session, target, series_files, now=T0)
     seen: list[int | None] = []
     report = deliver_due(sessions, [target], T0, on_sent=lambda _id, status: seen.append(status))
-    # Killed after the third acknowledgement, the node would send only the last three again.
-    assert fake.seen == {ExportState.DELIVERED: 2, ExportState.SENDING: 3}
     assert seen == [0] * 5  # the caller's on_sent still sees every one
     assert sorted(report.delivered) == sorted(r.id for r in rows(sessions))  # each once
     assert all(r.state == ExportState.DELIVERED and r.attempts == 1 for r in rows(sessions))
@@ -328,22 +335,22 @@ def test_a_checkpoint_that_cannot_be_written_leaves_its_rows_to_the_batch(
 ) -> None:
     from dicom_node.export import worker
 
-    monkeypatch.setattr(worker, "CHECKPOINT_EVERY", 1)
-    monkeypatch.setitem(TRANSPORTS, "c-store", AcknowledgingTransport(sessions, look_after=0))
+    monkeypatch.setattr(worker, "CHECKPOINT_SECONDS", 0.01)
     real_record = worker.record
-    calls: list[int] = []
+    written: list[int] = []
 
-    def failing_checkpoint(*args: object, **kwargs: object) -> None:
-        calls.append(len(args[2]))  # type: ignore[arg-type]
-        if len(calls) <= 2:
+    def locked_while_sending(*args: object, **kwargs: object) -> None:
+        written.append(len(args[2]))  # type: ignore[arg-type]
+        if threading.current_thread().name == "export-checkpoint":
             raise OSError("database is locked")
         real_record(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(worker, "record", failing_checkpoint)
+    monkeypatch.setattr(worker, "record", locked_while_sending)
+    monkeypatch.setitem(TRANSPORTS, "c-store", AcknowledgingTransport(2, lambda: bool(written)))
     target = target_for(settings)
     with sessions() as session, session.begin():
         enqueue(session, target, series_files, now=T0)
     report = deliver_due(sessions, [target], T0)
-    assert calls == [1, 1, 1, 1, 1, 2]  # two checkpoints failed, the batch recorded them
+    assert len(written) >= 2 and written[-1] == 5  # failed checkpoints, then the batch
     assert len(report.delivered) == 5
     assert all(r.state == ExportState.DELIVERED and r.attempts == 1 for r in rows(sessions))
