@@ -94,20 +94,32 @@ def content_items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
     return items
 
 
-def test_a_cine_loop_gets_derived_frames_and_an_sr_and_says_why_no_seg(tmp_path: Path) -> None:
+def test_a_cine_loop_gets_derived_frames_a_seg_of_every_frame_and_an_sr(tmp_path: Path) -> None:
+    source = data("OBXXXX1A_rle_2frame.dcm")
     code, output, out = run(
-        tmp_path,
-        data("OBXXXX1A_rle_2frame.dcm"),
-        "gaussian,kmeans",
-        "--param",
-        "kmeans.inside_body=false",
+        tmp_path, source, "gaussian,kmeans", "--param", "kmeans.inside_body=false"
     )
     assert code == 0, output
-    assert "no SEG" in output and "frame of reference" in output
+    assert "no SEG" not in output
     files = written(out)
     derived = [ds for path, ds in files.items() if "/derived-" in path]
     assert [d.SourceImageSequence[0].ReferencedFrameNumber for d in derived] == [1, 2]
-    assert any("/sr-" in path for path in files)
+    (seg,) = [ds for path, ds in files.items() if "/seg-" in path]
+    frames = {
+        int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        for item in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert frames == {1, 2}
+    (report,) = [ds for path, ds in files.items() if "/sr-" in path]
+    referenced = {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in content_items(report)
+        if item.get("ValueType") == "IMAGE"
+    }
+    assert seg.SOPInstanceUID in referenced
+    for path in files:
+        new = errors(out / path) - errors(source)
+        assert not new, (path, new)
 
 
 def test_a_volume_only_processor_is_refused_before_any_work(tmp_path: Path) -> None:
