@@ -5,12 +5,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
 from tests.dicom_node.encode.encode_checks import dciodvfy
+from tests.dicom_node.planar_files import disc, region, ultrasound
 from tests.dicom_node.test_image import CR, data
 
 runner = CliRunner()
@@ -85,6 +87,49 @@ def test_the_sr_of_a_radiograph_reports_areas_in_mm2(tmp_path: Path) -> None:
         if item.get("ValueType") == "NUM" and item.ConceptNameCodeSequence[0].CodeMeaning == "Area"
     }
     assert units == {"mm2"}
+
+
+def areas(report: pydicom.Dataset) -> list[tuple[float, str]]:
+    """Every Area in the SR: (value, UCUM unit)."""
+    return [
+        (
+            float(item.MeasuredValueSequence[0].NumericValue),
+            item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue,
+        )
+        for item in content_items(report)
+        if item.get("ValueType") == "NUM" and item.ConceptNameCodeSequence[0].CodeMeaning == "Area"
+    ]
+
+
+def test_an_ultrasound_disc_of_known_size_is_measured_in_mm2(tmp_path: Path) -> None:
+    """Calibrated region: PhysicalDeltaX 0.01 cm, PhysicalDeltaY 0.02 cm, so a pixel is
+    0.1 mm x 0.2 mm; a bright disc of radius 40 pixels."""
+    shape = (200, 300)
+    inside = disc(shape, (100, 150), 40)
+    pixels = np.where(inside, 200, 20).astype(np.uint8)
+    source = ultrasound(tmp_path / "us.dcm", pixels, [region(0.01, 0.02, (0, 0, 299, 199))])
+    code, output, out = run(
+        tmp_path, source, "threshold_segment", "--param", 'threshold_segment.preset="otsu"'
+    )
+    assert code == 0, output
+    report = next(ds for path, ds in written(out).items() if "/sr-" in path)
+    ((area, unit),) = areas(report)
+    assert unit == "mm2"
+    assert area == pytest.approx(int(inside.sum()) * 0.1 * 0.2)  # the pixels it covers
+    assert area == pytest.approx(np.pi * 40**2 * 0.02, rel=0.005)  # the disc, discretised
+
+
+def test_a_real_ultrasound_with_one_region_reports_areas_in_mm2(tmp_path: Path) -> None:
+    code, output, out = run(
+        tmp_path,
+        data("JPGLosslessP14SV1_1s_1f_8b.dcm"),
+        "threshold_segment",
+        "--param",
+        'threshold_segment.preset="otsu"',
+    )
+    assert code == 0, output
+    report = next(ds for path, ds in written(out).items() if "/sr-" in path)
+    assert {unit for _, unit in areas(report)} == {"mm2"}
 
 
 def content_items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
