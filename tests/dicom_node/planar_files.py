@@ -1,5 +1,6 @@
-"""Generated 2-D DICOM files with known truth for the image and output tests: an
-ultrasound image with calibrated regions (known deltas) and a digital mammogram."""
+"""2-D DICOM files for the image and output tests: the committed real DX, and generated
+files with known truth: an ultrasound image with calibrated regions (known deltas) and a
+digital mammogram."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+#: A real DX For Presentation (MONOCHROME1, 8 bits, with a window): highdicom's test file
+#: (tests/data/README.md).
+DX = Path(__file__).parents[1] / "data/highdicom/dx_image.dcm"
 
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"

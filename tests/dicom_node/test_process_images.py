@@ -15,7 +15,7 @@ from dicom_node.image import datasets_to_image, read_image_file
 from processors.api import run_processor
 from processors.base import ImageResult
 from tests.dicom_node.encode.encode_checks import dciodvfy
-from tests.dicom_node.planar_files import disc, mammogram, region, ultrasound
+from tests.dicom_node.planar_files import DX, disc, mammogram, region, ultrasound
 from tests.dicom_node.test_image import CR, data
 
 runner = CliRunner()
@@ -23,8 +23,6 @@ runner = CliRunner()
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-#: A real DX For Presentation (MONOCHROME1, 8 bits, with a window): highdicom's test file.
-DX = Path(__file__).parents[1] / "data/highdicom/dx_image.dcm"
 
 
 def errors(path: Path) -> set[str]:

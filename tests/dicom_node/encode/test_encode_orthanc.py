@@ -17,9 +17,8 @@ from dicom_node.process import build_steps, process_directory
 from dicom_node.scu import scan_files, send
 from dicom_node.synthetic import generate_series
 from dicom_node.testing import running_orthanc
-from tests.dicom_node.planar_files import disc, mammogram
+from tests.dicom_node.planar_files import DX, disc, mammogram
 from tests.dicom_node.test_image import data
-from tests.dicom_node.test_process_images import DX
 
 
 def test_orthanc_accepts_seg_sr_and_derived(tmp_path: Path) -> None:
@@ -57,7 +56,7 @@ def test_orthanc_accepts_the_outputs_of_2d_sources(tmp_path: Path) -> None:
     folder.mkdir()
     shutil.copy(DX, folder / "dx.dcm")
     shutil.copy(data("OBXXXX1A_rle_2frame.dcm"), folder / "us.dcm")
-    pixels = np.full((64, 48), 300, np.uint16)
+    pixels = np.tile(np.arange(300, 780, 10, dtype=np.uint16), (64, 1))  # a ramp, and a disc
     pixels[disc((64, 48), (32, 24), 12)] = 3000
     mammogram(folder / "mg.dcm", pixels)
     report = process_directory(
