@@ -8,13 +8,15 @@ Kept, each checked with dciodvfy on real files (tests/dicom_node/test_process_im
   (``dicom_node.encode.derived``: 16 bits allocated, 12 or 16 stored, unsigned,
   MONOCHROME2 since the values are bright = dense, the source's rescale kept when the
   values fit it, else a new one with RescaleType ``US``), then what the DX and MG Image
-  modules ask of a MONOCHROME2 image for presentation: PresentationLUTShape ``IDENTITY``,
-  PixelIntensityRelationshipSign turned over when the source was MONOCHROME1 (its stored
-  values ran the other way), PixelIntensityRelationship ``OTHER`` once the values were
-  remapped, and a window (Type 1C for presentation): the image's own (inverted with it for
-  a MONOCHROME1 source) while the values keep their meaning, else one spanning the
-  values. MG's Mammography Image module (ImageLaterality, ViewCodeSequence, ...) and DX's
-  detector and positioning are the source's, copied.
+  modules ask of a MONOCHROME2 image for presentation: RescaleSlope 1 and RescaleIntercept
+  0 (enumerated values: a remapping is stated in DerivationDescription instead),
+  PresentationLUTShape ``IDENTITY``, PixelIntensityRelationshipSign turned over when the
+  source was MONOCHROME1 (its stored values ran the other way; PixelIntensityRelationship
+  is LIN or LOG only, so the source's stays), and a window (Type 1C for presentation): the
+  image's own (inverted with it for a MONOCHROME1 source) while the values keep their
+  meaning, else one spanning the stored values. A CR gets the same window and
+  presentation LUT shape. MG's Mammography Image module (ImageLaterality,
+  ViewCodeSequence, ...) and DX's detector and positioning are the source's, copied.
 - Ultrasound Image and Ultrasound Multi-frame Image: 8 bits (what the US Image module
   takes for MONOCHROME2 and RGB), greyscale values stored as they are when they are whole
   numbers in 0..255, else mapped linearly onto 0..255 (stated in DerivationDescription),
