@@ -67,8 +67,10 @@ def test_orthanc_accepts_the_outputs_of_2d_sources(tmp_path: Path) -> None:
     assert len(report.processed) == 3, report.skipped
     classes = {r.sop_class_uid for r in report.outputs if r.kind == "derived"}
     assert classes == {DX_FOR_PRESENTATION, MG_FOR_PRESENTATION, US_MULTI_FRAME}
-    files, skipped = scan_files([folder, tmp_path / "out"])
-    assert skipped == [] and len(files) == 3 + len(report.outputs)
+    # The outputs only: the DX source's Pixel Data has an odd length (tests/data/README.md),
+    # which Orthanc's DCMTK refuses; every output is written with an even one.
+    files, skipped = scan_files([tmp_path / "out"])
+    assert skipped == [] and len(files) == len(report.outputs)
     with running_orthanc(tmp_path / "orthanc") as orthanc:
         sent = send(
             files, "127.0.0.1", orthanc.dicom_port, calling_ae="DICOMNODE", called_ae="ORTHANC"
