@@ -14,8 +14,9 @@ greyscale or colour. The pixel semantics are pydicom's, not hand-made:
   decoders undo YBR_ICT/RCT), ``apply_color_lut`` for PALETTE COLOR, scaled to [0, 1];
 - pixel spacing: ``PixelSpacing``; else ``ImagerPixelSpacing``, which is at the detector:
   divided by ``EstimatedRadiographicMagnificationFactor`` when the header has one, and
-  said to be "at the detector" (``Volume.spacing_note``) when it has not; else none
-  (areas in pixels).
+  said to be "at the detector" (``Volume.spacing_note``) when it has not; else an
+  ultrasound image's calibrated 2-D regions when they agree (``ultrasound_spacing``);
+  else none (areas in pixels).
 
 Whole-slide microscopy (tiled, VL Whole Slide Microscopy Image) is refused, named. A file
 without File Meta or preamble is read with ``force=True`` when it has an image's header,
@@ -109,7 +110,56 @@ def _spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str]:
                 "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor",
             )
         return imager, "at the detector"
+    regions = ds.get("SequenceOfUltrasoundRegions")
+    if regions:
+        return ultrasound_spacing(regions, int(ds.Rows), int(ds.Columns))
     return None, "no (usable) pixel spacing in the header"
+
+
+#: Ultrasound region values (PS3.3 C.8.5.5.1): a 2-D tissue or flow region, in cm.
+US_REGION_2D = 1
+US_UNITS_CM = 3
+
+
+def ultrasound_spacing(
+    regions: Sequence[Dataset], rows: int, columns: int
+) -> tuple[tuple[float, float] | None, str]:
+    """(row, column) spacing in mm from an ultrasound image's calibrated regions, and a note.
+
+    The 2-D regions (RegionSpatialFormat 1) with both physical units in cm count (an
+    M-mode, Doppler or waveform region measures time or velocity on one axis). They give
+    the spacing when they agree: one region, or all with the same PhysicalDeltaX/Y. When
+    they disagree, which one a segment lies in decides its area, so none is used (areas
+    in pixels, said so), nor when a region reaches outside the image (a resized image
+    whose regions describe another pixel matrix).
+    """
+    spatial = [
+        region
+        for region in regions
+        if int(region.get("RegionSpatialFormat", 0) or 0) == US_REGION_2D
+        and int(region.get("PhysicalUnitsXDirection", 0) or 0) == US_UNITS_CM
+        and int(region.get("PhysicalUnitsYDirection", 0) or 0) == US_UNITS_CM
+    ]
+    if not spatial:
+        return None, "ultrasound regions without a 2-D region in cm: areas in pixels"
+    deltas: set[tuple[float, float]] = set()
+    for region in spatial:
+        pair = _pair([region.get("PhysicalDeltaY"), region.get("PhysicalDeltaX")])
+        if pair is None:
+            return None, "an ultrasound region without a usable PhysicalDeltaX/Y: areas in pixels"
+        right, bottom = region.get("RegionLocationMaxX1"), region.get("RegionLocationMaxY1")
+        # Some devices write the end one past the last pixel: that much is tolerated.
+        if right is None or bottom is None or int(right) > columns or int(bottom) > rows:
+            return None, "an ultrasound region reaches outside the image: areas in pixels"
+        deltas.add((round(pair[0] * 10.0, 9), round(pair[1] * 10.0, 9)))
+    if len(deltas) > 1:
+        return None, (
+            f"{len(spatial)} ultrasound regions with different spacings (which one applies "
+            "depends on where a segment lies): areas in pixels"
+        )
+    (spacing,) = deltas
+    count = "one region" if len(spatial) == 1 else f"{len(spatial)} regions, the same spacing"
+    return spacing, f"SequenceOfUltrasoundRegions PhysicalDeltaX/Y in cm ({count})"
 
 
 def _pair(value: Any) -> tuple[float, float] | None:

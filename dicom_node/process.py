@@ -32,7 +32,7 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_node.encode.common import EncodeError, add_absent_type_2, blank_unparseable_values
 from dicom_node.encode.derived import derived_instances
-from dicom_node.encode.secondary import keeps_source_sop_class, secondary_capture_instances
+from dicom_node.encode.planar_derived import planar_derived_instances
 from dicom_node.encode.seg import SegEncoding, encode_seg
 from dicom_node.encode.sr import encode_sr
 from dicom_node.encode.uids import Provenance, check_root
@@ -264,8 +264,7 @@ def encode_results(
             counters["seg"] += 1
         elif isinstance(result, ImageResult):
             n = counters["derived"]
-            planar = result.volume.planar and not keeps_source_sop_class(result, sources)
-            make = secondary_capture_instances if planar else derived_instances
+            make = planar_derived_instances if result.volume.planar else derived_instances
             try:
                 derived = make(result, sources, provenance, index=n)
             except EncodeError as exc:

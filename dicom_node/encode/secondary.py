@@ -1,12 +1,9 @@
 """``ImageResult`` of a 2-D source -> a Secondary Capture series (highdicom ``SCImage``).
 
-A derived greyscale image of a CR stays CR (``keeps_source_sop_class``, written by
-``dicom_node.encode.derived`` as for volumes, MONOCHROME2 since the values are bright =
-dense). Any other 2-D source's (DX, MG, US, XA, a photo, a cine loop) is written as
-Secondary Capture Image Storage, one instance per frame, and says so in its
-DerivationDescription: the DX, MG and US IODs constrain photometric interpretation, bit
-depth and image type in ways a derived image must be checked against one by one. Colour
-stays colour: an RGB result (values in [0, 1]) is written as 8-bit RGB; a greyscale one as
+What a 2-D source's derived image is written as when its SOP class is not kept
+(``dicom_node.encode.planar_derived`` decides, and keeps CR, DX and MG For Presentation
+and US): one instance per frame, the reason in its DerivationDescription. Colour stays
+colour: an RGB result (values in [0, 1]) is written as 8-bit RGB; a greyscale one as
 16-bit MONOCHROME2, its values mapped linearly onto 0..65535 with the mapping stated in
 the description. Patient and study come from the source (``SCImage.from_ref_dataset``),
 each instance's SourceImageSequence names its source instance (and frame), and the UIDs
@@ -31,19 +28,6 @@ from processors.base import ImageResult
 
 SECONDARY_CAPTURE = "Secondary Capture Image Storage"
 
-#: 2-D SOP classes whose IOD takes a derived greyscale image written like the source
-#: (``dicom_node.encode.derived``), checked with dciodvfy: CR Image Storage. DX and MG
-#: (For Presentation constraints) and US (8-bit MONOCHROME2) are not, yet.
-KEEPS_SOP_CLASS = frozenset({"1.2.840.10008.5.1.4.1.1.1"})
-
-
-def keeps_source_sop_class(result: ImageResult, sources: Sequence[Dataset]) -> bool:
-    """Whether a 2-D result is written in its source's SOP class (else Secondary Capture)."""
-    geometry = result.volume
-    if geometry.colour or geometry.source_frame_numbers or not sources:
-        return False
-    return all(str(ds.SOPClassUID) in KEEPS_SOP_CLASS for ds in sources)
-
 
 def _stored(values: npt.NDArray[Any], colour: bool) -> tuple[npt.NDArray[Any], str]:
     """The frames as stored pixels, and how the values were mapped onto them."""
@@ -57,9 +41,15 @@ def _stored(values: npt.NDArray[Any], colour: bool) -> tuple[npt.NDArray[Any], s
 
 
 def secondary_capture_instances(
-    result: ImageResult, sources: Sequence[Dataset], provenance: Provenance, *, index: int = 0
+    result: ImageResult,
+    sources: Sequence[Dataset],
+    provenance: Provenance,
+    *,
+    index: int = 0,
+    why: str = "the source's SOP class is not kept for 2-D images",
 ) -> Iterator[Dataset]:
-    """One Secondary Capture instance per frame of a planar ``result``."""
+    """One Secondary Capture instance per frame of a planar ``result``; ``why`` (the
+    source's SOP class was not kept) goes into its DerivationDescription."""
     geometry = result.volume
     if not geometry.planar:
         raise EncodeError("Secondary Capture outputs are for 2-D sources")
@@ -74,8 +64,7 @@ def secondary_capture_instances(
     stored, mapping = _stored(values, geometry.colour)
     description = result.description or f"{provenance.processor} output"
     derivation = (
-        f"{description}: {provenance.summary()}; {mapping}; written as {SECONDARY_CAPTURE} "
-        "(the source's SOP class is not kept for 2-D images)"
+        f"{description}: {provenance.summary()}; {mapping}; written as {SECONDARY_CAPTURE} ({why})"
     )
     equipment = processing_equipment(provenance)
     spacing = geometry.spacing[1:] if geometry.spacing_known else None

@@ -39,8 +39,17 @@ from dicom_node.encode.common import (
     output_identity,
     refused_by_highdicom,
 )
+from dicom_node.encode.frames_seg import (
+    expand_to_frames,
+    frame_references,
+    needs_frame_by_frame,
+    stand_in,
+)
 from dicom_node.encode.uids import MANUFACTURER, Provenance
 from processors.base import LabelResult
+
+#: highdicom's default MaximumFractionalValue (FRACTIONAL frames are 8-bit).
+MAX_FRACTION = 255
 
 #: processors.base family -> CID 7162 (Surface Processing Algorithm Families) code.
 FAMILY_CODES: dict[str, Any] = {
@@ -121,11 +130,6 @@ def encode_seg(
     if not result.segments:
         raise EncodeError("a segmentation without segments has nothing to encode")
     geometry = result.geometry
-    if geometry.planar and geometry.shape[0] > 1 and not geometry.frame_of_reference_uid:
-        raise EncodeError(
-            f"a SEG over {geometry.shape[0]} frames without a frame of reference: highdicom "
-            "segments one frame of such an image (a cine loop's SEG is not written yet)"
-        )
     ordered = ordered_sources(geometry, sources)
     key = input_key(geometry, sources)
     labels = np.asarray(result.labels)
@@ -142,6 +146,13 @@ def encode_seg(
         seg_type = hd.seg.SegmentationTypeValues.BINARY
     if geometry.source_frame_numbers:
         array = _frame_order(array, geometry.source_frame_numbers)
+    # Frames without a frame of reference (a cine loop): highdicom segments a one-frame
+    # stand-in, and ``frames_seg`` repeats it for every source frame.
+    frame_by_frame = geometry.planar and needs_frame_by_frame(ordered)
+    built_on, built_array = ordered, array
+    if frame_by_frame:
+        built_on = [stand_in(ordered[0])]
+        built_array = np.zeros((1, *array.shape[1:]), dtype=array.dtype)
 
     algorithm = algorithm_identification(provenance)
     descriptions = [
@@ -161,22 +172,30 @@ def encode_seg(
     description = result.description or f"{provenance.processor} segmentation"
     try:
         seg = hd.seg.Segmentation(
-            source_images=ordered,
-            pixel_array=array,
+            source_images=built_on,
+            pixel_array=built_array,
             segmentation_type=seg_type,
             segment_descriptions=descriptions,
             **output_identity(provenance, "seg", key, index),
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            omit_empty_frames=True,
+            omit_empty_frames=not frame_by_frame,
             content_description=long_string(description),
             content_label="SEGMENTATION",
             series_description=long_string(f"SEG {description}"),
             coding_schemes=coding_schemes(used) or None,
+            max_fractional_value=MAX_FRACTION,
             workers=workers,
         )
     # AttributeError: highdicom reads a Type 2 element the source lacks (PatientID).
     except (ValueError, TypeError, AttributeError) as exc:
         raise refused_by_highdicom("the segmentation", exc) from exc
+    if frame_by_frame:
+        try:
+            references = frame_references(ordered, array.shape[0])
+            expand_to_frames(seg, array, references, sorted(numbers.values()), MAX_FRACTION)
+        # AttributeError: highdicom's one-frame SEG lacks what it is expected to have.
+        except (ValueError, AttributeError) as exc:
+            raise EncodeError(f"the SEG of {array.shape[0]} frames: {exc}") from exc
     if geometry.planar and "ImagePositionPatient" not in ordered[0]:
         # General Image's Patient Orientation (Type 2C) where no plane position places
         # the frame: the source's, or empty.

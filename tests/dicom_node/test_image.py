@@ -16,7 +16,9 @@ from dicom_node.image import (
     datasets_to_image,
     datasets_to_image_or_volume,
     read_image_file,
+    ultrasound_spacing,
 )
+from tests.dicom_node.planar_files import region
 
 #: A real CR (MONOCHROME1, ImagerPixelSpacing 0.1 mm) from pydicom's DICOMDIR test set.
 CR = Path(pydicom.__file__).parent / "data/test_files/dicomdirtests/77654033/CR1/6154"
@@ -104,7 +106,44 @@ def test_a_multiframe_ultrasound_is_a_stack_of_frames() -> None:
     image = load(data("OBXXXX1A_rle_2frame.dcm"))
     assert image.colour and image.shape == (2, 600, 800)
     assert image.source_frame_numbers == (1, 2) and len(set(image.sop_instance_uids)) == 1
-    assert not image.spacing_known
+    # One 2-D region in cm (0.0262 cm), beside a waveform region (seconds) that does not count.
+    assert image.spacing_known and image.spacing[1:] == pytest.approx((0.2622878766, 0.2622878766))
+    assert image.spacing_note == "SequenceOfUltrasoundRegions PhysicalDeltaX/Y in cm (one region)"
+
+
+@pytest.mark.parametrize(
+    ("name", "spacing", "note"),
+    [
+        ("JPGLosslessP14SV1_1s_1f_8b.dcm", 0.25476696592, "(one region)"),
+        ("gdcm-US-ALOKA-16.dcm", 0.38265306503, "(2 regions, the same spacing)"),
+    ],
+)
+def test_ultrasound_regions_that_agree_give_the_spacing(
+    name: str, spacing: float, note: str
+) -> None:
+    image = load(data(name))
+    assert image.spacing_known and image.spacing[1:] == pytest.approx((spacing, spacing))
+    assert image.spacing_note.endswith(note)
+
+
+def test_an_ultrasound_region_outside_the_image_is_not_its_calibration() -> None:
+    # A 240x320 cine whose region (columns 84..595) was written for a 640-wide matrix.
+    image = load(data("examples_ybr_color.dcm"))
+    assert not image.spacing_known and "outside the image" in image.spacing_note
+
+
+def test_ultrasound_regions_rows_take_delta_y_and_disagreeing_regions_give_pixels() -> None:
+    rows, columns = 200, 300
+    one = ultrasound_spacing([region(0.01, 0.02, (0, 0, 299, 199))], rows, columns)
+    assert one[0] == pytest.approx((0.2, 0.1))  # (row, column) in mm: Y, then X
+    agree = [region(0.01, 0.02, (0, 0, 149, 199)), region(0.01, 0.02, (150, 0, 299, 199))]
+    assert ultrasound_spacing(agree, rows, columns)[0] == pytest.approx((0.2, 0.1))
+    disagree = [region(0.01, 0.02, (0, 0, 149, 199)), region(0.03, 0.03, (150, 0, 299, 199))]
+    spacing, note = ultrasound_spacing(disagree, rows, columns)
+    assert spacing is None and "different spacings" in note
+    doppler = [region(0.01, 0.02, (0, 0, 299, 199), spatial_format=3)]
+    spacing, note = ultrasound_spacing(doppler, rows, columns)
+    assert spacing is None and "without a 2-D region in cm" in note
 
 
 def test_jpeg_ls_greyscale_ultrasound_loads() -> None:

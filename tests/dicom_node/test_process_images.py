@@ -5,18 +5,19 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
 from tests.dicom_node.encode.encode_checks import dciodvfy
+from tests.dicom_node.planar_files import disc, region, ultrasound
 from tests.dicom_node.test_image import CR, data
 
 runner = CliRunner()
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 
 
 def errors(path: Path) -> set[str]:
@@ -46,7 +47,7 @@ def written(out: Path) -> dict[str, pydicom.Dataset]:
         "JPGLosslessP14SV1_1s_1f_8b.dcm",  # JPEG lossless greyscale ultrasound
     ],
 )
-def test_a_2d_image_goes_through_to_seg_sr_and_secondary_capture(tmp_path: Path, name: str) -> None:
+def test_a_2d_image_goes_through_to_seg_sr_and_a_derived_image(tmp_path: Path, name: str) -> None:
     source = CR if name == "CR" else data(name)
     code, output, out = run(
         tmp_path, source, "median,kmeans", "--param", "kmeans.inside_body=false"
@@ -58,11 +59,11 @@ def test_a_2d_image_goes_through_to_seg_sr_and_secondary_capture(tmp_path: Path,
     src = pydicom.dcmread(source)
     for path, ds in files.items():
         if "/derived-" in path:
-            if src.SOPClassUID == CR_IMAGE:  # the CR IOD takes a derived image
-                assert ds.SOPClassUID == CR_IMAGE and ds.ImageType[0] == "DERIVED"
-            else:
+            if src.SOPClassUID == SECONDARY_CAPTURE:
                 assert ds.SOPClassUID == SECONDARY_CAPTURE
                 assert "Secondary Capture" in ds.DerivationDescription
+            else:  # the CR and US IODs take a derived image
+                assert ds.SOPClassUID == src.SOPClassUID and ds.ImageType[0] == "DERIVED"
             colour = src.PhotometricInterpretation not in ("MONOCHROME1", "MONOCHROME2")
             assert ds.PhotometricInterpretation == ("RGB" if colour else "MONOCHROME2")
             assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
@@ -87,6 +88,49 @@ def test_the_sr_of_a_radiograph_reports_areas_in_mm2(tmp_path: Path) -> None:
     assert units == {"mm2"}
 
 
+def areas(report: pydicom.Dataset) -> list[tuple[float, str]]:
+    """Every Area in the SR: (value, UCUM unit)."""
+    return [
+        (
+            float(item.MeasuredValueSequence[0].NumericValue),
+            item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue,
+        )
+        for item in content_items(report)
+        if item.get("ValueType") == "NUM" and item.ConceptNameCodeSequence[0].CodeMeaning == "Area"
+    ]
+
+
+def test_an_ultrasound_disc_of_known_size_is_measured_in_mm2(tmp_path: Path) -> None:
+    """Calibrated region: PhysicalDeltaX 0.01 cm, PhysicalDeltaY 0.02 cm, so a pixel is
+    0.1 mm x 0.2 mm; a bright disc of radius 40 pixels."""
+    shape = (200, 300)
+    inside = disc(shape, (100, 150), 40)
+    pixels = np.where(inside, 200, 20).astype(np.uint8)
+    source = ultrasound(tmp_path / "us.dcm", pixels, [region(0.01, 0.02, (0, 0, 299, 199))])
+    code, output, out = run(
+        tmp_path, source, "threshold_segment", "--param", 'threshold_segment.preset="otsu"'
+    )
+    assert code == 0, output
+    report = next(ds for path, ds in written(out).items() if "/sr-" in path)
+    ((area, unit),) = areas(report)
+    assert unit == "mm2"
+    assert area == pytest.approx(int(inside.sum()) * 0.1 * 0.2)  # the pixels it covers
+    assert area == pytest.approx(np.pi * 40**2 * 0.02, rel=0.005)  # the disc, discretised
+
+
+def test_a_real_ultrasound_with_one_region_reports_areas_in_mm2(tmp_path: Path) -> None:
+    code, output, out = run(
+        tmp_path,
+        data("JPGLosslessP14SV1_1s_1f_8b.dcm"),
+        "threshold_segment",
+        "--param",
+        'threshold_segment.preset="otsu"',
+    )
+    assert code == 0, output
+    report = next(ds for path, ds in written(out).items() if "/sr-" in path)
+    assert {unit for _, unit in areas(report)} == {"mm2"}
+
+
 def content_items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
     items = []
     for item in ds.get("ContentSequence", []):
@@ -94,20 +138,32 @@ def content_items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
     return items
 
 
-def test_a_cine_loop_gets_derived_frames_and_an_sr_and_says_why_no_seg(tmp_path: Path) -> None:
+def test_a_cine_loop_gets_derived_frames_a_seg_of_every_frame_and_an_sr(tmp_path: Path) -> None:
+    source = data("OBXXXX1A_rle_2frame.dcm")
     code, output, out = run(
-        tmp_path,
-        data("OBXXXX1A_rle_2frame.dcm"),
-        "gaussian,kmeans",
-        "--param",
-        "kmeans.inside_body=false",
+        tmp_path, source, "gaussian,kmeans", "--param", "kmeans.inside_body=false"
     )
     assert code == 0, output
-    assert "no SEG" in output and "frame of reference" in output
+    assert "no SEG" not in output
     files = written(out)
-    derived = [ds for path, ds in files.items() if "/derived-" in path]
-    assert [d.SourceImageSequence[0].ReferencedFrameNumber for d in derived] == [1, 2]
-    assert any("/sr-" in path for path in files)
+    (derived,) = [ds for path, ds in files.items() if "/derived-" in path]
+    assert derived.SOPClassUID == "1.2.840.10008.5.1.4.1.1.3.1" and derived.NumberOfFrames == 2
+    (seg,) = [ds for path, ds in files.items() if "/seg-" in path]
+    frames = {
+        int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        for item in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert frames == {1, 2}
+    (report,) = [ds for path, ds in files.items() if "/sr-" in path]
+    referenced = {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in content_items(report)
+        if item.get("ValueType") == "IMAGE"
+    }
+    assert seg.SOPInstanceUID in referenced
+    for path in files:
+        new = errors(out / path) - errors(source)
+        assert not new, (path, new)
 
 
 def test_a_volume_only_processor_is_refused_before_any_work(tmp_path: Path) -> None:

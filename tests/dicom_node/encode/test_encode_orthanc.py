@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
+
+from dicom_node.encode.planar_derived import (
+    DX_FOR_PRESENTATION,
+    MG_FOR_PRESENTATION,
+    US_MULTI_FRAME,
+)
 from dicom_node.process import build_steps, process_directory
 from dicom_node.scu import scan_files, send
 from dicom_node.synthetic import generate_series
 from dicom_node.testing import running_orthanc
+from tests.dicom_node.planar_files import DX, disc, mammogram
+from tests.dicom_node.test_image import data
 
 
 def test_orthanc_accepts_seg_sr_and_derived(tmp_path: Path) -> None:
@@ -35,5 +45,36 @@ def test_orthanc_accepts_seg_sr_and_derived(tmp_path: Path) -> None:
         )
         # source CT, derived CT, SEG, and one SR per measurement result (statistics, prediction)
         assert modalities == ["CT", "CT", "SEG", "SR", "SR"]
+        stats = cast(dict[str, Any], orthanc.get_json("/statistics"))
+        assert stats["CountInstances"] == len(files)
+
+
+def test_orthanc_accepts_the_outputs_of_2d_sources(tmp_path: Path) -> None:
+    """A DX, a (generated) MG and a US cine loop: derived images in their own SOP class,
+    the cine loop's SEG of every frame, and the SRs."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(DX, folder / "dx.dcm")
+    shutil.copy(data("OBXXXX1A_rle_2frame.dcm"), folder / "us.dcm")
+    pixels = np.tile(np.arange(300, 780, 10, dtype=np.uint16), (64, 1))  # a ramp, and a disc
+    pixels[disc((64, 48), (32, 24), 12)] = 3000
+    mammogram(folder / "mg.dcm", pixels)
+    report = process_directory(
+        folder,
+        tmp_path / "out",
+        build_steps(["median", "kmeans"], params={"kmeans": {"inside_body": False}}),
+    )
+    assert len(report.processed) == 3, report.skipped
+    classes = {r.sop_class_uid for r in report.outputs if r.kind == "derived"}
+    assert classes == {DX_FOR_PRESENTATION, MG_FOR_PRESENTATION, US_MULTI_FRAME}
+    # The outputs only: the DX source's Pixel Data has an odd length (tests/data/README.md),
+    # which Orthanc's DCMTK refuses; every output is written with an even one.
+    files, skipped = scan_files([tmp_path / "out"])
+    assert skipped == [] and len(files) == len(report.outputs)
+    with running_orthanc(tmp_path / "orthanc") as orthanc:
+        sent = send(
+            files, "127.0.0.1", orthanc.dicom_port, calling_ae="DICOMNODE", called_ae="ORTHANC"
+        )
+        assert sent.failed == [] and sent.sent == len(files)
         stats = cast(dict[str, Any], orthanc.get_json("/statistics"))
         assert stats["CountInstances"] == len(files)
