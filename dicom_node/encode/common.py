@@ -109,8 +109,11 @@ _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 
 def refused_by_highdicom(what: str, error: Exception) -> EncodeError:
     """The error for an output highdicom refused, with every quoted value in its message
-    replaced (it quotes the values it cannot use, a birth date among them)."""
-    message = _QUOTED.sub("'<value>'", str(error))
+    replaced (it quotes the values it cannot use, a birth date among them). An attribute
+    error names a type and an attribute, no value: kept as it is, for whoever debugs it."""
+    message = (
+        str(error) if isinstance(error, AttributeError) else _QUOTED.sub("'<value>'", str(error))
+    )
     return EncodeError(f"highdicom refused {what}: {message}")
 
 

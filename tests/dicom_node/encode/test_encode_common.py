@@ -39,3 +39,9 @@ def test_highdicoms_message_keeps_no_quoted_value() -> None:
     message = str(refused_by_highdicom("the segmentation", error))
     assert "1961" not in message and "Doe" not in message
     assert message.startswith("highdicom refused the segmentation: Unable to convert '<value>'")
+
+
+def test_an_attribute_error_keeps_its_names() -> None:
+    error = AttributeError("'Dataset' object has no attribute 'PatientID'")
+    message = str(refused_by_highdicom("the measurement report", error))
+    assert message.endswith("'Dataset' object has no attribute 'PatientID'")
