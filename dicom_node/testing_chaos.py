@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,9 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from db.models import (
+    AuditAction,
+    AuditEvent,
+    AuditOutcome,
     Export,
     ExportState,
     Instance,
@@ -340,6 +343,23 @@ class ChaosNode:
             ).all()
         return f"events {dict(events)}, jobs (id, state, attempts, outputs) {jobs}"
 
+    def failed_attempts(self, sop_instance_uids: Collection[str]) -> dict[str, list[str]]:
+        """For each instance, the reasons its export attempts failed (the audit trail)."""
+        query = (
+            select(AuditEvent.sop_instance_uid, AuditEvent.reason)
+            .where(
+                AuditEvent.action == AuditAction.OUTPUT_EXPORTED,
+                AuditEvent.outcome != AuditOutcome.SUCCESS,
+                AuditEvent.sop_instance_uid.in_(sorted(sop_instance_uids)),
+            )
+            .order_by(AuditEvent.id)
+        )
+        reasons: dict[str, list[str]] = {}
+        with self.engine.connect() as connection:
+            for uid, reason in connection.execute(query):
+                reasons.setdefault(str(uid), []).append(reason or "no reason")
+        return reasons
+
     def exports(self) -> list[ExportRow]:
         query = select(
             Export.sop_instance_uid,
@@ -494,10 +514,12 @@ def census(node: ChaosNode, pacs: CountingPacs, acknowledged_uids: set[str]) -> 
     resent = {uid: count for uid, count in stores.items() if count > 1}
     if resent:
         attempts = {e.sop_instance_uid: e.attempts for e in exports if e.sop_instance_uid in resent}
+        shown = list(resent)[:5]
+        failures = node.failed_attempts(shown)
+        details = {uid: (resent[uid], attempts.get(uid), failures.get(uid)) for uid in shown}
         notes.append(
-            f"received more than once (UID: C-STOREs, export attempts): "
-            f"{ {uid: (resent[uid], attempts.get(uid)) for uid in list(resent)[:5]} } "
-            f"({len(resent)} UIDs)"
+            "received more than once (UID: C-STOREs, export attempts, failed attempts' "
+            f"reasons): {details} ({len(resent)} UIDs)"
         )
     return Census(
         notes=notes,
