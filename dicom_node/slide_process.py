@@ -157,10 +157,16 @@ def halo_of(name: str, params: Any, spacing: tuple[float, float]) -> int | None:
 
 def refusal(step: Step, geometry: Volume, region: int = REGION) -> str | None:
     """Why ``step`` cannot run on this slide, or None."""
-    why = accepts_of(step.processor).refusal(step.name, geometry)
+    accepts = accepts_of(step.processor)
+    why = accepts.refusal(step.name, geometry)
     if why is not None:
         return why
     name = step.provenance.processor
+    if not accepts.slides:
+        return (
+            f"{step.name} has no tiled form for a whole-slide image ({accepts.describe()}; "
+            "filters, threshold_segment, kmeans and features do)"
+        )
     if name in LABEL_STEPS or name in MEASUREMENT_STEPS:
         if name == "threshold_segment" and step.params.preset in ("bone", "lung", "air"):
             return (

@@ -17,6 +17,7 @@ from pydantic import Field
 from processors.backend import is_cupy, to_host
 from processors.base import (
     EVERY_GREY_IMAGE,
+    GREY_IMAGES_NOT_SLIDES,
     Accepts,
     Array,
     ImageResult,
@@ -132,7 +133,7 @@ class HistEq:
     version: ClassVar[str] = "1.0.0"
     family: ClassVar[str] = "enhance"
     Params: ClassVar[type[HistEqParams]] = HistEqParams
-    accepts: ClassVar[Accepts] = EVERY_GREY_IMAGE
+    accepts: ClassVar[Accepts] = GREY_IMAGES_NOT_SLIDES
 
     def run(self, volume: Volume, params: HistEqParams, xp: ModuleType) -> list[Result]:
         image = _as_float(volume, xp)
