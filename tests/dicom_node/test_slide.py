@@ -9,6 +9,8 @@ import pydicom
 import pytest
 from pydicom.pixels.utils import pixel_array
 
+from dicom_node.security.crypto import write_data_file
+from dicom_node.security.keys import KeyRing
 from dicom_node.slide import Slide, SlideError, choose_level, slide_spacing
 from dicom_node.testing_slide import Disc, disc_truth, slide_header, write_disc_slide
 
@@ -118,3 +120,15 @@ def test_pixel_spacing_comes_from_the_shared_pixel_measures() -> None:
     assert slide_spacing(header) == pytest.approx((0.00025, 0.00025))  # imaged volume / matrix
     del header.ImagedVolumeWidth
     assert slide_spacing(header) is None
+
+
+def test_an_encrypted_slide_is_read_through_its_keys(tmp_path: Path) -> None:
+    plain, sealed = tmp_path / "plain.dcm", tmp_path / "sealed.dcm"
+    write_disc_slide(plain, rows=200, columns=300, discs=[Disc(100, 150, 50)], tile=64)
+    keys = KeyRing.generate()
+    write_data_file(sealed, plain.read_bytes(), keys)
+    assert sealed.read_bytes()[:8] != plain.read_bytes()[:8]
+    with Slide(plain) as clear, Slide(sealed, keys) as hidden:
+        np.testing.assert_array_equal(
+            hidden.read_region(30, 40, 150, 200), clear.read_region(30, 40, 150, 200)
+        )
