@@ -30,8 +30,9 @@ region on demand from the step before it:
 Memory: the tile cache (``Slide.cache_tiles``), a region and its halo for each step, the
 statistics, and the label map of a segmentation step (1 byte a pixel; highdicom needs
 the whole total pixel matrix to tile the SEG). Outputs: a tiled SEG over the slide's
-total pixel matrix and the TID 1500 SR with areas in mm2; derived images of a slide
-are not written (said in the run's problems).
+total pixel matrix, the TID 1500 SR with areas in mm2, and for each filter step a
+derived VL Whole Slide Microscopy Image written a band of tiles at a time
+(``encode.slide_derived``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from dicom_node.encode.common import blank_unparseable_values
+from dicom_node.encode.common import blank_unparseable_values, input_key
+from dicom_node.encode.slide_derived import (
+    derived_slide_header,
+    stored_tile,
+    write_derived_slide,
+)
 from dicom_node.image import read_image_file
 from dicom_node.security.keys import KeyRing
 from dicom_node.slide import Slide, SlideError, choose_level, is_slide
@@ -716,12 +722,13 @@ def run_slide_steps(
     steps: Sequence[Step],
     geometry: Volume,
     backend: Backend,
-    on_results: Callable[[int, Step, list[Result]], None],
+    on_results: Callable[[int, Step, list[Result], Pixels | None], None],
     region: int = REGION,
 ) -> None:
     """Each step in turn: a filter becomes the next step's input (computed region by
-    region when asked), a label or measurement step runs over the slide and hands its
-    results to ``on_results(step_number, step, results)``."""
+    region when asked) and is handed to ``on_results(step_number, step, [], pixels)``; a
+    label or measurement step runs over the slide and hands its results
+    (``on_results(step_number, step, results, None)``)."""
     current: Pixels = pixels
     for number, step in enumerate(steps, start=1):
         name = step.provenance.processor
@@ -733,13 +740,13 @@ def run_slide_steps(
                 replace(r, processor=name, processor_version=step.provenance.version)
                 for r in results
             ]
-            on_results(number, step, [result_to_host(r) for r in stamped])
+            on_results(number, step, [result_to_host(r) for r in stamped], None)
             continue
         halo = halo_of(name, step.params, (geometry.spacing[1], geometry.spacing[2]))
         assert halo is not None  # refused before any work otherwise
         params = filter_params(step, current, here)
         current = Filtered(current, step, params, halo, here, backend)
-        on_results(number, step, [])
+        on_results(number, step, [], current)
 
 
 def _shape_of(geometry: Volume, colour: bool) -> Array:
@@ -762,7 +769,8 @@ def process_slide(
     cache_tiles: int | None = None,
 ) -> list[OutputRecord]:
     """``process_series`` for a whole-slide series: the highest-resolution level processed
-    region by region, its SEG (tiled) and SR written; what was left out in ``problems``."""
+    region by region, its derived slides, SEG (tiled) and SR written; what was left out
+    in ``problems``."""
     from dicom_node.process import encode_results
 
     notes: list[str] = [] if problems is None else problems
@@ -788,16 +796,12 @@ def process_slide(
         if timings is not None:
             timings.append(("load", time.perf_counter() - started))
 
-        def written(number: int, step: Step, results: list[Result]) -> None:
+        def written(number: int, step: Step, results: list[Result], image: Pixels | None) -> None:
             clock = time.perf_counter()
-            if not results:
-                notes.append(
-                    f"{step.provenance.processor}: no derived image of a whole-slide image "
-                    "(a tiled derived slide is not written yet); its output feeds the next step"
-                )
-                done: list[OutputRecord] = []
+            folder = output / series_uid / f"{number:02d}-{step.provenance.processor}"
+            if image is not None:
+                done = [derived_slide(image, slide, step, folder, keys)]
             else:
-                folder = output / series_uid / f"{number:02d}-{step.provenance.processor}"
                 done = encode_results(results, sources, geometry, step, folder, notes, keys)
             records.extend(done)
             if timings is not None:
@@ -809,6 +813,65 @@ def process_slide(
             raise SlideError("the slide has no tiles")
         run_slide_steps(SlidePixels(slide), steps, geometry, resolve(device), written, region)
     return records
+
+
+def derived_tiles(
+    pixels: Pixels, tile: tuple[int, int], slope: float, region: int = REGION
+) -> Iterator[Array]:
+    """The stored tiles of ``pixels`` in TILED_FULL order, computed a band of one tile's
+    height at a time in regions of about ``region`` columns (edge tiles padded with 0)."""
+    tile_rows, tile_columns = tile
+    width = max(tile_columns, region // tile_columns * tile_columns)
+    for top in range(0, pixels.rows, tile_rows):
+        height = min(tile_rows, pixels.rows - top)
+        for left in range(0, pixels.columns, width):
+            block = pixels.region(top, left, height, min(width, pixels.columns - left))
+            for x in range(0, block.shape[1], tile_columns):
+                part = block[:, x : x + tile_columns]
+                if part.shape[:2] != tile:
+                    padded = np.zeros((*tile, *part.shape[2:]), dtype=np.float32)
+                    padded[: part.shape[0], : part.shape[1]] = part
+                    part = padded
+                yield stored_tile(part, pixels.colour, slope)
+
+
+def derived_slide(
+    pixels: Pixels, slide: Slide, step: Step, folder: Path, keys: KeyRing | None
+) -> OutputRecord:
+    """Write a filter step's output as a derived whole-slide image (``encode.slide_derived``)."""
+    from dicom_node.process import OutputRecord
+
+    provenance = step.provenance
+    source = slide.header
+    unit_range = slide.colour or provenance.family == "enhance"
+    slope = 1.0 / 65535.0 if unit_range and not pixels.colour else 1.0
+    geometry = slide.geometry()
+    header = derived_slide_header(
+        source,
+        provenance,
+        input_key(geometry, [source]),
+        index=0,
+        description=f"{provenance.processor} output",
+        colour=pixels.colour,
+        slope=slope,
+    )
+    path = write_derived_slide(
+        folder / "derived-0" / "0001.dcm",
+        header,
+        derived_tiles(pixels, slide.tile_shape, slope),
+        keys,
+    )
+    return OutputRecord(
+        sop_instance_uid=str(header.SOPInstanceUID),
+        sop_class_uid=str(header.SOPClassUID),
+        series_instance_uid=str(header.SeriesInstanceUID),
+        kind="derived",
+        path=path,
+        source_series_uid=str(source.SeriesInstanceUID),
+        processor_name=provenance.processor,
+        processor_version=provenance.version,
+        params=provenance.params_json,
+    )
 
 
 def is_slide_series(paths: Sequence[Path], keys: KeyRing | None = None) -> bool:

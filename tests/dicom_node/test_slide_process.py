@@ -223,10 +223,10 @@ def test_a_real_slide_goes_through_to_a_tiled_seg_and_an_sr(tmp_path: Path, name
     source = WSI / name
     code, output, out = process(tmp_path, [source], ",".join(PIPELINE), *PARAMS)
     assert code == 0, output
-    assert "no derived image of a whole-slide image" in output
     files = written(out)
     kinds = sorted(path.split("/")[-3] + "/" + path.split("/")[-2] for path in files)
     assert kinds == [
+        "01-median/derived-0",
         "02-threshold_segment/seg-0",
         "02-threshold_segment/sr-0",
         "03-kmeans/seg-0",
@@ -235,6 +235,15 @@ def test_a_real_slide_goes_through_to_a_tiled_seg_and_an_sr(tmp_path: Path, name
     ]
     src = pydicom.dcmread(source, stop_before_pixels=True)
     for path, ds in files.items():
+        if "/derived-" in path:
+            assert ds.SOPClassUID == src.SOPClassUID and list(ds.ImageType)[:2] == [
+                "DERIVED",
+                "PRIMARY",
+            ]
+            assert ds.PhotometricInterpretation == (
+                "RGB" if src.SamplesPerPixel == 3 else "MONOCHROME2"
+            )
+            assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
         if "/seg-" in path:
             assert (ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns) == (50, 50)
             assert (ds.Rows, ds.Columns) == (src.Rows, src.Columns)  # tiled as the source
@@ -299,6 +308,24 @@ def test_only_the_highest_resolution_level_of_a_pyramid_is_processed(tmp_path: P
     assert "1 lower-resolution pyramid level(s) ignored: the 480x640 level" in output
     seg = next(ds for p, ds in written(out).items() if "/seg-" in p)
     assert seg.TotalPixelMatrixRows == 480
+
+
+@pytest.mark.parametrize("colour", [True, False])
+def test_a_filter_writes_a_derived_slide_of_its_output(tmp_path: Path, colour: bool) -> None:
+    path = tmp_path / "phantom.dcm"
+    write_disc_slide(path, rows=300, columns=420, discs=DISCS, tile=128, colour=colour)
+    code, output, out = process(tmp_path, [path], "gaussian", "--param", "gaussian.sigma_mm=0.001")
+    assert code == 0, output
+    (derived,) = out.rglob("derived-0/0001.dcm")
+    with Slide(path) as source, Slide(derived) as result:
+        assert result.shape == source.shape and result.colour == colour
+        assert result.header.DimensionOrganizationType == "TILED_FULL"
+        (expected,) = run_whole(source, step("gaussian", sigma_mm=0.001))
+        assert isinstance(expected, ImageResult)
+        values = result.read_region(0, 0, 300, 420)
+    # 8-bit RGB in [0, 1], or 16-bit grey in the source's units: to within a stored step.
+    np.testing.assert_allclose(values, expected.volume.array[0], atol=0.5 / 255 if colour else 0.5)
+    assert not errors(derived) - errors(path)
 
 
 @pytest.mark.parametrize(
