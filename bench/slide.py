@@ -5,11 +5,12 @@
 For each size a generated RGB slide (``dicom_node.testing_slide``: discs on glass, 256x256
 tiles, uncompressed, TILED_FULL) is written to DIR (a temporary folder unless given), and
 each pipeline runs in a fresh process (``dicom_node.slide_process.process_slide``), which
-reports its peak resident set (``ru_maxrss``), its resident set after the imports, its
-time and what it wrote:
+reports its peak resident set (``VmHWM``), its peak after the imports, its time and what
+it wrote:
 
-- ``gaussian,features``: a filter and slide-wide statistics to an SR; nothing
-  slide-sized is held (the tile cache, a region and its halo);
+- ``gaussian,features``: a filter (written as a derived slide, a band of tiles at a time)
+  and slide-wide statistics to an SR; nothing slide-sized is held (the tile cache, a
+  region and its halo);
 - ``gaussian,threshold_segment``: the same plus a segmentation, whose label map (1 byte
   a pixel) highdicom needs whole to write the tiled SEG.
 
@@ -49,6 +50,11 @@ RADIUS = 300.0
 
 
 def rss_mb() -> float:
+    """This process's own high-water mark (``VmHWM``; ``ru_maxrss`` would carry over what
+    the forking parent had resident)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

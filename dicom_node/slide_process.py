@@ -771,8 +771,9 @@ def process_slide(
     """``process_series`` for a whole-slide series: the highest-resolution level processed
     region by region, its derived slides, SEG (tiled) and SR written; what was left out
     in ``problems``."""
-    from dicom_node.process import encode_results
+    from dicom_node.process import encode_results, return_freed_memory_promptly
 
+    return_freed_memory_promptly()
     notes: list[str] = [] if problems is None else problems
     started = time.perf_counter()
     headers = [(path, read_image_file(path, keys, stop_before_pixels=True)) for path in paths]
