@@ -177,6 +177,32 @@ def test_features_of_a_slide_are_the_whole_slide_statistics(tmp_path: Path) -> N
     assert abs(tiled.value("Median") - reference.value("Median")) <= bin_width
 
 
+def test_on_a_noisy_slide_a_gaussian_first_brings_the_discs_back(tmp_path: Path) -> None:
+    discs = grid_of_discs(1024, 1024, 400, 120)
+    path = tmp_path / "noisy.dcm"
+    write_disc_slide(path, rows=1024, columns=1024, discs=discs, tile=256, noise=40.0)
+    truth = disc_truth(discs, 0, 0, 1024, 1024)
+    smooth = step("gaussian", sigma_mm=0.001)
+    segment = step("threshold_segment", preset="body", separate_components=True, min_size_voxels=50)
+    cluster = step("kmeans", k=3, inside_body=False)
+    with Slide(path) as slide:
+        geometry, raw = slide.geometry(), SlidePixels(slide)
+        halo = halo_of("gaussian", smooth.params, (SPACING, SPACING))
+        assert halo is not None
+        smoothed = Filtered(raw, smooth, smooth.params, halo, geometry, resolve("cpu"))
+        noisy, _ = threshold_slide(raw, segment.params, geometry, 256)
+        labels, report = threshold_slide(smoothed, segment.params, geometry, 256)
+        classes, _ = kmeans_slide(smoothed, cluster.params, geometry, 256)
+    assert isinstance(noisy, LabelResult) and isinstance(labels, LabelResult)
+    assert isinstance(report, MeasurementResult) and isinstance(classes, LabelResult)
+    assert dice(noisy.labels[0] > 0, truth > 0) < 0.97  # the noise breaks the discs up
+    assert dice(labels.labels[0] > 0, truth > 0) > 0.99
+    areas = sorted(m.value for m in report.measurements if m.concept.meaning == "Area")
+    np.testing.assert_allclose(areas, sorted(d.pixels * SPACING**2 for d in discs), rtol=0.02)
+    for stain, label in {0: 3, 1: 2, 2: 1}.items():
+        assert dice(classes.labels[0] == label, truth == stain) > 0.98, (stain, label)
+
+
 # ------------------------------------------------------------------ dicom-node process
 
 
