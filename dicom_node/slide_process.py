@@ -487,15 +487,15 @@ def threshold_slide(
     select = params.keep_largest is not None or params.min_size_voxels > 1
     select = select or params.separate_components
     labels = np.zeros((1, pixels.rows, pixels.columns), dtype=np.uint8)
-    if not select:
-        count = 0
+    if not select:  # one pass: the mask is the segment
+        statistics = LabelStatistics(1)
         for box in regions(pixels.rows, pixels.columns, region):
-            mask, _ = _mask_region(pixels, inside, params, box)
+            mask, values = _mask_region(pixels, inside, params, box)
             top, left, height, width = box
             labels[0, top : top + height, left : left + width] = mask
-            count = max(count, int(mask.any()))
-        lut = np.array([0, 1])
-    else:
+            statistics.add(values, mask)
+        count = int(statistics.pixels[1] > 0)
+    else:  # the components, then each region relabelled with the slide's choice of them
         joined = SlideComponents(pixels.columns, params.connectivity)
         for box in regions(pixels.rows, pixels.columns, region):
             mask, _ = _mask_region(pixels, inside, params, box)
@@ -505,16 +505,14 @@ def threshold_slide(
         lut = kept[component]
         if count > 255:
             labels = labels.astype(np.uint16)
+        statistics = LabelStatistics(count)
         replay = SlideComponents(pixels.columns, params.connectivity)
         for box in regions(pixels.rows, pixels.columns, region):
-            mask, _ = _mask_region(pixels, inside, params, box)
+            mask, values = _mask_region(pixels, inside, params, box)
             top, left, height, width = box
-            labels[0, top : top + height, left : left + width] = lut[replay.label(mask)]
-    statistics = LabelStatistics(count)
-    for box in regions(pixels.rows, pixels.columns, region):
-        top, left, height, width = box
-        block = labels[0, top : top + height, left : left + width]
-        statistics.add(grey(pixels.region(*box)), block)
+            chosen = lut[replay.label(mask)]
+            labels[0, top : top + height, left : left + width] = chosen
+            statistics.add(values, chosen)
     preset = HU_PRESETS.get(params.preset) if params.preset != "body" else None
     category = preset.category if preset else Codes.TISSUE
     kind = preset.type if preset else Codes.TISSUE
