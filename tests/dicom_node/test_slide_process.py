@@ -370,3 +370,32 @@ def test_a_step_without_a_tiled_form_is_refused_before_any_work(
     assert code == 2
     assert why in " ".join(output.split())
     assert not list(out.rglob("*.dcm"))
+
+
+def test_a_job_processes_an_encrypted_slide_to_encrypted_outputs(tmp_path: Path) -> None:
+    """What the node runs on a worker: the spooled slide read through the key ring, the
+    derived slide, SEG and SR written encrypted, a step's outputs reported in step order."""
+    from dicom_node.jobs.worker import JobSpec, run_job
+    from dicom_node.security.crypto import MAGIC, read_dicom, write_data_file
+    from dicom_node.security.keys import KeyRing, write_key_file
+
+    keys = KeyRing.generate()
+    write_key_file(tmp_path / "key", keys.keys)
+    plain, sealed = tmp_path / "plain.dcm", tmp_path / "sealed.dcm"
+    write_disc_slide(plain, rows=300, columns=400, discs=DISCS[:2], tile=128)
+    write_data_file(sealed, plain.read_bytes(), keys)
+    spec = JobSpec(
+        1,
+        "series",
+        (str(sealed),),
+        ("median", "threshold_segment"),
+        {"threshold_segment": {"preset": "otsu"}},
+        str(tmp_path / "out"),
+    )
+    records = run_job(replace(spec, key_file=tmp_path / "key")).records
+    assert [record.kind for record in records] == ["derived", "seg", "sr"]
+    for record in records:
+        assert record.path.read_bytes().startswith(MAGIC)
+        assert read_dicom(record.path, keys).SOPInstanceUID == record.sop_instance_uid
+    with Slide(records[0].path, keys) as derived:
+        assert derived.shape == (300, 400) and derived.colour
