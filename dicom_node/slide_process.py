@@ -5,11 +5,13 @@ region on demand from the step before it:
 
 - neighbourhood filters (mean, median, gaussian, bilateral, nlm, window, clahe) run the
   processor itself on the region grown by a halo (``halo_of``: the filter's reach, or
-  CLAHE's kernel) and crop the result back, so that away from the halo's reach a tile
-  gets what the whole image would (exactly so for mean/median/gaussian: the slide's own
-  edges keep the filter's boundary mode). Values that a filter estimates from the image
-  are taken once for the slide: NLM's noise sigma from a sample of regions, CLAHE's
-  kernel fixed at 1/8 of a region (the whole image's 1/8 would be 1/8 of the slide).
+  CLAHE's kernel) and crop the result back, so that a tile gets what the whole image
+  would (the slide's own edges keep the filter's boundary mode). Values that a filter
+  estimates from the image are taken once for the slide: NLM's noise sigma from a sample
+  of regions; CLAHE's value range (the slide's min..max, not each region's) and its kernel,
+  fixed at 1/8 of a region unless given (the whole image's default, 1/8 of it, would be
+  1/8 of the slide). With a kernel that divides the region, CLAHE's contextual regions
+  fall on the same grid as on the whole slide, and its result is the same.
   Histogram equalisation (a global mapping) and model predictions are refused on a slide.
 - ``threshold_segment``: one threshold for the slide (Otsu from the histogram of a sample
   of regions, all of them up to ``SAMPLE_REGIONS``), then per region; on a slide
@@ -243,9 +245,23 @@ def filter_params(step: Step, upstream: Pixels, geometry: Volume) -> Any:
         ]
         sigma = float(np.median([estimate_noise_sigma(s[None], np) for s in samples]))
         return params.model_copy(update={"sigma": sigma})
-    if step.provenance.processor == "clahe" and params.kernel_size is None:
-        return params.model_copy(update={"kernel_size": REGION // 8})
+    if step.provenance.processor == "clahe":
+        update: dict[str, Any] = {}
+        if params.kernel_size is None:
+            update["kernel_size"] = REGION // 8
+        if params.value_range is None:  # the slide's range, not each region's
+            update["value_range"] = sample_range(upstream)
+        return params.model_copy(update=update)
     return params
+
+
+def sample_range(pixels: Pixels) -> tuple[float, float]:
+    """The luminance's min and max over the sample regions (all regions, up to 64)."""
+    low, high = math.inf, -math.inf
+    for box in sample_regions(pixels.rows, pixels.columns):
+        values = grey(pixels.region(*box))
+        low, high = min(low, float(values.min())), max(high, float(values.max()))
+    return (low, high) if high > low else (low, low + 1.0)
 
 
 # ------------------------------------------------------------------ global thresholds
