@@ -289,19 +289,31 @@ def test_a_generated_sparse_slide_gets_a_seg_and_areas_in_mm2(tmp_path: Path) ->
     code, output, out = process(
         tmp_path,
         [path],
-        "gaussian,threshold_segment",
+        "gaussian,threshold_segment,kmeans,features",
         "--param",
         "gaussian.sigma_mm=0.0005",
         "--param",
         "threshold_segment.separate_components=true",
         "--param",
         "threshold_segment.min_size_voxels=50",
+        "--param",
+        "kmeans.inside_body=false",
+        "--param",
+        "features.region_threshold=null",
     )
     assert code == 0, output
     files = written(out)
-    seg = next(ds for p, ds in files.items() if "/seg-" in p)
+    assert sorted({p.split("/")[-3] for p in files}) == [
+        "01-gaussian",
+        "02-threshold_segment",
+        "03-kmeans",
+        "04-features",
+    ]
+    seg = next(ds for p, ds in files.items() if "/02-threshold_segment/seg-" in p)
     assert len(seg.SegmentSequence) == len(DISCS)
-    report = next(ds for p, ds in files.items() if "/sr-" in p)
+    classes = next(ds for p, ds in files.items() if "/03-kmeans/seg-" in p)
+    assert len(classes.SegmentSequence) == 3
+    report = next(ds for p, ds in files.items() if "/02-threshold_segment/sr-" in p)
     areas = sorted(
         float(item.MeasuredValueSequence[0].NumericValue)
         for item in content_items(report)
