@@ -18,7 +18,8 @@ greyscale or colour. The pixel semantics are pydicom's, not hand-made:
   ultrasound image's calibrated 2-D regions when they agree (``ultrasound_spacing``);
   else none (areas in pixels).
 
-Whole-slide microscopy (tiled, VL Whole Slide Microscopy Image) is refused, named. A file
+Whole-slide microscopy (tiled, VL Whole Slide Microscopy Image) is not loaded here: it is
+processed tile by tile (``dicom_node.slide``, ``dicom_node.slide_process``). A file
 without File Meta or preamble is read with ``force=True`` when it has an image's header,
 its transfer syntax taken from how it was encoded (``read_image_file``).
 """
@@ -232,8 +233,8 @@ def datasets_to_image(datasets: Sequence[Dataset]) -> Volume:
     for ds in datasets:
         if str(ds.get("SOPClassUID", "")) == WHOLE_SLIDE_SOP_CLASS:
             raise ImageError(
-                "whole-slide microscopy (tiled VL Whole Slide Microscopy Image) is not "
-                "supported yet: its total pixel matrix needs the tiled image model"
+                "whole-slide microscopy (tiled VL Whole Slide Microscopy Image) is not loaded "
+                "whole: it is processed tile by tile (dicom_node.slide_process)"
             )
     if len(datasets) > 1 and any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in datasets):
         raise ImageError(

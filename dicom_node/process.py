@@ -39,6 +39,7 @@ from dicom_node.encode.uids import Provenance, check_root
 from dicom_node.image import datasets_to_image_or_volume, read_image_file
 from dicom_node.security.crypto import save_dataset
 from dicom_node.security.keys import KeyRing
+from dicom_node.slide_process import is_slide_series, process_slide
 from dicom_node.volume import SeriesError
 from processors.api import result_to_host, run_on_backend, volume_to
 from processors.backend import resolve
@@ -359,6 +360,9 @@ def process_series(
     the wait for the last encodes after the last step.
     """
     return_freed_memory_promptly()
+    paths = list(paths)
+    if is_slide_series(paths, keys):  # tiled, never loaded whole (dicom_node.slide_process)
+        return process_slide(paths, steps, output, device, problems, timings, on_step_written, keys)
     clock = time.perf_counter()
 
     def lap(stage: str) -> None:

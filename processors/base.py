@@ -313,20 +313,32 @@ class Accepts:
     ``volumes``: 3-D greyscale volumes; ``planar``: 2-D images and stacks of them (one
     image, a cine loop), processed frame by frame; ``colour``: RGB images as they are
     (4-D arrays). A processor that does not take colour is given the luminance of a colour
-    image (``luminance``). A plugin that declares nothing takes volumes only.
+    image (``luminance``). ``slides``: whole-slide images, run region by region
+    (``dicom_node.slide_process`` knows how each such processor is tiled). A plugin that
+    declares nothing takes volumes only.
     """
 
     volumes: bool = True
     planar: bool = False
     colour: bool = False
+    slides: bool = False
 
     def describe(self) -> str:
-        kinds = [name for name, ok in (("3-D", self.volumes), ("2-D", self.planar)) if ok]
+        kinds = [
+            name
+            for name, ok in (("3-D", self.volumes), ("2-D", self.planar), ("slide", self.slides))
+            if ok
+        ]
         tone = "grey+colour" if self.colour else "grey"
         return f"{'/'.join(kinds) or 'nothing'}:{tone}"
 
     def as_dict(self) -> dict[str, bool]:
-        return {"volumes": self.volumes, "planar": self.planar, "colour": self.colour}
+        return {
+            "volumes": self.volumes,
+            "planar": self.planar,
+            "colour": self.colour,
+            "slides": self.slides,
+        }
 
     def refusal(self, name: str, volume: Volume) -> str | None:
         """Why processor ``name`` cannot take ``volume``, or ``None`` when it can."""
@@ -338,8 +350,10 @@ class Accepts:
 
 
 VOLUMES_ONLY = Accepts()
-EVERY_GREY_IMAGE = Accepts(volumes=True, planar=True)
-EVERY_IMAGE = Accepts(volumes=True, planar=True, colour=True)
+EVERY_GREY_IMAGE = Accepts(volumes=True, planar=True, slides=True)
+EVERY_IMAGE = Accepts(volumes=True, planar=True, colour=True, slides=True)
+#: A global mapping over the image (histogram equalisation): no tiled form for a slide.
+GREY_IMAGES_NOT_SLIDES = Accepts(volumes=True, planar=True)
 
 #: ITU-R BT.709 luma weights, as ``skimage.color.rgb2gray``.
 LUMA_WEIGHTS = (0.2125, 0.7154, 0.0721)

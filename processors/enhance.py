@@ -12,11 +12,12 @@ from types import ModuleType
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from processors.backend import is_cupy, to_host
 from processors.base import (
     EVERY_GREY_IMAGE,
+    GREY_IMAGES_NOT_SLIDES,
     Accepts,
     Array,
     ImageResult,
@@ -132,7 +133,7 @@ class HistEq:
     version: ClassVar[str] = "1.0.0"
     family: ClassVar[str] = "enhance"
     Params: ClassVar[type[HistEqParams]] = HistEqParams
-    accepts: ClassVar[Accepts] = EVERY_GREY_IMAGE
+    accepts: ClassVar[Accepts] = GREY_IMAGES_NOT_SLIDES
 
     def run(self, volume: Volume, params: HistEqParams, xp: ModuleType) -> list[Result]:
         image = _as_float(volume, xp)
@@ -156,6 +157,18 @@ class ClaheParams(ProcessorParams):
     )
     clip_limit: float = Field(default=0.01, ge=0, le=1)
     nbins: int = Field(default=256, ge=2, le=NR_OF_GRAY)
+    value_range: tuple[float, float] | None = Field(
+        default=None,
+        description="values mapped onto 0..1 before equalising (clipped) and not stretched "
+        "further (the array implementation, not scikit-image's, which stretches each "
+        "frame); default each frame's min..max. A slide's regions get the slide's range",
+    )
+
+    @model_validator(mode="after")
+    def _check_range(self) -> ClaheParams:
+        if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
+            raise ValueError("value_range must be (low, high) with low < high")
+        return self
 
 
 def _clip_histogram(hist: Any, clip_limit: int) -> Any:
@@ -208,13 +221,21 @@ def clahe(
     kernel_size: tuple[int, ...] | None,
     clip_limit: float,
     nbins: int,
+    stretch: bool = True,
 ) -> Array:
-    """CLAHE on ``xp`` for an image already scaled to [0, 1]; matches scikit-image."""
+    """CLAHE on ``xp`` for an image already scaled to [0, 1]; matches scikit-image.
+
+    ``stretch=False``: neither the input's nor the output's own min..max is stretched onto
+    the full range (as scikit-image does both), so that regions of one image scaled alike
+    stay alike."""
     ndim = image.ndim
     # As skimage.img_as_uint: multiply in the input's float precision, then round.
     work = image if image.dtype == xp.float32 else image.astype(xp.float64)
     as_uint = xp.clip(xp.rint(work * work.dtype.type(65535.0)), 0, 65535)
-    grey = xp.round(_rescale(xp, as_uint, NR_OF_GRAY - 1)).astype(xp.uint16)
+    if stretch:
+        grey = xp.round(_rescale(xp, as_uint, NR_OF_GRAY - 1)).astype(xp.uint16)
+    else:  # _rescale's arithmetic with the full 0..65535 as the range
+        grey = xp.round(as_uint.astype(xp.float64) / 65535.0 * (NR_OF_GRAY - 1)).astype(xp.uint16)
     if kernel_size is None:
         kernel_size = tuple(max(s // 8, 1) for s in grey.shape)
     ksize = [int(k) for k in kernel_size]
@@ -275,6 +296,8 @@ def clahe(
     result = xp.transpose(result, axes=rebuild).reshape(grey.shape)
     unpad = tuple(slice(a, s - b) for a, b, s in zip(pad_start, pad_end, grey.shape, strict=True))
     out = result[unpad].astype(image.dtype if image.dtype == xp.float32 else xp.float64)
+    if not stretch:
+        return (out / out.dtype.type(NR_OF_GRAY - 1)).astype(out.dtype)
     return _rescale(xp, out, 1.0).astype(out.dtype)
 
 
@@ -297,8 +320,12 @@ class Clahe:
         image = _as_float(volume, xp).astype(xp.float32, copy=False)
 
         def equalise(part: Array) -> Array:
-            unit = _rescale(xp, part, 1.0).astype(xp.float32)
             kernel = None if params.kernel_size is None else (params.kernel_size,) * part.ndim
+            if params.value_range is not None:
+                low, high = params.value_range
+                unit = xp.clip((part - low) / (high - low), 0.0, 1.0).astype(xp.float32)
+                return clahe(xp, unit, kernel, params.clip_limit, params.nbins, stretch=False)
+            unit = _rescale(xp, part, 1.0).astype(xp.float32)
             if is_cupy(xp):
                 return clahe(xp, unit, kernel, params.clip_limit, params.nbins)
             from skimage.exposure import equalize_adapthist

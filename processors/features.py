@@ -332,14 +332,20 @@ class Features:
 
     def run(self, volume: Volume, params: FeaturesParams, xp: ModuleType) -> list[Result]:
         values = compute_features(volume, params, xp)
-        intensity = Units.HU if volume.modality == "CT" else Units.NO_UNITS
-        measurements = tuple(
-            Measurement(
-                _STANDARD.get(name, local(name)),
-                value,
-                _unit(name, intensity, volume),
-                derivation="region" if name in _STANDARD or name.startswith("Perc") else "",
-            )
-            for name, value in values.items()
+        return [
+            MeasurementResult(feature_measurements(values, volume), description="Image features")
+        ]
+
+
+def feature_measurements(values: dict[str, float], volume: Volume) -> tuple[Measurement, ...]:
+    """The features by name as coded measurements (standard codes where one exists)."""
+    intensity = Units.HU if volume.modality == "CT" else Units.NO_UNITS
+    return tuple(
+        Measurement(
+            _STANDARD.get(name, local(name)),
+            value,
+            _unit(name, intensity, volume),
+            derivation="region" if name in _STANDARD or name.startswith("Perc") else "",
         )
-        return [MeasurementResult(measurements, description="Image features")]
+        for name, value in values.items()
+    )

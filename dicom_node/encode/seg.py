@@ -46,6 +46,7 @@ from dicom_node.encode.frames_seg import (
     stand_in,
 )
 from dicom_node.encode.uids import MANUFACTURER, Provenance
+from dicom_node.slide import is_slide
 from processors.base import LabelResult
 
 #: highdicom's default MaximumFractionalValue (FRACTIONAL frames are 8-bit).
@@ -169,6 +170,13 @@ def encode_seg(
         for segment in sorted(result.segments, key=lambda s: s.label)
     ]
     used = [c for s in result.segments for c in (s.category, s.type)]
+    # A whole-slide source: the label map is its total pixel matrix, tiled as the source.
+    tiled = is_slide(ordered[0])
+    tiling: dict[str, Any] = (
+        {"tile_pixel_array": True, "tile_size": (int(ordered[0].Rows), int(ordered[0].Columns))}
+        if tiled
+        else {}
+    )
     description = result.description or f"{provenance.processor} segmentation"
     try:
         seg = hd.seg.Segmentation(
@@ -185,6 +193,7 @@ def encode_seg(
             coding_schemes=coding_schemes(used) or None,
             max_fractional_value=MAX_FRACTION,
             workers=workers,
+            **tiling,
         )
     # AttributeError: highdicom reads a Type 2 element the source lacks (PatientID).
     except (ValueError, TypeError, AttributeError) as exc:

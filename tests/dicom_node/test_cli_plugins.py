@@ -48,9 +48,10 @@ def test_list_table(config):
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
     assert rows["NAME"][:6] == ["NAME", "VERSION", "FAMILY", "TAKES", "AVAILABLE", "ENABLED"]
-    assert rows["threshold_segment"][2:6] == ["segment", "3-D/2-D:grey", "yes", "yes"]
-    assert rows["nlm"][2:6] == ["denoise", "3-D/2-D:grey", "yes", "no"]
-    assert rows["kmeans"][3] == "3-D/2-D:grey+colour" and rows["unet"][3] == "3-D:grey"
+    assert rows["threshold_segment"][2:6] == ["segment", "3-D/2-D/slide:grey", "yes", "yes"]
+    assert rows["nlm"][2:6] == ["denoise", "3-D/2-D/slide:grey", "yes", "no"]
+    assert rows["kmeans"][3] == "3-D/2-D/slide:grey+colour" and rows["unet"][3] == "3-D:grey"
+    assert rows["histeq"][3] == "3-D/2-D:grey"  # a global mapping: no tiled form
 
 
 def test_disable_enable_persist(config):

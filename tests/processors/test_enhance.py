@@ -79,3 +79,25 @@ def test_clahe_array_implementation_matches_skimage_on_numpy(phantom, kernel_siz
 def test_clahe_bad_clip_limit():
     with pytest.raises(pydantic.ValidationError, match="clip_limit"):
         run_processor("clahe", np.zeros((4, 4, 4), np.float32), clip_limit=2)
+
+
+def test_clahe_with_a_value_range_maps_a_crop_as_it_maps_the_whole(phantom):
+    """With the image's range given, a crop on the contextual grid (and a kernel's margin
+    around what is kept) equalises as the whole image does: no per-crop stretching."""
+    plane = phantom.values[len(phantom.values) // 2].astype(np.float32)
+    value_range = (float(plane.min()), float(plane.max()))
+
+    def equalised(image):
+        (result,) = run_processor(
+            "clahe", image[None], spacing=SPACING, kernel_size=8, value_range=value_range
+        )
+        return to_numpy(result.volume.array)[0]
+
+    whole = equalised(plane)
+    crop = equalised(plane[8:, 16:])  # starts on the 8-pixel grid
+    np.testing.assert_array_equal(crop[8:-8, 8:-8], whole[16:-8, 24:-8])
+    unit = rescale_intensity(plane, out_range=(0.0, 1.0)).astype(np.float32)[None]
+    expected = clahe(np, unit, (8, 8, 8), 0.01, 256, stretch=False)[0]  # a 1-slice volume
+    np.testing.assert_allclose(whole, expected, atol=1e-6)
+    with pytest.raises(pydantic.ValidationError, match="value_range"):
+        run_processor("clahe", plane[None], value_range=(1.0, 1.0))

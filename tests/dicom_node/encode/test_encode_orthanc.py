@@ -78,3 +78,32 @@ def test_orthanc_accepts_the_outputs_of_2d_sources(tmp_path: Path) -> None:
         assert sent.failed == [] and sent.sent == len(files)
         stats = cast(dict[str, Any], orthanc.get_json("/statistics"))
         assert stats["CountInstances"] == len(files)
+
+
+def test_orthanc_accepts_a_slides_derived_slide_tiled_seg_and_sr(tmp_path: Path) -> None:
+    from dicom_node.testing_slide import Disc, write_disc_slide
+
+    (tmp_path / "in").mkdir()
+    source = tmp_path / "in" / "slide.dcm"
+    write_disc_slide(source, rows=300, columns=400, discs=[Disc(150, 200, 80)], tile=128)
+    steps = build_steps(
+        ["gaussian", "threshold_segment", "features"],
+        params={"gaussian": {"sigma_mm": 0.001}, "features": {"region_threshold": None}},
+    )
+    report = process_directory(tmp_path / "in", tmp_path / "out", steps)
+    assert sorted(r.kind for r in report.outputs) == ["derived", "seg", "sr", "sr"]
+    files, skipped = scan_files([tmp_path / "in", tmp_path / "out"])
+    assert skipped == [] and len(files) == 1 + len(report.outputs)
+    with running_orthanc(tmp_path / "orthanc") as orthanc:
+        sent = send(
+            files, "127.0.0.1", orthanc.dicom_port, calling_ae="DICOMNODE", called_ae="ORTHANC"
+        )
+        assert sent.failed == [] and sent.sent == len(files)
+        studies = cast(list[str], orthanc.get_json("/studies"))
+        assert len(studies) == 1  # the outputs joined the slide's study
+        study = cast(dict[str, Any], orthanc.get_json(f"/studies/{studies[0]}"))
+        modalities = sorted(
+            cast(dict[str, Any], orthanc.get_json(f"/series/{s}"))["MainDicomTags"]["Modality"]
+            for s in study["Series"]
+        )
+        assert modalities == ["SEG", "SM", "SM", "SR", "SR"]  # the slide and its derived slide
