@@ -12,7 +12,8 @@ import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DA, DT, TM
 
 from processors.base import Code, Volume
@@ -102,6 +103,16 @@ def blank_unparseable_values(datasets: Sequence[Dataset]) -> list[str]:
                 dataset[tag] = DataElement(tag, vr, "")
                 blanked[dataset[tag].keyword or str(tag)] = None
     return list(blanked)
+
+
+def uncompressed_file_meta(dataset: Dataset) -> FileMetaDataset:
+    """File Meta for ``dataset`` written Explicit VR Little Endian by this node."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    return meta
 
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")

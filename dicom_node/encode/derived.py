@@ -26,9 +26,8 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from dicom_node.encode.common import (
     SERIES_NUMBER,
@@ -36,6 +35,7 @@ from dicom_node.encode.common import (
     input_key,
     long_string,
     ordered_sources,
+    uncompressed_file_meta,
 )
 from dicom_node.encode.uids import MANUFACTURER, Provenance
 from processors.base import ImageResult
@@ -213,12 +213,7 @@ def derived_instances(
                 if has_rescale and geometry.planar:
                     ds.RescaleType = "US"  # unspecified (a CR's Modality LUT macro needs one)
             ds.PixelData = stored_slice(z)
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = ds.SOPClassUID
-            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-            ds.file_meta = meta
+            ds.file_meta = uncompressed_file_meta(ds)
             yield ds
 
     return instances()

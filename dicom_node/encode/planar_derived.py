@@ -41,10 +41,15 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.dataset import Dataset
 
-from dicom_node.encode.common import SERIES_NUMBER, EncodeError, input_key, long_string
+from dicom_node.encode.common import (
+    SERIES_NUMBER,
+    EncodeError,
+    input_key,
+    long_string,
+    uncompressed_file_meta,
+)
 from dicom_node.encode.derived import (
     DEFAULT_DERIVATION,
     DERIVATION_CODES,
@@ -249,12 +254,7 @@ def ultrasound_instances(
             if "NumberOfFrames" in source:
                 ds.NumberOfFrames = len(slices)
             ds.PixelData = _even(np.ascontiguousarray(stored[slices]).tobytes())
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = ds.SOPClassUID
-            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-            ds.file_meta = meta
+            ds.file_meta = uncompressed_file_meta(ds)
             yield ds
 
     return instances()

@@ -31,11 +31,10 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
-from dicom_node.encode.common import SERIES_NUMBER, long_string
+from dicom_node.encode.common import SERIES_NUMBER, long_string, uncompressed_file_meta
 from dicom_node.encode.derived import (
     DEFAULT_DERIVATION,
     DERIVATION_CODES,
@@ -135,12 +134,7 @@ def derived_slide_header(
     series.ReferencedInstanceSequence = DicomSequence([instance])
     ds.ReferencedSeriesSequence = DicomSequence([series])
     ds.ContributingEquipmentSequence = [processing_equipment(provenance)]
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
+    ds.file_meta = uncompressed_file_meta(ds)
     return ds
 
 

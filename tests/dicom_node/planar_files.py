@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from dicom_node.encode.common import uncompressed_file_meta
 
 #: A real DX For Presentation (MONOCHROME1, 8 bits, with a window): highdicom's test file
 #: (tests/data/README.md).
@@ -63,12 +65,7 @@ def _patient_study_series(ds: Dataset, modality: str, name: str) -> None:
 
 
 def _save(ds: Dataset, path: Path) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
+    ds.file_meta = uncompressed_file_meta(ds)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
