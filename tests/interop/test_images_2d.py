@@ -1,10 +1,10 @@
-"""2-D images end to end: real CR, DX, MG, ultrasound (single frames and cine loops) and
-secondary captures in RGB, YBR and palette colour, uncompressed and JPEG, JPEG-LS, JPEG
-2000 and RLE coded, sent with DCMTK storescu to one node that runs the 2-D rules of
-config/rules.example.toml as written there; each file's study is routed, processed, and
-its SEG, SR and derived images are stored in a real Orthanc. A rule that names a
-processor taking no 2-D image without saying which modality it takes is accepted, and
-its job fails before any step runs, with the reason, as a dead letter."""
+"""2-D images end to end: real CR, DX, MG, ultrasound (single frames and cine loops),
+whole slides, and secondary captures in RGB, YBR and palette colour, uncompressed and
+JPEG, JPEG-LS, JPEG 2000 and RLE coded, sent with DCMTK storescu to one node that runs
+the 2-D rules of config/rules.example.toml as written there; each file's study is routed,
+processed, and its SEG, SR and derived images are stored in a real Orthanc. A rule that
+names a processor taking no 2-D image without saying which modality it takes is
+accepted, and its job fails before any step runs, with the reason, as a dead letter."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 DX_IMAGE = REPO / "tests" / "data" / "highdicom" / "dx_image.dcm"
+SLIDES = REPO / "tests" / "data" / "wsi"
 CR_SMALL = Path(pydicom.__file__).parent / "data/test_files/dicomdirtests/77654033/CR1/6154"
 MAMMOGRAPHY_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -169,6 +170,8 @@ def sources(directory: Path) -> list[Source]:
             copy("OT-PAL-8-face.dcm"),
             "ot-secondary-capture",
         ),
+        Source("SM slide, 25 tiles RGB, uncompressed", copy(SLIDES / "sm_image.dcm"), "sm-slide"),
+        Source("SM slide, 25 tiles RGB, JPEG-LS", copy(SLIDES / "sm_image_jpegls.dcm"), "sm-slide"),
     ]
 
 
@@ -191,7 +194,9 @@ def send(files: list[Source], port: int) -> None:
     for source in files:
         by_syntax.setdefault(source.transfer_syntax, []).append(source.path)
     for syntax, paths in by_syntax.items():
-        result = storescu(paths, port, called_ae="DICOMNODE", extra_args=PROPOSE[syntax])
+        # -R: the files' own SOP classes (storescu's default list has no VL Whole Slide).
+        extra = [*PROPOSE[syntax], "-R"]
+        result = storescu(paths, port, called_ae="DICOMNODE", extra_args=extra)
         assert result.returncode == 0, (syntax, result.stdout + result.stderr)
 
 
