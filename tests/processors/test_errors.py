@@ -18,6 +18,7 @@ BAD_INPUT = [
     "dicom_node.process.NoUsableSeriesError",
     "dicom_node.volume.SeriesError",
     "dicom_node.image.ImageError",
+    "dicom_node.slide.SlideError",
     "dicom_node.encode.uids.UIDRootError",
     "dicom_node.storage.InvalidUIDError",
     "dicom_node.jobs.state.InvalidTransitionError",
