@@ -24,7 +24,7 @@ import datetime as dt
 import io
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,14 +150,40 @@ def write_derived_slide(
 ) -> Path:
     """Write ``header`` and then each stored tile (TILED_FULL order) to ``path``, beside it
     first and renamed into it; encrypted with ``keys`` when given."""
-    buffer = io.BytesIO()
-    header.save_as(buffer, enforce_file_format=True)
     samples = int(header.SamplesPerPixel)
     frame_bytes = (
         int(header.Rows) * int(header.Columns) * samples * (int(header.BitsAllocated) // 8)
     )
-    length = frame_bytes * int(header.NumberOfFrames)
+    frames = int(header.NumberOfFrames)
+
+    def chunks() -> Iterator[bytes]:
+        count = 0
+        for tile in tiles:
+            data = np.ascontiguousarray(tile).tobytes()
+            if len(data) != frame_bytes:
+                raise ValueError(f"a tile of {len(data)} bytes, not {frame_bytes}")
+            count += 1
+            yield data
+        if count != frames:
+            raise ValueError(f"{count} tiles written of {frames}")
+
     vr = b"OB" if int(header.BitsAllocated) == 8 else b"OW"
+    return write_with_pixel_data(path, header, vr, frame_bytes * frames, chunks(), keys)
+
+
+def write_with_pixel_data(
+    path: Path,
+    header: Dataset,
+    vr: bytes,
+    length: int,
+    chunks: Iterable[bytes],
+    keys: KeyRing | None,
+) -> Path:
+    """Write ``header`` (no Pixel Data, Explicit VR Little Endian), then the Pixel Data
+    element (``vr``, ``length`` bytes) from ``chunks`` as they come, to ``path``: beside it
+    first and renamed into it, encrypted with ``keys`` when given (a segment at a time)."""
+    buffer = io.BytesIO()
+    header.save_as(buffer, enforce_file_format=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
@@ -165,15 +191,12 @@ def write_derived_slide(
             writer: Any = sink if keys is None else EncryptingWriter(sink, keys)
             writer.write(buffer.getvalue())
             writer.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr, 0, length))
-            count = 0
-            for tile in tiles:
-                data = np.ascontiguousarray(tile).tobytes()
-                if len(data) != frame_bytes:
-                    raise ValueError(f"a tile of {len(data)} bytes, not {frame_bytes}")
-                writer.write(data)
-                count += 1
-            if count != int(header.NumberOfFrames):
-                raise ValueError(f"{count} tiles written of {header.NumberOfFrames}")
+            written = 0
+            for chunk in chunks:
+                writer.write(chunk)
+                written += len(chunk)
+            if written != length:
+                raise ValueError(f"{written} bytes of Pixel Data written of {length}")
             if keys is not None:
                 writer.finish()
         os.replace(partial, path)
