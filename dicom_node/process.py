@@ -33,8 +33,7 @@ from pydicom.errors import InvalidDicomError
 from dicom_node.encode.common import EncodeError, add_absent_type_2, blank_unparseable_values
 from dicom_node.encode.derived import derived_instances
 from dicom_node.encode.planar_derived import planar_derived_instances
-from dicom_node.encode.seg import SegEncoding, encode_seg
-from dicom_node.encode.slide_derived import write_with_pixel_data
+from dicom_node.encode.seg import SegEncoding, encode_seg, write_streamed
 from dicom_node.encode.sr import encode_sr
 from dicom_node.encode.uids import Provenance, check_root
 from dicom_node.image import datasets_to_image_or_volume, read_image_file
@@ -230,7 +229,7 @@ def encode_results(
         """Each object is written as soon as it is made: a derived series is never held
         whole in memory, nor a whole slide's SEG (its frames follow its header)."""
         if seg is not None and seg.frames is not None:
-            write_with_pixel_data(path, ds, b"OB", seg.pixel_bytes, seg.frames(), keys)
+            write_streamed(seg, path, keys)
         else:
             _write(ds, path, keys)
         records.append(

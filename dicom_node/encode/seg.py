@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import highdicom as hd
@@ -47,8 +48,10 @@ from dicom_node.encode.frames_seg import (
     needs_frame_by_frame,
     stand_in,
 )
+from dicom_node.encode.slide_derived import write_with_pixel_data
 from dicom_node.encode.uids import MANUFACTURER, Provenance
 from dicom_node.label_file import release
+from dicom_node.security.keys import KeyRing
 from dicom_node.slide import is_slide
 from processors.base import LabelResult
 
@@ -83,18 +86,35 @@ def algorithm_identification(provenance: Provenance) -> hd.AlgorithmIdentificati
 class SegEncoding:
     """The SEG and which segment number each label became.
 
-    A whole slide's SEG comes without its Pixel Data: ``frames`` yields it a frame at a
-    time (``pixel_bytes`` in all), for ``write_seg`` to write after the header.
+    A whole slide's SEG comes without its per-frame functional groups and Pixel Data:
+    ``frame_items`` yields the one a frame at a time, ``frames`` the other (``pixel_bytes``
+    in all), for ``write_streamed`` to write after the header.
     """
 
     dataset: hd.seg.Segmentation
     segment_numbers: dict[int, int]
     frames: Callable[[], Iterator[bytes]] | None = None
     pixel_bytes: int = 0
+    frame_items: Callable[[], Iterator[Dataset]] | None = None
 
     @property
     def sop_instance_uid(self) -> str:
         return str(self.dataset.SOPInstanceUID)
+
+
+def write_streamed(encoding: SegEncoding, path: Path, keys: KeyRing | None) -> Path:
+    """Write a SEG that comes a frame at a time (``SegEncoding.frames``) to ``path``."""
+    if encoding.frames is None or encoding.frame_items is None:
+        raise ValueError("this SEG holds its frames: write it as a dataset")
+    return write_with_pixel_data(
+        path,
+        encoding.dataset,
+        b"OB",
+        encoding.pixel_bytes,
+        encoding.frames(),
+        keys,
+        per_frame_items=encoding.frame_items(),
+    )
 
 
 def _frame_order(labels: npt.NDArray[Any], frame_numbers: Sequence[int]) -> npt.NDArray[Any]:
@@ -317,12 +337,10 @@ def streamed_slide_seg(
     )
     row_index = {r: n for n, r in enumerate(sorted({corners[i][0] for i in kept}), start=1)}
     column_index = {c: n for n, c in enumerate(sorted({corners[i][1] for i in kept}), start=1)}
-    items: list[Dataset] = []
-    frames: list[tuple[int, int]] = []  # (segment number, tile)
-    for number in sorted(numbers.values()):
-        for i in kept:
-            if number not in held[i]:
-                continue
+    frames = [(n, i) for n in sorted(numbers.values()) for i in kept if n in held[i]]
+
+    def frame_items() -> Iterator[Dataset]:
+        for number, i in frames:
             top, left = corners[i]
             item = copy.deepcopy(templates[number])
             item.FrameContentSequence[0].DimensionIndexValues = [
@@ -336,9 +354,9 @@ def streamed_slide_seg(
                 image_position=coordinates,
                 pixel_matrix_position=(int(offsets[0]), int(offsets[1])),
             )
-            items.append(item)
-            frames.append((number, i))
-    seg.PerFrameFunctionalGroupsSequence = items
+            yield item
+
+    del seg.PerFrameFunctionalGroupsSequence
     seg.NumberOfFrames = len(frames)
     seg.TotalPixelMatrixRows, seg.TotalPixelMatrixColumns = rows, columns
     del seg.PixelData
@@ -353,4 +371,4 @@ def streamed_slide_seg(
         if padding:
             yield padding
 
-    return SegEncoding(seg, numbers, pixel_frames, total + len(padding))
+    return SegEncoding(seg, numbers, pixel_frames, total + len(padding), frame_items)

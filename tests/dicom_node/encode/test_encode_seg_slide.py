@@ -14,8 +14,7 @@ import pytest
 from encode_checks import dciodvfy
 from pydicom.dataset import Dataset
 
-from dicom_node.encode.seg import SegEncoding, encode_seg
-from dicom_node.encode.slide_derived import write_with_pixel_data
+from dicom_node.encode.seg import SegEncoding, encode_seg, write_streamed
 from dicom_node.process import build_steps
 from dicom_node.slide import Slide
 from dicom_node.slide_process import SlidePixels, kmeans_slide, threshold_slide
@@ -51,6 +50,7 @@ def segment(tmp_path: Path, tile: int, pipeline: str, params: dict[str, Any]) ->
         source = slide.header
         streamed = encode_seg(result, [source], step.provenance)
         assert streamed.frames is not None and "PixelData" not in streamed.dataset
+        assert "PerFrameFunctionalGroupsSequence" not in streamed.dataset
         write(streamed, tmp_path / "streamed.dcm")
         whole = encode_seg(result, [source], step.provenance, whole_slide_in_memory=True)
         assert whole.frames is None
@@ -59,10 +59,7 @@ def segment(tmp_path: Path, tile: int, pipeline: str, params: dict[str, Any]) ->
 
 
 def write(encoding: SegEncoding, path: Path) -> None:
-    assert encoding.frames is not None
-    write_with_pixel_data(
-        path, encoding.dataset, b"OB", encoding.pixel_bytes, encoding.frames(), None
-    )
+    write_streamed(encoding, path, None)
 
 
 def without_fresh_uids(ds: Dataset) -> Dataset:
