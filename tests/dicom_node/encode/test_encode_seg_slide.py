@@ -1,6 +1,7 @@
-"""A whole slide's SEG written a tile at a time (``encode.seg.streamed_slide_seg``): the
-same file as highdicom's from the whole label map, element for element, apart from what
-highdicom makes anew each time (its dimension organisation UID, the creation time)."""
+"""A whole slide's SEG written a tile at a time (``encode.seg.streamed_slide_seg``): read
+back, the same dataset as highdicom's from the whole label map, element for element and
+Pixel Data byte for byte, apart from what highdicom makes anew each time (its dimension
+organisation UID, the creation time)."""
 
 from __future__ import annotations
 
