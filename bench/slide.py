@@ -1,6 +1,6 @@
 """Peak memory of a whole-slide pipeline against the slide's size.
 
-    .venv/bin/python bench/slide.py [--sizes 4096 16384] [--dir DIR] [--keep]
+    .venv/bin/python bench/slide.py [--sizes 4096 16384] [--pipelines P ...] [--dir DIR] [--keep]
 
 For each size a generated RGB slide (``dicom_node.testing_slide``: discs on glass, 256x256
 tiles, uncompressed, TILED_FULL) is written to DIR (a temporary folder unless given), and
@@ -11,8 +11,9 @@ it wrote:
 - ``gaussian,features``: a filter (written as a derived slide, a band of tiles at a time)
   and slide-wide statistics to an SR; nothing slide-sized is held (the tile cache, a
   region and its halo);
-- ``gaussian,threshold_segment``: the same plus a segmentation, whose label map (1 byte
-  a pixel) highdicom needs whole to write the tiled SEG.
+- ``gaussian,threshold_segment``: the same plus a segmentation, its label map on disk
+  (``dicom_node.label_file``) and its SEG written a tile at a time
+  (``encode.seg.streamed_slide_seg``).
 
 The discs' areas in the SR are checked against the truth (their exact pixel counts).
 """
@@ -98,6 +99,7 @@ def child(path: Path, pipeline: str, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--pipelines", nargs="+", choices=list(PIPELINES), default=list(PIPELINES))
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the generated slides")
     parser.add_argument("--child", nargs=3, metavar=("SLIDE", "PIPELINE", "OUT"))
@@ -117,7 +119,7 @@ def main() -> None:
         if not path.exists():
             write_disc_slide(path, rows=size, columns=size, discs=discs, tile=TILE)
         truth = sorted(d.pixels * 0.0005**2 for d in discs)
-        for pipeline in PIPELINES:
+        for pipeline in args.pipelines:
             with tempfile.TemporaryDirectory(dir=folder) as out:
                 command = [sys.executable, __file__, "--child", str(path), pipeline, out]
                 line = subprocess.run(command, check=True, capture_output=True, text=True)

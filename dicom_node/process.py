@@ -33,7 +33,7 @@ from pydicom.errors import InvalidDicomError
 from dicom_node.encode.common import EncodeError, add_absent_type_2, blank_unparseable_values
 from dicom_node.encode.derived import derived_instances
 from dicom_node.encode.planar_derived import planar_derived_instances
-from dicom_node.encode.seg import SegEncoding, encode_seg
+from dicom_node.encode.seg import SegEncoding, encode_seg, write_streamed
 from dicom_node.encode.sr import encode_sr
 from dicom_node.encode.uids import Provenance, check_root
 from dicom_node.image import datasets_to_image_or_volume, read_image_file
@@ -225,10 +225,13 @@ def encode_results(
     counters = {"seg": 0, "sr": 0, "derived": 0}
     segs: list[tuple[SegEncoding, LabelResult]] = []
 
-    def write(kind: str, ds: Dataset, path: Path) -> None:
+    def write(kind: str, ds: Dataset, path: Path, seg: SegEncoding | None = None) -> None:
         """Each object is written as soon as it is made: a derived series is never held
-        whole in memory."""
-        _write(ds, path, keys)
+        whole in memory, nor a whole slide's SEG (its frames follow its header)."""
+        if seg is not None and seg.frames is not None:
+            write_streamed(seg, path, keys)
+        else:
+            _write(ds, path, keys)
         records.append(
             OutputRecord(
                 sop_instance_uid=str(ds.SOPInstanceUID),
@@ -261,7 +264,7 @@ def encode_results(
                 problems.append(f"{provenance.processor}: no SEG: {exc}")
                 continue
             segs.append((encoding, result))
-            write("seg", encoding.dataset, folder / f"seg-{n}" / "0001.dcm")
+            write("seg", encoding.dataset, folder / f"seg-{n}" / "0001.dcm", encoding)
             counters["seg"] += 1
         elif isinstance(result, ImageResult):
             n = counters["derived"]

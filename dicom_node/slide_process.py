@@ -30,8 +30,9 @@ region on demand from the step before it:
   representative regions.
 
 Memory: the tile cache (``Slide.cache_tiles``), a region and its halo for each step, the
-statistics, and the label map of a segmentation step (1 byte a pixel; highdicom needs
-the whole total pixel matrix to tile the SEG). Outputs: a tiled SEG over the slide's
+statistics. A segmentation step's label map is on disk (``label_file``: an unnamed file
+in the output folder), written a region at a time and read a tile at a time by the SEG
+encoder (``encode.seg``). Outputs: a tiled SEG over the slide's
 total pixel matrix, the TID 1500 SR with areas in mm2, and for each filter step a
 derived VL Whole Slide Microscopy Image written a band of tiles at a time
 (``encode.slide_derived``).
@@ -59,6 +60,7 @@ from dicom_node.encode.slide_derived import (
     write_derived_slide,
 )
 from dicom_node.image import read_image_file
+from dicom_node.label_file import disk_label_map, release
 from dicom_node.security.keys import KeyRing
 from dicom_node.slide import Slide, SlideError, choose_level, is_slide
 from processors.api import result_to_host, run_on_backend, volume_to
@@ -495,20 +497,23 @@ def _kept(totals: Array, params: Any) -> tuple[Array, int]:
 
 
 def threshold_slide(
-    pixels: Pixels, params: Any, geometry: Volume, region: int = REGION
+    pixels: Pixels, params: Any, geometry: Volume, region: int = REGION, scratch: Path | None = None
 ) -> list[Result]:
-    """``threshold_segment`` over the slide: the label map and segment statistics."""
+    """``threshold_segment`` over the slide: the label map (on disk in ``scratch``,
+    ``label_file``) and segment statistics."""
     boxes = sample_regions(pixels.rows, pixels.columns, region)
     inside = _threshold_range(pixels, params, boxes)
     select = params.keep_largest is not None or params.min_size_voxels > 1
     select = select or params.separate_components
-    labels = np.zeros((1, pixels.rows, pixels.columns), dtype=np.uint8)
+    shape = (1, pixels.rows, pixels.columns)
     if not select:  # one pass: the mask is the segment
+        labels = disk_label_map(shape, np.uint8, scratch)
         statistics = LabelStatistics(1)
         for box in regions(pixels.rows, pixels.columns, region):
             mask, values = _mask_region(pixels, inside, params, box)
             top, left, height, width = box
             labels[0, top : top + height, left : left + width] = mask
+            release(labels)
             statistics.add(values, mask)
         count = int(statistics.pixels[1] > 0)
     else:  # the components, then each region relabelled with the slide's choice of them
@@ -519,8 +524,7 @@ def threshold_slide(
         component, totals = joined.components()
         kept, count = _kept(totals, params)
         lut = kept[component]
-        if count > 255:
-            labels = labels.astype(np.uint16)
+        labels = disk_label_map(shape, np.uint8 if count <= 255 else np.uint16, scratch)
         statistics = LabelStatistics(count)
         replay = SlideComponents(pixels.columns, params.connectivity)
         for box in regions(pixels.rows, pixels.columns, region):
@@ -528,6 +532,7 @@ def threshold_slide(
             top, left, height, width = box
             chosen = lut[replay.label(mask)]
             labels[0, top : top + height, left : left + width] = chosen
+            release(labels)
             statistics.add(values, chosen)
     preset = HU_PRESETS.get(params.preset) if params.preset != "body" else None
     category = preset.category if preset else Codes.TISSUE
@@ -549,7 +554,7 @@ def threshold_slide(
 
 
 def kmeans_slide(
-    pixels: Pixels, params: Any, geometry: Volume, region: int = REGION
+    pixels: Pixels, params: Any, geometry: Volume, region: int = REGION, scratch: Path | None = None
 ) -> list[Result]:
     """``kmeans`` over the slide: fitted on a sample of pixels, then every region assigned
     to the nearest centre (labels ranked by the centres' L* or intensity)."""
@@ -601,7 +606,7 @@ def kmeans_slide(
     order = np.argsort(centres[:, 0])
     rank = np.empty(params.k, dtype=np.int64)
     rank[order] = np.arange(1, params.k + 1)
-    labels = np.zeros((1, pixels.rows, pixels.columns), dtype=np.uint8)
+    labels = disk_label_map((1, pixels.rows, pixels.columns), np.uint8, scratch)
     statistics = LabelStatistics(params.k)
     for box in regions(pixels.rows, pixels.columns, region):
         top, left, height, width = box
@@ -616,6 +621,7 @@ def kmeans_slide(
         if inside is not None:
             assigned *= inside
         labels[0, top : top + height, left : left + width] = assigned
+        release(labels)
         statistics.add(grey(block), assigned)
     ordered = (centres[order, 0] * std[0] + mean[0]).tolist()
     present = [label for label in range(1, params.k + 1) if statistics.pixels[label] > 0]
@@ -637,7 +643,7 @@ def kmeans_slide(
 
 
 def features_slide(
-    pixels: Pixels, params: Any, geometry: Volume, region: int = REGION
+    pixels: Pixels, params: Any, geometry: Volume, region: int = REGION, scratch: Path | None = None
 ) -> list[Result]:
     """``features`` over the slide: first-order statistics of all its region pixels, the
     region's area, and texture on ``n_slices`` representative regions."""
@@ -724,7 +730,7 @@ def _histogram_percentile(hist: Array, edges: tuple[float, float], point: float)
 # ------------------------------------------------------------------ the pipeline
 
 
-RUNNERS: dict[str, Callable[[Pixels, Any, Volume, int], list[Result]]] = {
+RUNNERS: dict[str, Callable[[Pixels, Any, Volume, int, Path | None], list[Result]]] = {
     "threshold_segment": threshold_slide,
     "kmeans": kmeans_slide,
     "features": features_slide,
@@ -738,6 +744,7 @@ def run_slide_steps(
     backend: Backend,
     on_results: Callable[[int, Step, list[Result], Pixels | None], None],
     region: int = REGION,
+    scratch: Path | None = None,
 ) -> None:
     """Each step in turn: a filter becomes the next step's input (computed region by
     region when asked) and is handed to ``on_results(step_number, step, [], pixels)``; a
@@ -749,7 +756,7 @@ def run_slide_steps(
         here = replace(geometry, array=_shape_of(geometry, current.colour))
         runner = RUNNERS.get(name)
         if runner is not None:
-            results = runner(current, step.params, here, region)
+            results = runner(current, step.params, here, region, scratch)
             stamped = [
                 replace(r, processor=name, processor_version=step.provenance.version)
                 for r in results
@@ -826,7 +833,10 @@ def process_slide(
 
         if slide.tile_count == 0:
             raise SlideError("the slide has no tiles")
-        run_slide_steps(SlidePixels(slide), steps, geometry, resolve(device), written, region)
+        output.mkdir(parents=True, exist_ok=True)  # label maps are kept there, unnamed
+        run_slide_steps(
+            SlidePixels(slide), steps, geometry, resolve(device), written, region, output
+        )
     return records
 
 

@@ -24,7 +24,7 @@ import datetime as dt
 import io
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from dicom_node.encode.common import SERIES_NUMBER, long_string, uncompressed_file_meta
@@ -59,6 +61,9 @@ SLIDE_DROPPED = (
     "RescaleIntercept",
 )
 IMAGE_TYPE = ["DERIVED", "PRIMARY", "VOLUME", "NONE"]
+#: (5200,9230) Per-Frame Functional Groups Sequence; a length of "undefined".
+PER_FRAME_GROUPS = 0x52009230
+UNDEFINED = 0xFFFFFFFF
 
 
 def derived_slide_header(
@@ -150,30 +155,73 @@ def write_derived_slide(
 ) -> Path:
     """Write ``header`` and then each stored tile (TILED_FULL order) to ``path``, beside it
     first and renamed into it; encrypted with ``keys`` when given."""
-    buffer = io.BytesIO()
-    header.save_as(buffer, enforce_file_format=True)
     samples = int(header.SamplesPerPixel)
     frame_bytes = (
         int(header.Rows) * int(header.Columns) * samples * (int(header.BitsAllocated) // 8)
     )
-    length = frame_bytes * int(header.NumberOfFrames)
+    frames = int(header.NumberOfFrames)
+
+    def chunks() -> Iterator[bytes]:
+        count = 0
+        for tile in tiles:
+            data = np.ascontiguousarray(tile).tobytes()
+            if len(data) != frame_bytes:
+                raise ValueError(f"a tile of {len(data)} bytes, not {frame_bytes}")
+            count += 1
+            yield data
+        if count != frames:
+            raise ValueError(f"{count} tiles written of {frames}")
+
     vr = b"OB" if int(header.BitsAllocated) == 8 else b"OW"
+    return write_with_pixel_data(path, header, vr, frame_bytes * frames, chunks(), keys)
+
+
+def write_with_pixel_data(
+    path: Path,
+    header: Dataset,
+    vr: bytes,
+    length: int,
+    chunks: Iterable[bytes],
+    keys: KeyRing | None,
+    *,
+    per_frame_items: Iterable[Dataset] | None = None,
+) -> Path:
+    """Write ``header`` (no Pixel Data, Explicit VR Little Endian), then the Pixel Data
+    element (``vr``, ``length`` bytes) from ``chunks`` as they come, to ``path``: beside it
+    first and renamed into it, encrypted with ``keys`` when given (a segment at a time).
+
+    With ``per_frame_items``, the Per-Frame Functional Groups Sequence is written between
+    them an item at a time (undefined lengths): the header has none of its own, nor any
+    element after it but the Pixel Data."""
+    buffer = io.BytesIO()
+    header.save_as(buffer, enforce_file_format=True)
+    if per_frame_items is not None:
+        late = [e.keyword for e in header if e.tag >= PER_FRAME_GROUPS]
+        if late:
+            raise ValueError(f"the header holds {', '.join(late)}, written before its frames")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with partial.open("wb") as sink:
             writer: Any = sink if keys is None else EncryptingWriter(sink, keys)
             writer.write(buffer.getvalue())
+            if per_frame_items is not None:
+                writer.write(struct.pack("<HH2sHI", 0x5200, 0x9230, b"SQ", 0, UNDEFINED))
+                for item in per_frame_items:
+                    writer.write(struct.pack("<HHI", 0xFFFE, 0xE000, UNDEFINED))
+                    encoded = DicomBytesIO()
+                    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+                    write_dataset(encoded, item)
+                    writer.write(encoded.getvalue())
+                    writer.write(struct.pack("<HHI", 0xFFFE, 0xE00D, 0))
+                writer.write(struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
             writer.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr, 0, length))
-            count = 0
-            for tile in tiles:
-                data = np.ascontiguousarray(tile).tobytes()
-                if len(data) != frame_bytes:
-                    raise ValueError(f"a tile of {len(data)} bytes, not {frame_bytes}")
-                writer.write(data)
-                count += 1
-            if count != int(header.NumberOfFrames):
-                raise ValueError(f"{count} tiles written of {header.NumberOfFrames}")
+            written = 0
+            for chunk in chunks:
+                writer.write(chunk)
+                written += len(chunk)
+            if written != length:
+                raise ValueError(f"{written} bytes of Pixel Data written of {length}")
             if keys is not None:
                 writer.finish()
         os.replace(partial, path)
