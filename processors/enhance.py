@@ -208,6 +208,15 @@ def _map_histogram(hist: Any, min_val: int, max_val: int, n_pixels: int) -> Any:
     return out.astype(int)
 
 
+def _unit_float32(xp: ModuleType, image: Array) -> Array:
+    """``image`` (float32) scaled to [0, 1] in float32, as scikit-image's
+    ``rescale_intensity`` does for a float32 image: one pass, no float64 copy."""
+    low, high = image.min(), image.max()
+    if high <= low:
+        return xp.zeros(image.shape, xp.float32)
+    return (image - low) / (high - low)
+
+
 def _rescale(xp: ModuleType, image: Array, out_max: float) -> Array:
     low = image.min()
     high = image.max()
@@ -325,7 +334,7 @@ class Clahe:
                 low, high = params.value_range
                 unit = xp.clip((part - low) / (high - low), 0.0, 1.0).astype(xp.float32)
                 return clahe(xp, unit, kernel, params.clip_limit, params.nbins, stretch=False)
-            unit = _rescale(xp, part, 1.0).astype(xp.float32)
+            unit = _unit_float32(xp, part)
             if is_cupy(xp):
                 return clahe(xp, unit, kernel, params.clip_limit, params.nbins)
             from skimage.exposure import equalize_adapthist
